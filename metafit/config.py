@@ -1,0 +1,219 @@
+"""YAML -> frozen dataclasses, validated before any compute.
+
+Configs are plain frozen dataclasses; defaults live only in the dataclass. This
+module turns parsed YAML (or any mapping) into instances and reports problems
+precisely:
+
+* unknown key   -> ``ConfigError: unknown key 'train.lrr'; did you mean 'lr'? valid keys: ...``
+* wrong type    -> ``ConfigError: train.steps: expected int, got 'ten' (str)``
+* YAML syntax   -> ``ConfigError: configs/x.yaml: YAML syntax error at line 3, column 7: ...``
+
+Supported field types: ``int``, ``float`` (ints and float strings such as ``1e-3``
+accepted), ``bool``, ``str``, ``Literal[...]``, ``Optional[T]``, ``tuple[T, ...]``,
+``tuple[A, B]``, ``dict[str, T]``, ``Any`` and nested dataclasses.
+
+Command-line overrides ``--set a.b=c`` are parsed as YAML scalars/flow lists, so
+``--set train.steps=10 --set args.widths=[32,32] --set train.lr=3e-4`` work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union
+
+import yaml
+
+from metafit.registry import did_you_mean
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key and what to do."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping from ``path`` with errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path; configs live under configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``a.b.c=value`` into (['a', 'b', 'c'], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with each ``a.b=c`` override set (validation happens later)."""
+    out = _deep_copy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str = "") -> C:
+    """Builds the dataclass ``cls`` from ``data``, validating keys and types recursively.
+
+    Args:
+      cls: a dataclass type.
+      data: a mapping (e.g. parsed YAML); missing keys take the dataclass defaults.
+      path: dotted prefix used in error messages (e.g. ``"args"``).
+
+    Returns:
+      An instance of ``cls``.
+
+    Raises:
+      ConfigError: naming the offending key path, the expected type and the given value.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            valid = sorted(fields)
+            raise ConfigError(
+                f"unknown key '{where}';{did_you_mean(str(key), valid)} valid keys"
+                f"{' under ' + path if path else ''}: {', '.join(valid)}"
+            )
+    kwargs = {}
+    for name, field in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = coerce(hints[name], data[name], where)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{where}'")
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """Checks ``value`` against type ``tp`` and converts it (lists -> tuples, ints -> floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = did_you_mean(str(value), [str(c) for c in choices])
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r};{hint}".rstrip(";"))
+        return value
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(where, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(args)} items, got {len(value)}")
+        return tuple(coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        _, value_type = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, Mapping):
+            raise _type_error(where, "a mapping", value)
+        return {str(k): coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    return _coerce_scalar(tp, value, where)
+
+
+def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(where, "bool (true/false)", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(where, "int", value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(where, "float", value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(where, "str", value)
+    raise TypeError(f"{where}: unsupported config field type {tp}")
+
+
+def _type_error(where: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(config: Any) -> Any:
+    """Converts a config dataclass (recursively) into plain YAML-friendly Python values."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of a config (dataclass or mapping), keys in declaration order."""
+    return yaml.safe_dump(to_dict(data), sort_keys=False)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

@@ -1,0 +1,203 @@
+"""Few-shot task sets with learn2learn-like ergonomics, sampled on device from a key.
+
+A *task* is a fixed-shape pytree ``Task(support=(x, y), query=(x, y))``; a batch of
+tasks is the same pytree with a leading task axis, so learners ``vmap`` over it. A
+*task set* bundles three samplers (``train``, ``validation``, ``test``) that are pure,
+jittable functions of a PRNG key, so tasks can be drawn inside a jitted meta-step
+(:class:`metafit.train.DeviceSampler`) and the same key always gives the same task.
+
+Example:
+    >>> tasksets = get_tasksets("sinusoid", shots=10, queries=10)
+    >>> batch = tasksets.train.sample_batch(jax.random.key(0), 25)
+    >>> batch.support[0].shape, batch.query[1].shape
+    ((25, 10, 1), (25, 10, 1))
+
+Task-set families register a builder in :data:`TASKSETS`; :func:`list_tasksets`
+names them and :func:`get_tasksets` validates the arguments before building
+anything (too many ways or shots for the class pool, zero queries, unknown names).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metafit.registry import Registry
+
+Array = jax.Array
+
+
+class Task(NamedTuple):
+    """One few-shot task (or a batch of them, with a leading task axis).
+
+    Attributes:
+      support: ``(x, y)`` the learner adapts on; ``x: [n_support, *input_shape]``.
+      query: ``(x, y)`` the adapted learner is scored on.
+    """
+
+    support: tuple[Array, Array]
+    query: tuple[Array, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSampler:
+    """Draws tasks of one split; ``fn(key) -> Task`` is pure and jittable.
+
+    Attributes:
+      fn: the single-task sampler.
+      split: ``"train"``, ``"validation"`` or ``"test"``.
+    """
+
+    fn: Callable[[Array], Task]
+    split: str
+
+    def sample(self, key: Array) -> Task:
+        """One task, a pure function of ``key``."""
+        return self.fn(key)
+
+    def sample_batch(self, key: Array, num_tasks: int) -> Task:
+        """``num_tasks`` independent tasks stacked on a leading axis (``vmap`` over split keys)."""
+        return jax.vmap(self.fn)(jax.random.split(key, num_tasks))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+    """A named few-shot benchmark: samplers for the three splits plus its shapes.
+
+    Attributes:
+      name: registered task-set name.
+      kind: ``"regression"`` (MSE, targets ``[n, output_dim]``) or ``"classification"``
+        (integer labels in ``[0, ways)``, cross-entropy).
+      ways: classes per task (1 for regression).
+      shots: support examples per class (per task for regression).
+      queries: query examples per class (per task for regression).
+      input_shape: shape of one input, e.g. ``(1,)`` or ``(28, 28, 1)``.
+      output_dim: network outputs: ``ways`` for classification, target size for regression.
+      train, validation, test: the samplers.
+      info: free-form facts about the set (class counts, split sizes, sources).
+    """
+
+    name: str
+    kind: Literal["regression", "classification"]
+    ways: int
+    shots: int
+    queries: int
+    input_shape: tuple[int, ...]
+    output_dim: int
+    train: TaskSampler
+    validation: TaskSampler
+    test: TaskSampler
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def split(self, name: str) -> TaskSampler:
+        """The sampler of split ``name`` (``train``, ``validation`` or ``test``)."""
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split '{name}'; valid splits: train, validation, test")
+        return getattr(self, name)
+
+
+TaskSetBuilder = Callable[..., TaskSet]
+TASKSETS: Registry[TaskSetBuilder] = Registry("taskset")
+
+
+def list_tasksets() -> list[str]:
+    """Names accepted by :func:`get_tasksets`."""
+    _load_builtin()
+    return TASKSETS.names()
+
+
+def get_tasksets(name: str, ways: int | None = None, shots: int = 5, queries: int = 15, **options: Any) -> TaskSet:
+    """Builds the task set ``name`` with ``ways``-way ``shots``-shot tasks and ``queries`` query points.
+
+    Args:
+      name: a name from :func:`list_tasksets`.
+      ways: classes per task (classification; ``None`` = the family's default, 5 for
+        classification and 1 for regression, where only 1 is allowed).
+      shots: support examples per class (per task for regression); >= 1.
+      queries: query examples per class (per task for regression); >= 1.
+      **options: family-specific options (e.g. ``outlier_fraction`` for
+        ``sinusoid_hetero``, ``image_size`` for ``glyphs``).
+
+    Returns:
+      A :class:`TaskSet`.
+
+    Raises:
+      UnknownNameError: unknown ``name``.
+      ValueError: non-positive sizes, or more ways/shots+queries than the class pool holds.
+    """
+    _load_builtin()
+    builder = TASKSETS.get(name)
+    for label, value in (("shots", shots), ("queries", queries)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{name}: {label} must be a positive integer, got {value!r}"
+                + (" (the meta-loss is computed on the query set, so it cannot be empty)" if label == "queries" else "")
+            )
+    if ways is not None and (not isinstance(ways, int) or ways < 1):
+        raise ValueError(f"{name}: ways must be a positive integer, got {ways!r}")
+    return builder(ways=ways, shots=shots, queries=queries, **options)
+
+
+def check_class_pool(name: str, split: str, num_classes: int, per_class: int, ways: int, shots: int,
+                     queries: int) -> None:
+    """Raises a ``ValueError`` saying what to change if a split cannot supply the requested tasks."""
+    if ways > num_classes:
+        raise ValueError(
+            f"{name}: ways={ways} but the {split} split has only {num_classes} classes; use ways <= {num_classes}"
+        )
+    if shots + queries > per_class:
+        raise ValueError(
+            f"{name}: shots + queries = {shots} + {queries} = {shots + queries} but each class of the {split} "
+            f"split has only {per_class} examples; lower shots or queries so that shots + queries <= {per_class}"
+        )
+
+
+def sample_classification_task(key: Array, pool: Array, ways: int, shots: int, queries: int,
+                               transform: Callable[[Array, Array], Array] | None = None) -> Task:
+    """An N-way K-shot task from an image pool ``[num_classes, per_class, *shape]``.
+
+    Classes are drawn without replacement and relabelled ``0..ways-1`` in random
+    order; examples within a class are drawn without replacement, the first
+    ``shots`` go to the support set and the next ``queries`` to the query set.
+
+    Args:
+      key: PRNG key (the task is a pure function of it).
+      pool: examples grouped by class.
+      ways, shots, queries: task sizes (validated by the caller).
+      transform: optional ``(key, x[n, *shape]) -> x`` augmentation (e.g. random affine).
+
+    Returns:
+      ``Task`` with ``x: [ways * shots, *shape]`` (class-major) and int32 labels.
+    """
+    class_key, example_key, transform_key = jax.random.split(key, 3)
+    num_classes, per_class = pool.shape[:2]
+    classes = jax.random.permutation(class_key, num_classes)[:ways]
+    example_keys = jax.random.split(example_key, ways)
+    picks = jax.vmap(lambda k: jax.random.permutation(k, per_class)[: shots + queries])(example_keys)
+    images = pool[classes[:, None], picks]  # [ways, shots + queries, *shape]
+    images = images.astype(jnp.float32)
+    if transform is not None:
+        flat = images.reshape(ways * (shots + queries), *images.shape[2:])
+        images = transform(transform_key, flat).reshape(images.shape)
+    labels = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[:, None], (ways, shots + queries))
+    support = (_merge_ways(images[:, :shots]), labels[:, :shots].reshape(-1))
+    query = (_merge_ways(images[:, shots:]), labels[:, shots:].reshape(-1))
+    return Task(support, query)
+
+
+def _merge_ways(x: Array) -> Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+_BUILTIN_LOADED = False
+
+
+def _load_builtin() -> None:
+    """Imports the built-in families (each registers itself) on first use."""
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        from metafit.data import digits, glyphs, sinusoid  # noqa: F401  (registration side effect)
+
+        _BUILTIN_LOADED = True

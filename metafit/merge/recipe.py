@@ -1,0 +1,218 @@
+"""`metafit merge RECIPE.yaml --out DIR`: YAML merge recipes -> an HF folder transformers loads.
+
+Recipe format (every key is validated; unknown keys fail with a did-you-mean before any
+tensor is read)::
+
+    # metafit merge recipe
+    method: ties                  # a merge-method name (`metafit list`): task_arithmetic, ties,
+                                  # dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, linear,
+                                  # slerp, model_stock, fisher
+    base: ./smollm2-base          # HF folder or .safetensors file; required by methods with a base
+    models:                       # the models to merge, in order
+      - path: ./smollm2-math       # a plain string is short for {path: ...}
+        weight: 1.0               # per-model parameters (optional): weight, density, drop_rate,
+        density: 0.2              #   gamma, fisher (a safetensors file of diagonal Fisher values)
+      - ./smollm2-code
+    parameters:                   # shared parameters and defaults of the per-model ones:
+      scale: 1.0                  #   scale (λ), t (slerp), normalize (linear), density, ...
+    layers:                       # optional per-tensor overrides; the first `match` glob wins
+      - match: "model.layers.0.*"
+        parameters: {density: 0.5}
+      - match: "lm_head.weight"
+        copy_base: true           # keep the base tensor (the first model's without a base)
+    seed: 0                       # key for random methods (DARE): jax.random.key(seed)
+    dtype: null                   # output dtype: float32 | bfloat16 | float16 | null (= input)
+    config_from: null             # folder whose config.json/tokenizer files are copied
+                                  # (default: base, else the first model)
+
+Relative paths are resolved against the recipe file's folder. Parameter rules: densities in
+(0, 1]; drop rates in [0, 1); ``linear`` weights must sum to 1 unless ``normalize: true``;
+``slerp`` takes exactly two models and ``t`` in [0, 1]; every model must have the base's
+tensor names and shapes (the first mismatching tensor is named).
+
+Output folder: ``model.safetensors`` (streamed tensor by tensor, see
+:mod:`metafit.merge.stream`), ``config.json`` and tokenizer/generation files copied from
+``config_from``, and ``metafit_merge.yaml`` (the resolved recipe).
+
+Example:
+    >>> from metafit.merge.recipe import run_recipe
+    >>> run_recipe("configs/merge/example_ties.yaml", "out/merged")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from metafit.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from metafit.merge.io import WEIGHTS_NAME, SafetensorsError
+from metafit.merge.methods import MergeError, get_method, resolve_params
+from metafit.merge.stream import merge_folders
+from metafit.registry import UnknownNameError
+
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """One model of a recipe and its per-model parameters (``None`` = the method's default)."""
+
+    path: str
+    weight: Optional[float] = None
+    density: Optional[float] = None
+    drop_rate: Optional[float] = None
+    gamma: Optional[float] = None
+    fisher: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """A per-tensor override: tensors whose name matches the glob ``match``."""
+
+    match: str
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    copy_base: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeRecipe:
+    """A merge recipe (see the module docstring for the YAML format)."""
+
+    method: str
+    models: tuple[ModelEntry, ...]
+    base: Optional[str] = None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layers: tuple[LayerRule, ...] = ()
+    seed: int = 0
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    config_from: Optional[str] = None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Reads and validates a recipe (unknown keys and wrong types raise ``ConfigError``)."""
+    raw = load_yaml(path)
+    if isinstance(raw.get("models"), list):
+        raw["models"] = [{"path": m} if isinstance(m, str) else m for m in raw["models"]]
+    return from_dict(MergeRecipe, raw, path="")
+
+
+def _resolve(root: Path, path: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _per_model_params(recipe: MergeRecipe) -> dict[str, Any]:
+    """Shared parameters with the per-model entries folded in as one value per model."""
+    params = dict(recipe.parameters)
+    defaults = dict(get_method(recipe.method).per_model)
+    for field in ("weight", "density", "drop_rate", "gamma"):
+        given = [getattr(m, field) for m in recipe.models]
+        if any(v is not None for v in given):
+            fallback = params.get(field, defaults.get(field))
+            params[field] = tuple(fallback if v is None else v for v in given)
+    return params
+
+
+def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
+    """Checks names, paths and parameters before any tensor is read; returns merge arguments."""
+    try:
+        method = get_method(recipe.method)
+    except UnknownNameError as err:
+        raise ConfigError(f"method: {err}") from None
+    if not recipe.models:
+        raise MergeError("the recipe lists no models")
+    if method.needs_base and recipe.base is None:
+        raise MergeError(f"merge method '{method.name}' needs `base:` (the model the task vectors start from)")
+    paths = [_resolve(root, m.path) for m in recipe.models]
+    base = _resolve(root, recipe.base) if method.needs_base else None
+    for label, p in [("base", base)] + [(f"models[{i}]", p) for i, p in enumerate(paths)]:
+        if p is not None and not p.exists():
+            raise MergeError(f"{label}: model not found: {p}")
+    fishers = None
+    if "fisher" in method.tensor_inputs:
+        if any(m.fisher is None for m in recipe.models):
+            raise MergeError("method 'fisher' needs `fisher:` (a safetensors file) for every model")
+        fishers = [_resolve(root, m.fisher) for m in recipe.models]
+    elif any(m.fisher is not None for m in recipe.models):
+        raise MergeError(f"`fisher:` is only used by method 'fisher', not '{method.name}'")
+    params = _per_model_params(recipe)
+    resolve_params(method, len(paths), params)  # fail fast on bad values
+    rules = []
+    for index, rule in enumerate(recipe.layers):
+        if rule.copy_base and rule.parameters:
+            raise MergeError(f"layers[{index}] ('{rule.match}'): give either copy_base or parameters, not both")
+        over = None if rule.copy_base else {**params, **rule.parameters}
+        if over is not None:
+            resolve_params(method, len(paths), over)
+        rules.append((rule.match, None if over is None else dict(rule.parameters)))
+    config_from = _resolve(root, recipe.config_from) or base or paths[0]
+    return {"method": method, "base": base, "models": paths, "params": params, "rules": rules,
+            "key": jax.random.key(recipe.seed) if method.needs_key else None,
+            "dtype": OUTPUT_DTYPES[recipe.dtype] if recipe.dtype else None,
+            "fishers": fishers, "config_from": config_from}
+
+
+def run_recipe(path: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Runs a merge recipe and writes an HF folder that ``transformers`` loads.
+
+    Args:
+      path: the recipe YAML (format in the module docstring).
+      out_dir: output folder (created; an existing ``model.safetensors`` there is overwritten).
+      progress: show a rich progress bar over tensors.
+    Returns:
+      ``{"out_dir": str, "tensors": int, "seconds": float, "bytes": int, "method": str}``.
+    Raises:
+      ConfigError: unknown keys / wrong types / unknown method in the recipe.
+      MergeError: missing models, mismatched tensors (first one named), bad parameter values.
+    """
+    path = Path(path)
+    recipe = load_recipe(path)
+    args = validate_recipe(recipe, path.parent)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params, rules = args["params"], args["rules"]
+
+    def run(on_tensor=None):
+        return merge_folders(args["method"], args["base"], args["models"], out / WEIGHTS_NAME,
+                             params=params, rules=rules, key=args["key"], dtype=args["dtype"],
+                             fishers=args["fishers"], on_tensor=on_tensor)
+
+    try:
+        if progress:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"merge ({args['method'].name})", total=None)
+                summary = run(lambda i, n, name: bar.update(task, completed=i + 1, total=n))
+        else:
+            summary = run()
+    except SafetensorsError as err:
+        raise MergeError(str(err)) from None
+    _copy_side_files(Path(args["config_from"]), out, recipe.dtype)
+    (out / "metafit_merge.yaml").write_text(dump_yaml(to_dict(recipe)))
+    return {"out_dir": str(out), "method": args["method"].name, **summary}
+
+
+def _copy_side_files(source: Path, out: Path, dtype: str | None) -> None:
+    folder = source if source.is_dir() else source.parent
+    for name in COPIED_FILES:
+        if (folder / name).is_file() and (folder / name).resolve() != (out / name).resolve():
+            shutil.copyfile(folder / name, out / name)
+    config = out / "config.json"
+    if dtype and config.is_file():
+        data = json.loads(config.read_text())
+        for field in ("torch_dtype", "dtype"):
+            if field in data:
+                data[field] = dtype
+        config.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,197 @@
+r"""Autoregressive generation with a fixed-shape KV cache, compiled once per shape.
+
+The prompt ``[b, P]`` is left-aligned (padding first), a cache of ``T = P + max_new_tokens``
+slots is prefilled in one call, then a ``lax.while_loop`` feeds one token per step. Every
+array keeps its shape through the loop, so one compilation serves all steps (and all later
+calls with the same batch shape and settings). Positions skip padding (``cumsum(mask) - 1``),
+as transformers' ``generate`` does, so a padded prompt continues exactly like the unpadded one.
+
+Token choice at each step, from logits :math:`z`:
+
+* greedy (``temperature == 0``): :math:`\arg\max z`;
+* sampling: :math:`z / \tau`, keep the ``top_k`` largest, then the smallest set whose
+  probability reaches ``top_p`` (nucleus), and draw from the softmax of what is left.
+
+Sequences that emit a stop token are padded with ``pad_token_id`` afterwards; the loop ends
+early when every sequence has stopped.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .layers import positions_from_mask
+
+Array = jax.Array
+
+
+def filter_logits(logits: Array, *, top_k: int | None = None, top_p: Array | float | None = None) -> Array:
+    """Sets logits outside the top-k / nucleus (top-p) set to ``-inf``.
+
+    Args:
+      logits: ``[b, vocab]``.
+      top_k: keep the ``top_k`` largest (static; None = all).
+      top_p: keep the smallest prefix of the sorted distribution whose mass reaches ``top_p``
+        (the most likely token is always kept; None = all).
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits, key, temperature, top_p, *, sample: bool, top_k, use_top_p: bool):
+    logits = logits.astype(jnp.float32)
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p if use_top_p else None)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "sample", "use_top_p", "use_cache")
+)
+def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, *,
+              max_new_tokens, top_k, sample, use_top_p, use_cache):
+    model = nnx.merge(graphdef, state)
+    b, prompt_len = ids.shape
+    total = prompt_len + max_new_tokens
+    full_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)
+    positions = positions_from_mask(full_mask)
+    tokens = jnp.concatenate([ids, jnp.full((b, max_new_tokens), pad_id, ids.dtype)], axis=1)
+    choose = functools.partial(_choose, sample=sample, top_k=top_k, use_top_p=use_top_p)
+
+    def step_logits(tokens, cache, slot):
+        """Logits predicting slot ``slot + 1`` (only token ``slot`` is fed when caching)."""
+        if use_cache:
+            fed = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
+            out = model.forward(
+                fed, full_mask, position_ids=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
+                cache=cache, cache_index=slot, compute_logits=False,
+            )
+            return model.logits(out.hidden_states[:, 0]), out.cache
+        # Reference path: recompute the whole fixed-size buffer; causality hides later slots.
+        out = model.forward(tokens, full_mask, position_ids=positions, compute_logits=False)
+        hidden = jax.lax.dynamic_index_in_dim(out.hidden_states, slot, axis=1, keepdims=False)
+        return model.logits(hidden), None
+
+    if use_cache:
+        prefill = model.forward(
+            ids, full_mask, position_ids=positions[:, :prompt_len],
+            cache=model.init_cache(b, total), cache_index=0, compute_logits=False,
+        )
+        logits, cache = model.logits(prefill.hidden_states[:, -1]), prefill.cache
+    else:
+        logits, cache = step_logits(tokens, None, prompt_len - 1)
+    first = choose(logits, jax.random.fold_in(key, 0), temperature, top_p)
+    tokens = tokens.at[:, prompt_len].set(first)
+    done = jnp.isin(first, stops)
+
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, cache, done = carry
+        slot = prompt_len + i - 1
+        logits, cache = step_logits(tokens, cache, slot)
+        token = choose(logits, jax.random.fold_in(key, i), temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], slot + 1, axis=1)
+        return i + 1, tokens, cache, done | jnp.isin(token, stops)
+
+    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))
+    return tokens
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moves each row's padding to the left (generation appends on the right)."""
+    order = np.argsort(attention_mask != 0, axis=1, kind="stable")  # pads (False) first, order kept
+    return np.take_along_axis(input_ids, order, 1), np.take_along_axis(attention_mask, order, 1)
+
+
+def generate(
+    model,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    attention_mask=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    key: Array | None = None,
+    use_cache: bool = True,
+) -> Array:
+    """Generates continuations of ``input_ids`` with a causal LM.
+
+    Args:
+      model: a metafit causal LM (Llama family, GPT-2).
+      input_ids: ``[b, P]`` (or ``[P]``) prompt token ids; padded rows need ``attention_mask``.
+      max_new_tokens: tokens to append (static: a new value compiles once more).
+      attention_mask: ``[b, P]`` 1 = token, 0 = padding (left or right; rows are left-aligned).
+      temperature: 0 = greedy decoding; > 0 = sampling at this temperature (needs ``key``).
+      top_k: sample among the ``top_k`` most likely tokens only.
+      top_p: nucleus sampling mass (``None``/1.0 = off).
+      stop_tokens: ids that end a sequence; default the model's ``eos_token_ids``; ``()`` = none.
+      pad_token_id: filler after a sequence stops; default the model's pad, else first stop, else 0.
+      key: ``jax.random`` key for sampling (step ``i`` uses ``fold_in(key, i)``).
+      use_cache: False recomputes the full sequence each step (a reference path, same output).
+
+    Returns:
+      ``[b, P + max_new_tokens]`` int32: the left-aligned prompt followed by the generated
+      tokens (``pad_token_id`` after a stop token). ``[P + max_new_tokens]`` for a 1-D prompt.
+
+    Example:
+      >>> out = generate(model, ids, max_new_tokens=16)                       # doctest: +SKIP
+      >>> out = generate(model, ids, max_new_tokens=16, temperature=0.7, top_p=0.9,
+      ...                key=jax.random.key(0))                               # doctest: +SKIP
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sample = temperature > 0
+    if sample and key is None:
+        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(...)")
+    ids = np.asarray(input_ids, dtype=np.int32)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
+    mask = mask[None] if mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if not mask[:, -1].all():
+        ids, mask = left_align(ids, mask)
+    config = model.config
+    stops = tuple(config.eos_token_ids) if stop_tokens is None else tuple(stop_tokens)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    graphdef, state = nnx.split(model)
+    tokens = _generate(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key if key is not None else jax.random.key(0),
+        jnp.float32(temperature if sample else 1.0),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.asarray(stops if stops else (-1,), jnp.int32),
+        jnp.int32(pad_token_id),
+        max_new_tokens=int(max_new_tokens),
+        top_k=None if top_k is None else int(top_k),
+        sample=bool(sample),
+        use_top_p=top_p is not None and top_p < 1.0,
+        use_cache=bool(use_cache),
+    )
+    return tokens[0] if squeeze else tokens

@@ -1,0 +1,56 @@
+"""IA3 (Liu et al., 2022): learned rescaling vectors l (init 1), gated.
+
+    attention-like target:  y = base(x) * (1 + g (l - 1)),   l: [out]
+    feed-forward target:    y = base(x * (1 + g (l - 1))),   l: [in]
+
+g = 1 gives plain IA3 (``y = base(x) * l``), g = 0 the base model. As in HF PEFT, the
+output rescaling also scales the bias.
+
+Reference:
+  Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+  In-Context Learning", NeurIPS 2022.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from metafit.peft.core import IA3Param, PeftWrapper, bias_of, kernel_of, new_gate
+
+
+class IA3Linear(PeftWrapper):
+    """Gated IA3 around a Linear-like ``base_layer``; ``feedforward`` rescales the input instead."""
+
+    def __init__(self, base_layer: nnx.Module, *, feedforward: bool = False):
+        kernel = kernel_of(base_layer).get_value()
+        size = kernel.shape[0] if feedforward else kernel.shape[1]
+        self.base_layer = base_layer
+        self.feedforward = feedforward
+        self.ia3_l = IA3Param(jnp.ones((size,), kernel.dtype))
+        self.gate = new_gate()
+
+    def _scale(self, like: jnp.ndarray) -> jnp.ndarray:
+        l = self.ia3_l.get_value().astype(like.dtype)
+        return 1 + self.gate_like(like) * (l - 1)
+
+    def __call__(self, x, *args, **kwargs):
+        if self.feedforward:
+            return self.base_layer(x * self._scale(x), *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        return y * self._scale(y)
+
+    def merged(self) -> nnx.Module:
+        gate = self.gate.get_value()
+        if gate.ndim != 0:
+            raise ValueError(f"cannot merge IA3 with a per-sample gate of shape {gate.shape}")
+        scale = 1 + gate * (self.ia3_l.get_value() - 1)
+        kernel_var = kernel_of(self.base_layer)
+        kernel = kernel_var.get_value()
+        if self.feedforward:
+            kernel_var.set_value((kernel * scale[:, None]).astype(kernel.dtype))
+        else:
+            kernel_var.set_value((kernel * scale[None, :]).astype(kernel.dtype))
+            bias = bias_of(self.base_layer)
+            if bias is not None:
+                bias.set_value((bias.get_value() * scale).astype(bias.get_value().dtype))
+        return self.base_layer

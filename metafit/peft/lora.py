@@ -1,0 +1,119 @@
+"""LoRA and DoRA around Linear-like modules (``kernel [in, out]``, optional ``bias [out]``).
+
+LoRA (Hu et al., 2021), gated:
+
+    y = base(x) + g * s * dropout(x) A B,      A: [in, r], B: [r, out], s = alpha / r
+
+DoRA (Liu et al., 2024) rescales each output column of the adapted weight to a learned
+magnitude m (init: the column norms of W, so DoRA = base at init when B = 0):
+
+    W' = m * (W + s A B) / ||W + s A B||_col,   y = x W' + b
+    y  = base(x) + g * [ (m/n - 1) * (x W) + (m/n) * s * dropout(x) A B ],   n = sg(||W + s A B||_col)
+
+The norm n is treated as a constant in the backward pass (``stop_gradient``), as in the
+DoRA paper (Sec. 4.3) and HF PEFT, which makes our gradients match theirs.
+Layout: ``A = lora_A.weight.T`` and ``B = lora_B.weight.T`` of HF PEFT's torch tensors.
+
+References:
+  Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+  Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metafit.peft.core import DoRAMagnitude, PeftWrapper, bias_of, kernel_of, new_gate
+
+
+def _column_norm(weight: jnp.ndarray) -> jnp.ndarray:
+    """L2 norm of each output column of a ``[in, out]`` kernel (= row norm of torch's ``[out, in]``)."""
+    return jnp.linalg.norm(weight, axis=0)
+
+
+class LoRALinear(PeftWrapper):
+    """Gated LoRA / DoRA wrapper; ``base_layer`` is left untouched (its weights stay frozen).
+
+    Args:
+      base_layer: a Linear-like module with ``kernel [in, out]``.
+      rank, alpha, dropout, use_dora, use_rslora, init: see :class:`metafit.peft.LoraConfig`.
+      rngs: ``params`` stream initialises A (and B for ``init="random"``); ``dropout`` stream if dropout > 0.
+    """
+
+    def __init__(self, base_layer: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 use_dora: bool = False, use_rslora: bool = False, init: str = "default",
+                 rngs: nnx.Rngs):
+        kernel = kernel_of(base_layer).get_value()
+        d_in, d_out = kernel.shape
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.dropout_rate = dropout
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        key_a, key_b = rngs.params(), rngs.params()
+        if init == "gaussian":
+            a = jax.random.normal(key_a, (d_in, rank), kernel.dtype) / rank
+        else:  # torch kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key_a, (d_in, rank), kernel.dtype, -bound, bound)
+        if init == "random":
+            bound = 1.0 / math.sqrt(rank)
+            b = jax.random.uniform(key_b, (rank, d_out), kernel.dtype, -bound, bound)
+        elif init in ("default", "gaussian"):
+            b = jnp.zeros((rank, d_out), kernel.dtype)
+        else:
+            raise ValueError(f"unknown LoRA init '{init}'; valid: default, gaussian, random")
+        self.lora_A = nnx.LoRAParam(a)
+        self.lora_B = nnx.LoRAParam(b)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.use_dora = use_dora
+        self.lora_magnitude_vector = (
+            DoRAMagnitude(_column_norm(kernel + self.scaling * a @ b)) if use_dora else None
+        )
+        self.gate = new_gate()
+
+    def lora_weight(self) -> jnp.ndarray:
+        """The low-rank update ``s * A B`` as an ``[in, out]`` matrix."""
+        return self.scaling * (self.lora_A.get_value() @ self.lora_B.get_value())
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.base_layer(x, *args, **kwargs)
+        h = x if self.dropout is None else self.dropout(x)
+        a = self.lora_A.get_value().astype(h.dtype)
+        b = self.lora_B.get_value().astype(h.dtype)
+        lora = (h @ a) @ b * self.scaling
+        if self.use_dora:
+            kernel = kernel_of(self.base_layer).get_value()
+            norm = jax.lax.stop_gradient(_column_norm(kernel + self.lora_weight()))
+            scale = (self.lora_magnitude_vector.get_value() / norm).astype(h.dtype)
+            if self.dropout is None:  # reuse the base matmul: x W = y - b
+                bias = bias_of(self.base_layer)
+                x_w = y if bias is None else y - bias.get_value().astype(y.dtype)
+            else:
+                x_w = h @ kernel.astype(h.dtype)
+            lora = (scale - 1) * x_w + scale * lora
+        return y + (self.gate_like(lora) * lora).astype(y.dtype)
+
+    def merged(self) -> nnx.Module:
+        """``base_layer`` with ``W <- W + g * delta_W`` (g must be a scalar gate)."""
+        gate = self.gate.get_value()
+        if gate.ndim != 0:
+            raise ValueError(
+                f"cannot merge a LoRA whose gate has shape {gate.shape} (per-sample gates); "
+                "call metafit.peft.reset_gates(model) or set a scalar gate first"
+            )
+        kernel_var = kernel_of(self.base_layer)
+        kernel = kernel_var.get_value()
+        delta = self.lora_weight()
+        if self.use_dora:
+            adapted = kernel + delta
+            scale = self.lora_magnitude_vector.get_value() / _column_norm(adapted)
+            delta = scale * adapted - kernel
+        kernel_var.set_value((kernel + gate * delta).astype(kernel.dtype))
+        return self.base_layer

@@ -1,0 +1,61 @@
+"""The trainer's configuration (the ``train:`` section of every run config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`metafit.train.fit` optimises a loss.
+
+    Attributes:
+      steps: optimiser steps in total.
+      batch_size: examples per step (split into ``grad_accum`` micro-batches).
+      lr: peak learning rate.
+      optimizer: a name in :data:`metafit.train.OPTIMIZERS`.
+      weight_decay: decoupled weight decay (adamw) or L2 (others: ignored).
+      momentum: momentum for ``sgd`` (0 = plain SGD).
+      schedule: learning-rate schedule after warm-up: constant, cosine or linear decay to 0.
+      warmup_steps: linear warm-up from 0 to ``lr``.
+      clip_norm: clip gradients to this global norm (0 = no clipping).
+      grad_accum: micro-batches per step; gradients are averaged over them.
+      precision: dtype the loss is computed in; parameters stay float32.
+      eval_every: run ``eval_fn`` every this many steps (0 = only at the end).
+      log_every: average and write train metrics every this many steps.
+      ckpt_every: save a checkpoint every this many steps (0 = only the final one).
+      keep_checkpoints: how many recent checkpoints to keep.
+      steps_per_dispatch: optimiser steps fused into one jitted call with ``lax.scan``.
+    """
+
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    clip_norm: float = 0.0
+    grad_accum: int = 1
+    precision: Literal["float32", "bfloat16"] = "float32"
+    eval_every: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    steps_per_dispatch: int = 1
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "steps_per_dispatch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr < 0:
+            raise ValueError(f"train.lr must be >= 0, got {self.lr}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )

@@ -1,0 +1,89 @@
+"""Metrics to ``metrics.jsonl`` and progress to the terminal (rich) or plain lines (CI, pipes)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per line: ``{"stage": ..., "step": ..., "split": ..., name: value}``.
+
+    On resume, :meth:`truncate` drops lines of a stage written after the restored
+    step, so the file of a resumed run equals that of an uninterrupted one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch(exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def truncate(self, stage: str, after_step: int) -> None:
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and not _is_after(json.loads(line), stage, after_step)
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def read(self, stage: str | None = None) -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in records if stage is None or r.get("stage") == stage]
+
+
+def _is_after(record: dict[str, Any], stage: str, step: int) -> bool:
+    return record.get("stage") == stage and record.get("step", -1) > step
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain ``step i/n key=value`` lines otherwise."""
+
+    def __init__(self, total: int, description: str, start: int = 0, enabled: bool = True):
+        self.total, self.description, self.enabled = total, description, enabled
+        self._bar = None
+        self._start_time = time.perf_counter()
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, completed=start, info="")
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, (int, float)))
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        else:
+            elapsed = time.perf_counter() - self._start_time
+            print(f"[{self.description}] step {step}/{self.total} {info} ({elapsed:.1f}s)", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,72 @@
+"""One training run on 1 device, 8 fake CPU devices (data and fsdp meshes) and 2 processes: same loss curve."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from metafit.parallel import MeshConfig, make_mesh, param_shardings
+
+SCRIPT = Path(__file__).with_name("curve_script.py")
+
+
+def _env(devices: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _curve(tmp_path: Path, name: str, devices: int, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=_env(devices),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_same_loss_curve_on_1_and_8_devices_and_2_processes(tmp_path):
+    one = _curve(tmp_path, "one", 1)
+    eight = _curve(tmp_path, "eight", 8)
+    fsdp = _curve(tmp_path, "fsdp", 8, "4", "2")
+    assert one["devices"] == 1 and eight["devices"] == 8 and fsdp["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "multi.json"
+    procs = [
+        subprocess.Popen([sys.executable, str(SCRIPT), str(out), "-1", "1", coordinator, "2", str(i)],
+                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    multi = json.loads(out.read_text())
+    assert multi["devices"] == 4  # 2 processes x 2 local CPU devices form one mesh
+
+    assert len(one["loss"]) == 8 and one["loss"][-1] < one["loss"][0] * 0.5  # it actually trains
+    for other in (eight, fsdp, multi):
+        np.testing.assert_allclose(other["loss"], one["loss"], rtol=2e-5)
+
+
+def test_mesh_config_errors_and_fsdp_rules():
+    devices = jax.devices()[:1]
+    assert dict(make_mesh(MeshConfig(), devices).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        make_mesh(MeshConfig(data=-1, fsdp=-1), devices)
+    with pytest.raises(ValueError, match="needs 4 devices but 1 are available"):
+        make_mesh(MeshConfig(data=2, fsdp=2), devices)
+    mesh = make_mesh(MeshConfig(), devices)
+    specs = param_shardings({"w": np.zeros((4, 6)), "b": np.zeros(6)}, mesh, rules=[("w", (None, "tensor"))])
+    assert specs["w"].spec == jax.sharding.PartitionSpec(None, "tensor")
+    assert specs["b"].spec == jax.sharding.PartitionSpec()

@@ -1,0 +1,104 @@
+"""Tiny NNX modules (imported as ``peft_tiny``; pytest puts this folder on sys.path) with HF-style attribute names for the PEFT tests.
+
+``TinyModel`` mirrors a decoder block (``layers.i.self_attn.{q,k,v,o}_proj``, ``layers.i.mlp.{up,down}_proj``,
+a LayerNorm with bias) and its attention carries the ``kv_prefix`` hook of metafit.peft.prefix.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import metafit.peft as peft
+
+DIM, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 16, 4, 2, 4, 32, 2
+
+
+def reference_attention(q, k, v, allowed, bias):
+    """Plain softmax attention with GQA by repetition (independent of metafit.models)."""
+    repeat = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]) + bias
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class TinyAttention(nnx.Module):
+    def __init__(self, *, rngs):
+        self.q_proj = nnx.Linear(DIM, HEADS * HEAD_DIM, rngs=rngs)
+        self.k_proj = nnx.Linear(DIM, KV_HEADS * HEAD_DIM, rngs=rngs)
+        self.v_proj = nnx.Linear(DIM, KV_HEADS * HEAD_DIM, rngs=rngs)
+        self.o_proj = nnx.Linear(HEADS * HEAD_DIM, DIM, rngs=rngs)
+        self.kv_heads, self.head_dim = KV_HEADS, HEAD_DIM
+        self.kv_prefix = None
+
+    def __call__(self, x):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, HEADS, HEAD_DIM)
+        k = self.k_proj(x).reshape(b, s, KV_HEADS, HEAD_DIM)
+        v = self.v_proj(x).reshape(b, s, KV_HEADS, HEAD_DIM)
+        allowed = jnp.tril(jnp.ones((s, s), bool))[None, None]
+        bias = None
+        if self.kv_prefix is not None:
+            k, v, allowed, bias = self.kv_prefix(k, v, allowed, bias)
+        out = reference_attention(q, k, v, allowed, 0.0 if bias is None else bias)
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+class TinyMLP(nnx.Module):
+    def __init__(self, *, rngs):
+        self.up_proj = nnx.Linear(DIM, FFN, rngs=rngs)
+        self.down_proj = nnx.Linear(FFN, DIM, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.gelu(self.up_proj(x)))
+
+
+class TinyBlock(nnx.Module):
+    def __init__(self, *, rngs):
+        self.norm = nnx.LayerNorm(DIM, rngs=rngs)
+        self.self_attn = TinyAttention(rngs=rngs)
+        self.mlp = TinyMLP(rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class TinyModel(nnx.Module):
+    def __init__(self, *, rngs):
+        self.layers = nnx.List([TinyBlock(rngs=rngs) for _ in range(LAYERS)])
+        self.head = nnx.Linear(DIM, 3, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+# One config per method, targeting a few modules of TinyModel.
+METHODS = {
+    "lora": peft.LoraConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")),
+    "dora": peft.LoraConfig(rank=4, targets=("q_proj", "v_proj", "down_proj"), use_dora=True),
+    "adapter": peft.AdapterConfig(bottleneck=4),
+    "ia3": peft.IA3Config(),
+    "bitfit": peft.BitFitConfig(),
+    "prefix": peft.PrefixConfig(num_prefix=3),
+}
+
+
+def make_model(seed=0):
+    return TinyModel(rngs=nnx.Rngs(seed))
+
+
+def make_input(seed=1, batch=3, seq=5):
+    return jax.random.normal(jax.random.key(seed), (batch, seq, DIM))
+
+
+def perturb_adapters(model, seed=2, scale=0.3):
+    """Moves every adapter weight away from its (often identity) init, so tests are not vacuous."""
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+

@@ -1,0 +1,165 @@
+"""LoRA/DoRA/IA3/BitFit/adapters against closed forms: identity at init, formulas, merging."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import metafit.peft as peft
+from metafit.registry import UnknownNameError
+
+from peft_tiny import METHODS, make_input, make_model, perturb_adapters
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "adapter", "ia3", "bitfit"])
+def test_identity_at_init(name):
+    """LoRA with B = 0, DoRA (m = ||W||), adapters (W_up = 0), IA3 (l = 1), BitFit (0 offset) = base model."""
+    model, x = make_model(), make_input()
+    base = model(x)
+    peft.apply(model, METHODS[name], rngs=nnx.Rngs(1))
+    assert peft.count_gated_modules(model) > 0
+    np.testing.assert_allclose(model(x), base, rtol=1e-6, atol=1e-6)
+    if name != "dora":  # DoRA's m/||W|| is 1 only up to rounding
+        np.testing.assert_array_equal(model(x), base)
+
+
+def test_lora_matches_formula():
+    """y = x W + b + (alpha / r) x A B."""
+    model = make_model()
+    peft.apply(model, peft.LoraConfig(rank=3, alpha=6.0, targets=("layers.0.self_attn.q_proj",), init="random"),
+               rngs=nnx.Rngs(1))
+    wrapper = model.layers[0].self_attn.q_proj
+    x = make_input()
+    lin = wrapper.base_layer
+    expected = x @ lin.kernel[...] + lin.bias[...] + 2.0 * (x @ wrapper.lora_A[...]) @ wrapper.lora_B[...]
+    np.testing.assert_allclose(wrapper(x), expected, rtol=1e-5, atol=1e-5)
+    assert wrapper.lora_A.shape == (16, 3) and wrapper.lora_B.shape == (3, 16)
+
+
+def test_rslora_scaling():
+    model = make_model()
+    peft.apply(model, peft.LoraConfig(rank=4, alpha=8.0, use_rslora=True), rngs=nnx.Rngs(1))
+    assert model.layers[0].self_attn.q_proj.scaling == pytest.approx(4.0)
+
+
+def test_dora_matches_formula():
+    """y = x (m * (W + s A B) / ||W + s A B||_col) + b."""
+    model = make_model()
+    peft.apply(model, peft.LoraConfig(rank=2, targets=("layers.1.mlp.down_proj",), use_dora=True, init="random"),
+               rngs=nnx.Rngs(1))
+    perturb_adapters(model)
+    wrapper = model.layers[1].mlp.down_proj
+    x = jax.random.normal(jax.random.key(3), (4, 32))
+    adapted = wrapper.base_layer.kernel[...] + wrapper.lora_weight()
+    kernel = wrapper.lora_magnitude_vector[...] * adapted / jnp.linalg.norm(adapted, axis=0)
+    np.testing.assert_allclose(wrapper(x), x @ kernel + wrapper.base_layer.bias[...], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    peft.LoraConfig(rank=4, init="random"),
+    peft.LoraConfig(rank=4, init="random", use_rslora=True, targets=("*_proj",)),
+    peft.LoraConfig(rank=4, init="random", use_dora=True, targets=("q_proj", "down_proj")),
+], ids=["lora", "rslora-all", "dora"])
+def test_merge_lora_equals_unmerged(config):
+    model, x = make_model(), make_input()
+    peft.apply(model, config, rngs=nnx.Rngs(1))
+    perturb_adapters(model)
+    before = model(x)
+    peft.merge_lora(model)
+    assert peft.count_gated_modules(model) == 0
+    assert type(model.layers[0].self_attn.q_proj) is nnx.Linear
+    np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_uses_scalar_gate_and_refuses_per_sample():
+    model, x = make_model(), make_input()
+    peft.apply(model, peft.LoraConfig(rank=2, init="random"), rngs=nnx.Rngs(1))
+    peft.set_gates(model, 0.5)
+    half = model(x)
+    peft.set_gates(model, jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="per-sample"):
+        peft.merge_lora(model)
+    peft.set_gates(model, 0.5)
+    np.testing.assert_allclose(peft.merge_lora(model)(x), half, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ia3", "bitfit", "lora"])
+def test_merge_all_equals_unmerged(name):
+    model, x = make_model(), make_input()
+    peft.apply(model, METHODS[name], rngs=nnx.Rngs(1))
+    perturb_adapters(model)
+    before = model(x)
+    peft.merge_all(model)
+    assert peft.count_gated_modules(model) == 0
+    np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_remove_peft_restores_base_exactly():
+    model, x = make_model(), make_input()
+    base = model(x)
+    for name in ("lora", "prefix", "bitfit"):
+        peft.apply(model, METHODS[name], rngs=nnx.Rngs(1))
+    perturb_adapters(model)
+    assert not np.allclose(model(x), base)
+    peft.remove_peft(model)
+    np.testing.assert_array_equal(model(x), base)
+    assert len(nnx.state(model, nnx.LoRAParam)) == 0
+
+
+def test_target_selection_by_glob_regex_type_and_exclude():
+    def paths(config):
+        model = make_model()
+        peft.apply(model, config, rngs=nnx.Rngs(0))
+        return peft.gated_paths(model)
+
+    assert paths(peft.LoraConfig(targets=("q_proj",))) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+    assert paths(peft.LoraConfig(targets=("layers.1.*",), exclude=("*mlp*",))) == [
+        f"layers.1.self_attn.{p}_proj" for p in "kovq"]
+    assert paths(peft.LoraConfig(targets=(r"re:layers\.0\.(mlp\.up|self_attn\.k)_proj",))) == [
+        "layers.0.mlp.up_proj", "layers.0.self_attn.k_proj"]
+    assert len(paths(peft.LoraConfig(targets=()))) == 2 * 6 + 1          # every Linear incl. head
+    assert paths(peft.BitFitConfig(target_types=("LayerNorm",))) == ["layers.0.norm", "layers.1.norm"]
+    houlsby = paths(peft.AdapterConfig())
+    assert houlsby == ["layers.0.mlp.down_proj", "layers.0.self_attn.o_proj",
+                       "layers.1.mlp.down_proj", "layers.1.self_attn.o_proj"]
+    assert paths(peft.AdapterConfig(style="pfeiffer")) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no module matched"):
+        paths(peft.LoraConfig(targets=("nope",)))
+
+
+def test_stacked_methods_and_wrapper_not_rewrapped():
+    model, x = make_model(), make_input()
+    peft.apply(model, peft.IA3Config(targets=("q_proj",)), rngs=nnx.Rngs(0))
+    peft.apply(model, peft.LoraConfig(targets=("q_proj",), init="random"), rngs=nnx.Rngs(1))
+    wrapper = model.layers[0].self_attn.q_proj
+    assert isinstance(wrapper, peft.IA3Linear) and isinstance(wrapper.base_layer, peft.LoRALinear)
+    assert peft.gated_paths(model).count("layers.0.self_attn.q_proj") == 2
+    perturb_adapters(model)
+    before = model(x)
+    np.testing.assert_allclose(peft.merge_all(model)(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_config_umbrella_and_registry():
+    model, x = make_model(), make_input()
+    peft.apply(model, peft.PeftConfig(method="dora", lora=peft.LoraConfig(rank=2)), rngs=nnx.Rngs(0))
+    assert model.layers[0].self_attn.q_proj.use_dora
+    assert set(peft.PEFT_METHODS.names()) == {"lora", "dora", "adapter", "prefix", "bitfit", "ia3"}
+    with pytest.raises(UnknownNameError, match="did you mean 'lora'"):
+        peft.apply(make_model(), peft.PeftConfig(method="lorra"), rngs=nnx.Rngs(0))
+
+
+def test_peft_config_from_yaml_dict():
+    from metafit.config import from_dict
+
+    cfg = from_dict(peft.PeftConfig, {"method": "lora", "lora": {"rank": 4, "targets": ["q_proj", "k_proj"]}})
+    assert cfg.lora.rank == 4 and cfg.lora.targets == ("q_proj", "k_proj")
+
+
+def test_lora_dropout_train_vs_eval():
+    model, x = make_model(), make_input()
+    peft.apply(model, peft.LoraConfig(rank=2, dropout=0.5, init="random"), rngs=nnx.Rngs(params=1, dropout=2))
+    model.eval()
+    a, b = model(x), model(x)
+    np.testing.assert_array_equal(a, b)
+    model.train()
+    assert not np.allclose(model(x), a)

@@ -1,0 +1,85 @@
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import pytest
+
+from metafit.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from metafit.experiments import load_run_config, resolve_config
+from metafit.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    width: int = 4
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    rate: float = 0.1
+    sizes: tuple[int, ...] = (1, 2)
+    inner: Inner = Inner()
+    maybe: Optional[int] = None
+    flag: bool = False
+
+
+def test_defaults_nested_and_coercions():
+    cfg = from_dict(Outer, {"rate": 1, "sizes": [3, 4, 5], "inner": {"kind": "b"}, "maybe": 3, "flag": True})
+    assert cfg == Outer(rate=1.0, sizes=(3, 4, 5), inner=Inner(kind="b"), maybe=3, flag=True)
+    assert isinstance(cfg.rate, float)
+    assert from_dict(Outer, {"rate": "1e-3"}).rate == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string
+    assert to_dict(cfg)["inner"] == {"width": 4, "kind": "b"}
+
+
+def test_unknown_key_names_path_and_suggestion():
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, {"inner": {"widht": 3}}, "args")
+    message = str(err.value)
+    assert "unknown key 'args.inner.widht'" in message and "did you mean 'width'?" in message
+    assert "kind, width" in message
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    with pytest.raises(ConfigError, match=r"inner\.width: expected int, got 'ten' \(str\)"):
+        from_dict(Outer, {"inner": {"width": "ten"}})
+    with pytest.raises(ConfigError, match=r"flag: expected bool"):
+        from_dict(Outer, {"flag": "yes please"})
+    with pytest.raises(ConfigError, match=r"inner\.kind: expected one of \['a', 'b'\], got 'c'"):
+        from_dict(Outer, {"inner": {"kind": "c"}})
+    with pytest.raises(ConfigError, match=r"sizes\[1\]: expected int"):
+        from_dict(Outer, {"sizes": [1, "two"]})
+
+
+def test_overrides_parse_ints_floats_bools_lists():
+    raw = apply_overrides({"a": {"b": 1}}, ["a.b=7", "a.c=3e-4", "x.y=true", "x.z=[1, 2]", "s=hello"])
+    assert raw == {"a": {"b": 7, "c": "3e-4"}, "x": {"y": True, "z": [1, 2]}, "s": "hello"}
+    cfg = from_dict(Outer, apply_overrides({}, ["rate=0.5", "sizes=[8,8]", "flag=false"]))
+    assert (cfg.rate, cfg.sizes, cfg.flag) == (0.5, (8, 8), False)
+    with pytest.raises(ConfigError, match="expects key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_yaml_syntax_error_reports_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: quickstart\ntrain:\n  steps: [1, 2\n  lr: 3\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_run_config_validation(repo):
+    cfg = load_run_config(repo / "configs/quickstart.yaml", ["train.steps=5", "args.hidden=[16]"])
+    assert cfg.train.steps == 5 and cfg.args.hidden == (16,)
+    with pytest.raises(ConfigError, match="unknown experiment 'quickstrat'; did you mean 'quickstart'"):
+        resolve_config({"experiment": "quickstrat"})
+    with pytest.raises(ConfigError, match="unknown key 'args.hiden'"):
+        load_run_config(repo / "configs/quickstart.yaml", ["args.hiden=3"])
+    with pytest.raises(ConfigError, match="train.batch_size .* divisible by train.grad_accum"):
+        resolve_config({"experiment": "quickstart", "train": {"batch_size": 10, "grad_accum": 3}})
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="train.steps must be >= 1"):
+        TrainConfig(steps=0)

@@ -1,0 +1,141 @@
+"""The trainer against closed forms and its own invariants (resume, accumulation, masks, NaN guard)."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metafit.train import CheckpointWarning, DeviceSampler, MetricsWriter, NonFiniteLossError, TrainConfig, fit
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(64, 3)).astype(np.float32)
+W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)
+Y = X @ W_TRUE
+
+
+def squared_loss(w, batch, key):
+    x, y = batch
+    return jnp.mean((x @ w["w"] - y) ** 2), {"mean_x": jnp.mean(x)}
+
+
+def batch_at(step):
+    rows = np.arange(8) + (step % 8) * 8
+    return X[rows], Y[rows]
+
+
+def params0():
+    return {"w": jnp.zeros(3), "frozen": jnp.ones(2)}
+
+
+def test_sgd_step_matches_closed_form():
+    cfg = TrainConfig(steps=1, lr=0.1, optimizer="sgd", batch_size=8, log_every=1)
+    result = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+    x, y = batch_at(0)
+    grad = 2 * x.T @ (x @ np.zeros(3) - y) / len(y)
+    np.testing.assert_allclose(result.params["w"], -0.1 * grad, rtol=1e-5)
+    assert result.history[0]["loss"] == pytest.approx(float(np.mean(y**2)), rel=1e-5)
+
+
+def test_converges_and_fused_dispatch_equals_single_steps():
+    cfg = TrainConfig(steps=120, lr=0.05, batch_size=8, log_every=20)
+    single = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+    fused = fit(squared_loss, params0(), batch_at, TrainConfig(**{**cfg.__dict__, "steps_per_dispatch": 40}),
+                key=jax.random.key(0), progress=False)
+    np.testing.assert_allclose(single.params["w"], W_TRUE, atol=1e-2)
+    np.testing.assert_allclose(fused.params["w"], single.params["w"], rtol=1e-6)
+    assert [h["step"] for h in fused.history] == [20, 40, 60, 80, 100, 120]
+
+
+def test_grad_accumulation_equals_full_batch():
+    full = fit(squared_loss, params0(), batch_at, TrainConfig(steps=5, lr=0.1, optimizer="sgd", batch_size=8),
+               key=jax.random.key(0), progress=False)
+    accum = fit(squared_loss, params0(), batch_at,
+                TrainConfig(steps=5, lr=0.1, optimizer="sgd", batch_size=8, grad_accum=4),
+                key=jax.random.key(0), progress=False)
+    np.testing.assert_allclose(accum.params["w"], full.params["w"], rtol=1e-5)
+
+
+def test_trainable_mask_freezes_leaves_bit_identically():
+    params = {"w": jnp.zeros(3), "frozen": jnp.array([0.3, 0.7])}
+
+    def loss(p, batch, key):
+        x, y = batch
+        return jnp.mean((x @ p["w"] * p["frozen"].sum() - y) ** 2), {}
+
+    result = fit(loss, params, batch_at, TrainConfig(steps=10, lr=0.1), key=jax.random.key(0),
+                 trainable={"w": True, "frozen": False}, progress=False)
+    assert np.array_equal(np.asarray(result.params["frozen"]), np.array([0.3, 0.7], np.float32))
+    assert not np.allclose(result.params["w"], 0)
+    assert np.array_equal(np.asarray(params["w"]), np.zeros(3))  # the caller's arrays were not donated
+
+
+def test_device_sampler_and_custom_grad_fn():
+    def sample(key):
+        x = jax.random.normal(key, (16, 3))
+        return x, x @ jnp.asarray(W_TRUE)
+
+    def grad_fn(params, batch, key):  # plain gradient written by hand: must equal the default path
+        (loss, metrics), grads = jax.value_and_grad(squared_loss, has_aux=True)(params, batch, key)
+        return (loss, metrics), grads
+
+    cfg = TrainConfig(steps=200, lr=0.05, steps_per_dispatch=50, log_every=50)
+    default = fit(squared_loss, params0(), DeviceSampler(sample), cfg, key=jax.random.key(1), progress=False)
+    custom = fit(squared_loss, params0(), DeviceSampler(sample), cfg, key=jax.random.key(1), grad_fn=grad_fn,
+                 progress=False)
+    np.testing.assert_allclose(default.params["w"], W_TRUE, atol=1e-3)
+    np.testing.assert_allclose(custom.params["w"], default.params["w"], rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    result = fit(squared_loss, params0(), batch_at, TrainConfig(steps=100, lr=0.05, precision="bfloat16"),
+                 key=jax.random.key(0), progress=False)
+    assert result.params["w"].dtype == jnp.float32
+    np.testing.assert_allclose(result.params["w"], W_TRUE, atol=0.05)
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = TrainConfig(steps=40, lr=0.05, ckpt_every=10, log_every=10, eval_every=20)
+    eval_fn = lambda p: {"w0": p["w"][0]}
+    reference = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), eval_fn=eval_fn, progress=False)
+    log = MetricsWriter(tmp_path / "metrics.jsonl")
+    partial = TrainConfig(**{**cfg.__dict__, "steps": 20})  # same schedule of checkpoints, stopped early
+    fit(squared_loss, params0(), batch_at, partial, key=jax.random.key(0), workdir=tmp_path / "ck",
+        eval_fn=eval_fn, log=log, progress=False)
+    resumed = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
+                  eval_fn=eval_fn, log=log, progress=False)
+    assert resumed.resumed_from == 20
+    assert np.array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
+    assert [h["step"] for h in resumed.history] == [10, 20, 30, 40]
+    assert resumed.history == reference.history
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+    cfg = TrainConfig(steps=30, lr=0.05, ckpt_every=10, keep_checkpoints=3)
+    reference = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
+                    progress=False)
+    latest = tmp_path / "ck" / "30"
+    for file in latest.rglob("*"):
+        if file.is_file() and file.name != "commit_success.txt":
+            file.write_bytes(b"garbage")
+    with pytest.warns(CheckpointWarning, match="unreadable"):
+        resumed = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
+                      progress=False)
+    assert resumed.resumed_from == 20
+    assert np.array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+    def poisoned(step):
+        x, y = batch_at(step)
+        return (x * np.nan, y) if step == 12 else (x, y)
+
+    cfg = TrainConfig(steps=30, lr=0.05, ckpt_every=5, log_every=5)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 13"):
+        fit(squared_loss, params0(), poisoned, cfg, key=jax.random.key(0), workdir=tmp_path / "ck", progress=False)
+    assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [5, 10]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        resumed = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
+                      progress=False)
+    assert resumed.resumed_from == 10 and np.isfinite(np.asarray(resumed.params["w"])).all()
