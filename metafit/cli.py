@@ -9,6 +9,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, RunDirError, UnknownNameError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # library input checks (bad data, recipes, shapes) raise ValueError subclasses
+        if os.environ.get("METAFIT_DEBUG"):
+            raise
+        print(f"error: {err}\n(set METAFIT_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     except Exception as err:
         from metafit.train import NonFiniteLossError

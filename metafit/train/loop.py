@@ -18,7 +18,7 @@ Design notes (why it looks like this):
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -142,7 +142,9 @@ def fit(
     if mesh is not None:
         params = shard_params(params, mesh, param_rules)
     trainable_params, frozen = partition(params, trainable)
-    trainable_params = jax.tree.map(jnp.copy, trainable_params)  # donation must not consume the caller's arrays
+    # A copy, because donation must not consume the caller's arrays; an explicit dtype drops weak types,
+    # which would otherwise make every call with Python-scalar-built params compile anew.
+    trainable_params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype, copy=True), trainable_params)
     state = TrainState(
         step=jnp.asarray(0, jnp.int32),
         trainable=trainable_params,
@@ -169,7 +171,8 @@ def fit(
         log.truncate(name, start)
         history, evals = _previous_records(log, name)
 
-    run_chunk = _make_run_chunk(loss_fn, grad_fn, optimizer, config, data, key, mesh)
+    sampler = data.fn if isinstance(data, DeviceSampler) else None
+    run_chunk = _compiled_chunk(loss_fn, grad_fn, config, sampler, mesh)
     progress_bar = Progress(config.steps, name, start=start, enabled=progress)
     pending = []
     step = start
@@ -177,7 +180,7 @@ def fit(
         while step < config.steps:
             n = _chunk_length(step, config)
             batches = _host_batches(data, step, n, config, mesh)
-            state, metrics = run_chunk(state, frozen, batches, n)
+            state, metrics = run_chunk(state, frozen, batches, key, n)
             pending.append(metrics)
             step += n
             if step % config.log_every == 0 or step == config.steps:
@@ -226,7 +229,14 @@ def _host_batches(data, step: int, n: int, config: TrainConfig, mesh: Mesh | Non
     return stacked
 
 
-def _make_run_chunk(loss_fn, grad_fn, optimizer, config, data, key, mesh):
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
+    """The jitted fused step for one (loss, gradient rule, config, sampler, mesh).
+
+    Cached so that methods calling :func:`fit` many times with the same loss
+    function object (ATM rounds, CleaR epochs) compile once, not once per call.
+    """
+    optimizer = make_optimizer(config)
     compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
 
     def cast(tree):
@@ -261,10 +271,10 @@ def _make_run_chunk(loss_fn, grad_fn, optimizer, config, data, key, mesh):
         scale = 1.0 / config.grad_accum
         return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), jax.tree.map(lambda g: g * scale, grads)
 
-    def one_step(state: TrainState, frozen, batch):
+    def one_step(state: TrainState, frozen, batch, key):
         step_key = jax.random.fold_in(key, state.step)
         if batch is None:
-            batch = data.fn(jax.random.fold_in(step_key, 0))
+            batch = sampler(jax.random.fold_in(step_key, 0))
             if mesh is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         (loss, metrics), grads = accumulated_grads(state.trainable, frozen, batch, jax.random.fold_in(step_key, 1))
@@ -286,12 +296,12 @@ def _make_run_chunk(loss_fn, grad_fn, optimizer, config, data, key, mesh):
         scalars = {"loss": loss, "grad_norm": grad_norm, **{k: jnp.mean(v) for k, v in metrics.items()}}
         return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), scalars)
 
-    def chunk(state, frozen, batches, n):
+    def chunk(state, frozen, batches, key, n):
         if batches is None:
-            return jax.lax.scan(lambda s, _: one_step(s, frozen, None), state, None, length=n)
-        return jax.lax.scan(lambda s, b: one_step(s, frozen, b), state, batches)
+            return jax.lax.scan(lambda s, _: one_step(s, frozen, None, key), state, None, length=n)
+        return jax.lax.scan(lambda s, b: one_step(s, frozen, b, key), state, batches)
 
-    return jax.jit(chunk, static_argnums=3, donate_argnums=0)
+    return jax.jit(chunk, static_argnums=4, donate_argnums=0)
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:

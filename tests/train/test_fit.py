@@ -139,3 +139,16 @@ def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pa
         resumed = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
                       progress=False)
     assert resumed.resumed_from == 10 and np.isfinite(np.asarray(resumed.params["w"])).all()
+
+
+def test_repeated_fit_calls_reuse_the_compiled_step():
+    from metafit.train.loop import _compiled_chunk
+
+    cfg = TrainConfig(steps=10, lr=0.05, steps_per_dispatch=5, log_every=5)
+    fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+    compiled = _compiled_chunk(squared_loss, None, cfg, None, None)
+    size = compiled._cache_size()
+    for seed in (1, 2):  # new keys and new initial values, same shapes: no new compilation
+        fit(squared_loss, {"w": jnp.full(3, 0.1 * seed), "frozen": jnp.ones(2)}, batch_at, cfg,
+            key=jax.random.key(seed), progress=False)
+    assert compiled._cache_size() == size == 1
