@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from metafit.data.batching import epoch_batches
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models.mlp import MLP
 from metafit.parallel import make_mesh
@@ -51,19 +52,6 @@ def digits_split(seed: int, test_fraction: float) -> tuple[tuple[np.ndarray, np.
     return (x[train], y[train]), (x[test], y[test])
 
 
-def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-    """``batch_at(step)``: shuffled mini-batches, reshuffled each epoch, a pure function of the step."""
-    per_epoch = len(x) // batch_size
-
-    def batch_at(step: int):
-        epoch, index = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(x))
-        rows = order[index * batch_size:(index + 1) * batch_size]
-        return x[rows], y[rows]
-
-    return batch_at
-
-
 def classification_loss(graphdef: nnx.GraphDef):
     """Cross-entropy loss of the NNX model ``graphdef`` over a params state."""
 
@@ -91,7 +79,7 @@ def quickstart(cfg: RunConfig, run: RunDir) -> dict:
         return {"test_loss": loss, "test_accuracy": metrics["accuracy"]}
 
     result = fit(
-        loss_fn, params, epoch_batches(x_train, y_train, cfg.train.batch_size, cfg.seed), cfg.train,
+        loss_fn, params, epoch_batches((x_train, y_train), cfg.train.batch_size, cfg.seed), cfg.train,
         key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir("train"), eval_fn=eval_fn,
         mesh=make_mesh(cfg.mesh), log=run.metrics,
     )

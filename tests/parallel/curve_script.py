@@ -16,7 +16,8 @@ if len(sys.argv) > 4:
 
 from flax import nnx  # noqa: E402
 
-from metafit.experiments.quickstart import classification_loss, digits_split, epoch_batches  # noqa: E402
+from metafit.data.batching import epoch_batches  # noqa: E402
+from metafit.experiments.quickstart import classification_loss, digits_split  # noqa: E402
 from metafit.models.mlp import MLP  # noqa: E402
 from metafit.parallel import MeshConfig, make_mesh  # noqa: E402
 from metafit.train import TrainConfig, fit  # noqa: E402
@@ -27,7 +28,7 @@ mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
 (x, y), _ = digits_split(0, 0.25)
 graphdef, params = nnx.split(MLP(64, (32,), 10, rngs=nnx.Rngs(0)))
 cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, log_every=5, steps_per_dispatch=5)
-result = fit(classification_loss(graphdef), params, epoch_batches(x, y, 64, 0), cfg, key=jax.random.key(0),
+result = fit(classification_loss(graphdef), params, epoch_batches((x, y), 64, 0), cfg, key=jax.random.key(0),
              mesh=mesh, progress=False)
 if jax.process_index() == 0:
     json.dump({"devices": jax.device_count(), "mesh": dict(mesh.shape),
