@@ -108,8 +108,8 @@ def _show(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from metafit.merge.recipe import run_recipe
 
-    out = run_recipe(args.recipe, args.out)
-    print(f"merged model written to {out}")
+    summary = run_recipe(args.recipe, args.out)
+    print(f"{summary['method']}: merged {summary['tensors']} tensors in {summary['seconds']:.1f}s -> {summary['out_dir']}")
     return 0
 
 
