@@ -41,7 +41,20 @@ NNX path                                        HF tensor
 ``r"self_attn\\.(q|v)_proj"``; the module path joined by dots is the HF module name that HF
 PEFT's ``target_modules`` and ``adapter_model.safetensors`` keys use. Norms use HF names
 (``weight``, ``bias``). Lists of layers are ``nnx.List`` (path element = layer index).
-Parameters of type ``nnx.LoRAParam`` are never written by :func:`save` (merge them first).
+Parameters of type ``nnx.LoRAParam`` are never written by :func:`save` (merge them first), and
+``base_layer`` path components (PEFT wrappers) are dropped from HF names.
+
+Conventions
+-----------
+* Every attention module (``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``) has a
+  ``kv_prefix`` hook (None by default; :mod:`metafit.peft.prefix` sets it) called after RoPE and
+  the KV-cache write, and integer ``heads``/``kv_heads``/``head_dim`` attributes.
+* A plain forward uses slot indices as positions (transformers' default); :func:`generate`
+  uses ``cumsum(mask) - 1`` so left padding does not shift positions.
+* Decoder classification heads pool the last token with ``attention_mask == 1`` when a mask is
+  given (transformers pools the last token ``!= pad_token_id``; the two agree whenever padding
+  uses the pad id).
+* Models have no dropout: they are deterministic functions of their inputs.
 """
 from . import bert, gpt2, llama  # noqa: F401  (registers the families)
 from .base import MODELS, DecoderOutput, EncoderOutput, Family, family_of

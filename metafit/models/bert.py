@@ -72,10 +72,13 @@ class BertSelfAttention(nnx.Module):
         h = cfg.hidden_size
         self.query, self.key, self.value = (_linear(cfg, h, h, rngs) for _ in range(3))
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.kv_prefix = None  # prefix-tuning hook (metafit.peft.prefix), duck-typed
 
     def __call__(self, x, allowed, *, bias=None, return_probs=False):
         b, s, _ = x.shape
         q, k, v = (proj(x).reshape(b, s, self.heads, self.head_dim) for proj in (self.query, self.key, self.value))
+        if self.kv_prefix is not None:
+            k, v, allowed, bias = self.kv_prefix(k, v, allowed, bias)
         out, probs = L.attend(q, k, v, allowed, scale=self.head_dim**-0.5, attention_bias=bias, return_probs=return_probs)
         return out.reshape(b, s, -1), probs
 

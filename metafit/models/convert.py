@@ -47,7 +47,8 @@ def _owner(model, path) -> nnx.Module:
 
 def hf_name(path: tuple) -> str:
     """HF tensor name of the parameter at NNX ``path`` (e.g. ``('lm_head', 'kernel')``)."""
-    *owner, leaf = (str(p) for p in path)
+    # PEFT wrappers keep the wrapped layer as ``.base_layer`` (HF PEFT's name); HF base names lack it.
+    *owner, leaf = (str(p) for p in path if p != "base_layer")
     return ".".join(owner + [_LEAF_NAMES.get(leaf, leaf)])
 
 

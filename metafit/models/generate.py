@@ -46,7 +46,8 @@ def filter_logits(logits: Array, *, top_k: int | None = None, top_p: Array | flo
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        keep = (mass_before < top_p) | (jnp.arange(ordered.shape[-1]) == 0)
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 

@@ -7,8 +7,10 @@ interleaved one; :func:`unpermute_rotary` undoes it so the weights match HF exac
 """
 from __future__ import annotations
 
+import mmap
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,32 +69,22 @@ class GGUFCheckpoint:
     """A GGUF file seen as an HF checkpoint: ``config``, ``names``, ``get_tensor(hf_name)``."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
-        self._reader = gguf.GGUFReader(str(self.path))
-        self.fields: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            self.fields[key] = field.contents()
+        self.fields, infos = read_gguf(self.path)
         self.architecture = self.fields.get("general.architecture")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"GGUF architecture '{self.architecture}' in {self.path} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        self._tensors = {}
-        for tensor in self._reader.tensors:
-            name = hf_tensor_name(tensor.name)
-            if name is None and tensor.name == "rope_freqs.weight":
-                raise ValueError(
-                    f"{self.path} stores per-frequency RoPE factors (rope_freqs.weight), which HF configs "
-                    "express as llama3 rope scaling; metafit cannot map them back yet"
-                )
-            if name is not None:
-                self._tensors[name] = tensor
+        if "rope_freqs.weight" in infos:
+            raise ValueError(
+                f"{self.path} stores per-frequency RoPE factors (rope_freqs.weight); metafit cannot map them "
+                "to an HF rope config yet"
+            )
+        self._tensors = {hf_tensor_name(n): info for n, info in infos.items() if hf_tensor_name(n) is not None}
         self.names = set(self._tensors)
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.config = self._hf_config()
 
     def _get(self, key: str, default=None):
@@ -104,7 +96,7 @@ class GGUFCheckpoint:
         hidden = int(self._get("embedding_length"))
         heads = int(self._get("attention.head_count"))
         kv_heads = int(self._get("attention.head_count_kv", heads))
-        vocab = int(self._tensors["model.embed_tokens.weight"].shape[-1])
+        vocab = int(self._tensors["model.embed_tokens.weight"].shape[0])
         rope = {"rope_type": "default", "rope_theta": float(self._get("rope.freq_base", 10000.0))}
         scaling = self._get("rope.scaling.type")
         if scaling not in (None, "none"):
@@ -136,12 +128,15 @@ class GGUFCheckpoint:
         return transformers.LlamaConfig(attention_bias=has_bias, **kwargs)
 
     def get_tensor(self, name: str) -> np.ndarray:
+        """The tensor's values as float32 in HF layout (dequantised, RoPE rows un-permuted)."""
         import gguf
 
-        tensor = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGML lists dims fastest-first
-        data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        data = data.reshape(shape)
+        info = self._tensors[name]
+        qtype = gguf.GGMLQuantizationType(info.qtype)
+        byte_shape = gguf.quant_shape_to_byte_shape(info.shape, qtype)
+        # A plain ndarray view: numpy memmap subclasses pay a finalize hook on every slice.
+        raw = np.asarray(self._data[info.offset: info.offset + int(np.prod(byte_shape))]).reshape(byte_shape)
+        data = np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(info.shape)
         if self.architecture == "llama":
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
                 data = unpermute_rotary(data, self.config.num_attention_heads)
@@ -246,3 +241,66 @@ _BYTE_LEVEL_SPLITS = {
     "qwen2": _QWEN2_SPLIT,
 }
 _IGNORE_MERGES = {"llama-bpe", "llama3"}
+
+
+# --------------------------------------------------------------------------------------------
+# a lean GGUF reader: gguf.GGUFReader builds a numpy view per vocabulary string (seconds for a
+# 49k vocabulary); parsing the header with struct takes milliseconds. Dequantisation stays with
+# the gguf package.
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFTensorInfo(NamedTuple):
+    qtype: int
+    shape: tuple[int, ...]  # numpy order (GGML lists dims fastest-first; reversed here)
+    offset: int  # absolute byte offset in the file
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    """Metadata and tensor table of a GGUF (v2/v3) file, without reading tensor data."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value[0]
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8", errors="replace")
+
+    def value(kind):
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            elem, count = take("<I"), take("<Q")
+            return [value(elem) for _ in range(count)]
+        return take(_SCALARS[kind])
+
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (magic {buf[:4]!r})")
+    pos = 4
+    version = take("<I")
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is too old (need 2 or 3)")
+    n_tensors, n_fields = take("<Q"), take("<Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = string()
+        fields[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        infos.append((name, take("<I"), tuple(reversed(dims)), take("<Q")))
+    alignment = int(fields.get("general.alignment", 32))
+    data_start = (pos + alignment - 1) // alignment * alignment
+    tensors = {name: GGUFTensorInfo(qtype, shape, data_start + offset) for name, qtype, shape, offset in infos}
+    return fields, tensors

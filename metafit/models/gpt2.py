@@ -49,6 +49,7 @@ class GPT2Attention(nnx.Module):
         self.c_attn = L.linear(h, 3 * h, bias=True, dtype=dt, rngs=rngs, cls=L.Conv1D)
         self.c_proj = L.linear(h, h, bias=True, dtype=dt, rngs=rngs, cls=L.Conv1D)
         self.heads, self.head_dim = cfg.n_head, cfg.head_dim
+        self.kv_prefix = None  # prefix-tuning hook (metafit.peft.prefix), duck-typed
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
@@ -58,8 +59,11 @@ class GPT2Attention(nnx.Module):
         if cache_kv is not None:
             k = L.update_cache(cache_kv[0], k, cache_index)
             v = L.update_cache(cache_kv[1], v, cache_index)
+        cached = (k, v)  # the cache holds the model's own keys, never the prefix
+        if self.kv_prefix is not None:
+            k, v, allowed, bias = self.kv_prefix(k, v, allowed, bias)
         out, probs = L.attend(q, k, v, allowed, scale=self.scale, attention_bias=bias, return_probs=return_probs)
-        return self.c_proj(out.reshape(b, s, -1)), probs, (k, v)
+        return self.c_proj(out.reshape(b, s, -1)), probs, cached
 
 
 class GPT2MLP(nnx.Module):

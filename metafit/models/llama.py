@@ -66,6 +66,7 @@ class LlamaAttention(nnx.Module):
         self.v_proj = L.linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
         self.o_proj = L.linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias, dtype=dt, rngs=rngs)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.kv_prefix = None  # prefix-tuning hook (metafit.peft.prefix), duck-typed
 
     def __call__(self, x, cos, sin, allowed, *, cache_kv=None, cache_index=0, bias=None, return_probs=False):
         b, s, _ = x.shape
@@ -75,10 +76,13 @@ class LlamaAttention(nnx.Module):
         if cache_kv is not None:
             k = L.update_cache(cache_kv[0], k, cache_index)
             v = L.update_cache(cache_kv[1], v, cache_index)
+        cached = (k, v)  # the cache holds the model's own keys, never the prefix
+        if self.kv_prefix is not None:
+            k, v, allowed, bias = self.kv_prefix(k, v, allowed, bias)
         out, probs = L.attend(
             q, k, v, allowed, scale=self.head_dim**-0.5, attention_bias=bias, return_probs=return_probs
         )
-        return self.o_proj(out.reshape(b, s, -1)), probs, (k, v)
+        return self.o_proj(out.reshape(b, s, -1)), probs, cached
 
 
 class LlamaMLP(nnx.Module):

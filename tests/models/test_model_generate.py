@@ -1,0 +1,115 @@
+"""KV-cache generation: greedy parity with transformers, cache = recompute, sampling filters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metafit.models as mm
+from metafit.models.generate import _generate
+from models_tiny import build, gpt2_config, llama_config, save, torch
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name, cls, config in (("llama", "LlamaForCausalLM", llama_config()), ("gpt2", "GPT2LMHeadModel", gpt2_config())):
+        reference = build(cls, config)
+        out[name] = reference, mm.load(save(reference, tmp_path_factory.mktemp(name)))[0]
+    return out
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def pair(request, models):
+    return models[request.param]
+
+
+@pytest.fixture
+def llama(models):
+    return models["llama"]
+
+
+def _prompts():
+    rng = np.random.RandomState(3)
+    ids = rng.randint(3, 97, (2, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    return np.where(mask == 1, ids, 0), mask
+
+
+def _hf_greedy(reference, ids, mask, stop):
+    with torch.no_grad():
+        out = reference.generate(
+            torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            max_new_tokens=NEW, do_sample=False, eos_token_id=stop, pad_token_id=0,
+        )
+    return out.numpy()
+
+
+def test_greedy_equals_transformers_generate(pair):
+    reference, model = pair
+    ids, mask = _prompts()
+    want = _hf_greedy(reference, ids, mask, stop=None)
+    got = np.asarray(mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), pad_token_id=0))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_stop_token_pads_the_rest_like_transformers(pair):
+    reference, model = pair
+    ids, mask = _prompts()
+    free = _hf_greedy(reference, ids, mask, stop=None)
+    stop = int(free[0, ids.shape[1] + 2])  # row 0 emits this third
+    want = _hf_greedy(reference, ids, mask, stop=stop)
+    got = np.asarray(mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(stop,), pad_token_id=0))
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    assert (got[0, ids.shape[1] + 3:] == 0).all()
+
+
+def test_kv_cache_equals_full_recompute_and_right_padding_is_left_aligned(llama):
+    _, model = llama
+    ids, mask = _prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), temperature=0.9, top_k=20, top_p=0.9,
+                  key=jax.random.key(7))
+    cached = np.asarray(mm.generate(model, ids, **kwargs))
+    recomputed = np.asarray(mm.generate(model, ids, use_cache=False, **kwargs))
+    np.testing.assert_array_equal(cached, recomputed)
+    # the same prompts right-padded: rows are left-aligned first, so the output is identical
+    right_ids = np.stack([ids[0], np.concatenate([ids[1, 2:], [0, 0]])])
+    right_mask = np.stack([mask[0], np.concatenate([mask[1, 2:], [0, 0]])])
+    np.testing.assert_array_equal(np.asarray(mm.generate(model, right_ids, **{**kwargs, "attention_mask": right_mask})),
+                                  cached)
+
+
+def test_generation_compiles_once_per_shape(llama):
+    _, model = llama
+    ids, mask = _prompts()
+    mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), pad_token_id=0)
+    before = _generate._cache_size()
+    mm.generate(model, ids[::-1] + 1, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(5,), pad_token_id=3)
+    assert _generate._cache_size() == before  # new values, same shapes and settings: no recompilation
+
+
+def test_sampling_with_top_k_1_is_greedy(llama):
+    _, model = llama
+    ids, mask = _prompts()
+    greedy = mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=())
+    sampled = mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), temperature=1.3,
+                          top_k=1, key=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(sampled), np.asarray(greedy))
+
+
+def test_filter_logits_closed_forms():
+    logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
+    kept = lambda out: np.isfinite(np.asarray(out))[0].tolist()  # noqa: E731
+    assert kept(mm.filter_logits(logits, top_k=2)) == [False, True, False, True]
+    # nucleus: smallest set of the sorted probabilities reaching top_p (0.5 + 0.3 >= 0.7)
+    assert kept(mm.filter_logits(logits, top_p=0.7)) == [False, True, False, True]
+    assert kept(mm.filter_logits(logits, top_p=0.81)) == [False, True, True, True]
+    assert kept(mm.filter_logits(logits, top_p=0.0)) == [False, True, False, False]
+
+
+def test_sampling_needs_a_key(llama):
+    _, model = llama
+    with pytest.raises(ValueError, match="key"):
+        mm.generate(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=0.5)

