@@ -5,7 +5,7 @@ import argparse
 
 from flax import nnx
 
-from metafit.peft.config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig
+from metafit.peft.config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
 from metafit.peft.memory import memory_report
 
 
@@ -29,14 +29,16 @@ def main(argv=None) -> None:
         "adapter houlsby m=16": AdapterConfig(bottleneck=16),
         "ia3 k,v,down": IA3Config(),
         "bitfit (+missing bias)": BitFitConfig(add_missing_bias=True),
+        "prefix P=10": PrefixConfig(num_prefix=10),
     }
-    print("SmolLM2-135M architecture, optax.adamw, float32")
-    print(f"{'method':28s} {'trainable':>12s} {'opt state':>12s} {'full-FT opt state':>18s} {'ratio':>8s}")
+    print("SmolLM2-135M architecture, optax.adamw, float32 (shapes only: nnx.eval_shape / jax.eval_shape)")
+    print(f"{'method':24s} {'trainable':>10s} {'opt state':>12s} {'full-FT opt state':>18s} {'ratio':>7s}")
     for name, cfg in configs.items():
         r = memory_report(_smollm2_135m, cfg)
-        print(f"{name:28s} {r['adapter_params']:12,d} {r['peft_opt_state_bytes'] / 2**20:10.2f}MB "
-              f"{r['full_ft_opt_state_bytes'] / 2**20:16.1f}MB "
-              f"{r['peft_opt_state_bytes'] / r['full_ft_opt_state_bytes']:8.2%}")
+        print(f"{name:24s} {r['adapter_params']:10,d} {r['peft_opt_state_bytes'] / 2**20:8.2f} MiB "
+              f"{r['full_ft_opt_state_bytes'] / 2**20:14.1f} MiB "
+              f"{r['peft_opt_state_bytes'] / r['full_ft_opt_state_bytes']:7.2%}")
+    print(f"base parameters: {r['base_params']:,d}")
 
 
 if __name__ == "__main__":

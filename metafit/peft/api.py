@@ -1,6 +1,6 @@
 """Applying PEFT methods to NNX models, selecting what trains, merging back.
 
-:func:`apply` edits the model **in place** (like ``nnx.Optimizer`` binding or HF's
+:func:`apply` edits the model **in place** (as HF PEFT's
 ``get_peft_model``): each targeted submodule is replaced by a wrapper that keeps the original
 as ``base_layer``. It returns the same model for chaining; ``nnx.clone(model)`` first keeps an
 unwrapped copy. Several methods stack by calling :func:`apply` repeatedly.

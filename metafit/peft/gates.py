@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import peft_modules, path_str
+from metafit.peft.core import Gate, peft_modules, path_str
 
 
 def gated_paths(model: nnx.Module) -> list[str]:
@@ -62,7 +62,7 @@ def set_gates(model: nnx.Module, gates) -> None:
         for name, gate in gates.items():
             if name not in by_path:
                 raise KeyError(f"no gated PEFT module at '{name}'; gated paths: {', '.join(by_path)}")
-            by_path[name].gate.set_value(jnp.asarray(gate, jnp.float32))
+            _replace_gate(by_path[name], gate)
         return
     gates = jnp.asarray(gates, jnp.float32)
     if gates.ndim == 0:
@@ -73,7 +73,14 @@ def set_gates(model: nnx.Module, gates) -> None:
             "(metafit.peft.count_gated_modules); pass [num_gated, ...] or [1, ...] to share one gate"
         )
     for i, (_, module) in enumerate(modules):
-        module.gate.set_value(gates[i if gates.shape[0] > 1 else 0])
+        _replace_gate(module, gates[i if gates.shape[0] > 1 else 0])
+
+
+def _replace_gate(module, gate) -> None:
+    # A fresh Gate rather than gate.set_value(): nnx.merge may reuse the Variable objects of a state
+    # that a traced function closes over (created outside the trace, so not mutable inside it),
+    # and mutating them would also leak the gates back into that state.
+    module.gate = Gate(jnp.asarray(gate, jnp.float32))
 
 
 def get_gates(model: nnx.Module) -> dict[str, jax.Array]:

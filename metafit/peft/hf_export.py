@@ -46,6 +46,11 @@ def _check_gate(name: str, module: PeftModule) -> None:
                          "metafit.peft.reset_gates(model) before exporting")
 
 
+def _fan_in_fan_out(wrapper) -> bool:
+    # GPT-2's Conv1D stores its torch weight [in, out]; HF PEFT then needs fan_in_fan_out=True.
+    return any(cls.__name__ == "Conv1D" for cls in type(wrapper.base_layer).__mro__)
+
+
 def _lora_entries(modules, name_of):
     tensors, ranks, alphas = {}, {}, {}
     for path, m in modules:
@@ -58,8 +63,9 @@ def _lora_entries(modules, name_of):
             tensors[f"{key}.lora_magnitude_vector"] = _numpy(m.lora_magnitude_vector)
         ranks[name], alphas[name] = m.rank, m.alpha
     first = modules[0][1]
-    if len({(m.use_dora, m.use_rslora, m.dropout_rate) for _, m in modules}) != 1:
-        raise ValueError("HF PEFT needs one use_dora/use_rslora/dropout setting per adapter; export them separately")
+    if len({(m.use_dora, m.use_rslora, m.dropout_rate, _fan_in_fan_out(m)) for _, m in modules}) != 1:
+        raise ValueError("HF PEFT needs one use_dora/use_rslora/dropout/layer-kind setting per adapter "
+                         "(e.g. GPT-2 Conv1D and nn.Linear targets mixed); export them separately")
     rank = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -73,7 +79,7 @@ def _lora_entries(modules, name_of):
         "use_rslora": first.use_rslora,
         "target_modules": sorted(ranks),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _fan_in_fan_out(first),
         "init_lora_weights": True,
         "modules_to_save": None,
     }
@@ -86,6 +92,7 @@ def _ia3_entries(modules, name_of):
         name = name_of(path_str(path))
         _check_gate(name, m)
         scale = _numpy(m.ia3_l)
+        # torch shapes: [1, in] rescales a feed-forward input, [out, 1] an output (also for Conv1D)
         tensors[f"base_model.model.{name}.ia3_l"] = scale[None, :] if m.feedforward else scale[:, None]
         if m.feedforward:
             feedforward.append(name)
@@ -93,7 +100,7 @@ def _ia3_entries(modules, name_of):
         "peft_type": "IA3",
         "target_modules": sorted(name_of(path_str(p)) for p, _ in modules),
         "feedforward_modules": sorted(feedforward),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _fan_in_fan_out(modules[0][1]),
         "init_ia3_weights": True,
         "modules_to_save": None,
     }

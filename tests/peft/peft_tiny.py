@@ -3,8 +3,11 @@
 ``TinyModel`` mirrors a decoder block (``layers.i.self_attn.{q,k,v,o}_proj``, ``layers.i.mlp.{up,down}_proj``,
 a LayerNorm with bias) and its attention carries the ``kv_prefix`` hook of metafit.peft.prefix.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import metafit.peft as peft
@@ -85,20 +88,61 @@ METHODS = {
 }
 
 
+def _host_normal(seed, shape, scale):
+    # Host-side random numbers: eager jax.random would compile one XLA program per shape.
+    return jnp.asarray(np.random.default_rng(seed).normal(0.0, scale, shape), jnp.float32)
+
+
+def random_model(build, seed=0, scale=0.3):
+    """``build(rngs)`` made abstractly, then filled with host N(0, scale^2) values (no XLA compiles)."""
+    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    values = [_host_normal(seed * 1000 + i, x.shape, scale) for i, x in enumerate(leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, values))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _built(seed):
+    return random_model(lambda rngs: TinyModel(rngs=rngs), seed)
+
+
 def make_model(seed=0):
-    return TinyModel(rngs=nnx.Rngs(seed))
+    """A fresh copy of the tiny model with random N(0, 0.3^2) weights (norm scales and biases too)."""
+    return nnx.clone(_built(seed))
 
 
 def make_input(seed=1, batch=3, seq=5):
-    return jax.random.normal(jax.random.key(seed), (batch, seq, DIM))
+    return _host_normal(seed, (batch, seq, DIM), 1.0)
 
 
 def perturb_adapters(model, seed=2, scale=0.3):
     """Moves every adapter weight away from its (often identity) init, so tests are not vacuous."""
     state = nnx.state(model, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    noisy = [x + _host_normal(seed * 1000 + i, x.shape, scale) for i, x in enumerate(leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, noisy))
     return model
 
+
+def all_methods_model():
+    """Every PEFT method at once, on disjoint targets (so one compile covers them all), perturbed."""
+    model = make_model()
+    rngs = nnx.Rngs(1)
+    peft.apply(model, peft.LoraConfig(rank=2, targets=("q_proj",)), rngs=rngs)
+    peft.apply(model, peft.LoraConfig(rank=2, targets=("up_proj",), use_dora=True), rngs=rngs)
+    peft.apply(model, peft.IA3Config(targets=("k_proj", "v_proj"), feedforward=("v_proj",)), rngs=rngs)
+    peft.apply(model, peft.AdapterConfig(bottleneck=3), rngs=rngs)  # o_proj, down_proj
+    peft.apply(model, peft.BitFitConfig(target_types=("LayerNorm",)), rngs=rngs)
+    peft.apply(model, peft.PrefixConfig(num_prefix=2), rngs=rngs)
+    return perturb_adapters(model)
+
+def forward(model, x):
+    """``model(x)`` through one cached jit per model structure (eager NNX compiles every op separately)."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
