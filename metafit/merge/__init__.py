@@ -26,3 +26,5 @@ from metafit.merge.methods import (
     task_vector,
     ties,
 )
+from metafit.merge.similarity import cka, cka_debiased
+from metafit.merge.fisher import diagonal_fisher

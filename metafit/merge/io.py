@@ -2,8 +2,8 @@
 
 The safetensors layout is: an 8-byte little-endian header length ``N``, ``N`` bytes of
 JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``),
-then the raw little-endian tensor bytes. Reading memory-maps the file and copies one
-tensor at a time; writing lays out the header from the known shapes first and then
+then the raw little-endian tensor bytes. Reading seeks to one tensor's bytes and reads
+just those (no memory map, so resident memory is what the merge holds); writing lays out the header from the known shapes first and then
 appends tensors as they are produced, so neither side ever holds a whole model.
 A folder is either one ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json`` (``weight_map``), as transformers writes them.
@@ -75,7 +75,6 @@ class SafetensorsFolder:
             header, start = read_header(file)
             for name, entry in header.items():
                 self._entries[name] = (file, entry, start)
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> list[str]:
         """Tensor names in file order (the order they are stored)."""
@@ -94,13 +93,12 @@ class SafetensorsFolder:
         return DTYPES[code]
 
     def read(self, name: str) -> np.ndarray:
-        """Copies one tensor into memory (pages of the mapping are released afterwards)."""
+        """Reads one tensor from disk into a fresh array (no mapping stays resident)."""
         file, entry, start = self._entries[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
-        raw = self._maps[file][start + begin:start + end]
-        return np.frombuffer(raw, dtype=self.dtype(name)).reshape(self.shape(name)).copy()
+        dtype = self.dtype(name)
+        array = np.fromfile(file, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        return array.reshape(self.shape(name))
 
 
 class SafetensorsWriter:

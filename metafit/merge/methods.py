@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -66,7 +65,7 @@ class MergeMethod:
 
     Attributes:
       name: registry name.
-      merge_tensor: ``(base [*s] | None, models [M, *s], params, key) -> [*s]``, float32.
+      merge_tensor: ``(base [*s] | None, [model [*s]] * M, params, key) -> [*s]``, float32.
       needs_base: the rule uses a base model (task vectors are ``θ_m − θ_base``).
       min_models / max_models: how many (non-base) models the rule accepts.
       per_model: ``(name, default)`` of hyperparameters given once per model.
@@ -111,24 +110,19 @@ def general_task_arithmetic(sparsify: str, elect: str, combine: str) -> Callable
     elect_fn, combine_fn = parts.ELECTIONS[elect], parts.COMBINERS[combine]
 
     def rule(base, models, params, key):
-        deltas = models - base[None]
+        deltas = [m - base for m in models]
         if sparsify == "magnitude":
-            deltas = jnp.stack([parts.sparsify_magnitude(d, k) for d, k in zip(deltas, params["k_keep"])])
+            deltas = [parts.sparsify_magnitude(d, k) for d, k in zip(deltas, params["k_keep"])]
         elif sparsify == "breadcrumbs":
-            deltas = jnp.stack([
-                parts.sparsify_breadcrumbs(d, k, top)
-                for d, k, top in zip(deltas, params["k_keep"], params["k_top"])
-            ])
+            deltas = [parts.sparsify_breadcrumbs(d, k, top)
+                      for d, k, top in zip(deltas, params["k_keep"], params["k_top"])]
         elif sparsify == "random":
-            keys = jax.random.split(key, deltas.shape[0])
-            deltas = jnp.stack([
-                parts.sparsify_random(d, p, k) for d, p, k in zip(deltas, params["drop_rate"], keys)
-            ])
+            keys = jax.random.split(key, len(deltas))
+            deltas = [parts.sparsify_random(d, p, k) for d, p, k in zip(deltas, params["drop_rate"], keys)]
         weights = params["weight"]
         agree = None
         if elect_fn is not None:
-            sign = elect_fn(parts._broadcast(weights, deltas) * deltas)
-            agree = parts.agreement(deltas, sign)
+            agree = parts.agreement(deltas, elect_fn([w * d for w, d in zip(weights, deltas)]))
         return base + params["scale"] * combine_fn(deltas, weights, agree)
 
     return rule
@@ -173,9 +167,9 @@ def _slerp_rule(base, models, params, key):
 
 
 def _model_stock_rule(base, models, params, key):
-    count = models.shape[0]
-    offsets = (models - base[None]).reshape(count, -1)
-    norms = jnp.linalg.norm(offsets, axis=1)
+    count = len(models)
+    offsets = [(m - base).reshape(-1) for m in models]
+    norms = [jnp.linalg.norm(o) for o in offsets]
     cosines = [
         jnp.clip(jnp.dot(offsets[i], offsets[j]) / jnp.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0)
         for i in range(count) for j in range(i + 1, count)
@@ -184,12 +178,12 @@ def _model_stock_rule(base, models, params, key):
     denominator = 1.0 + (count - 1) * cos
     # At the singularity (opposing updates) keep the base rather than amplify.
     ratio = jnp.where(jnp.abs(denominator) < 1e-6, 0.0, count * cos / jnp.where(jnp.abs(denominator) < 1e-6, 1.0, denominator))
-    return ratio * jnp.mean(models, axis=0) + (1.0 - ratio) * base
+    return ratio * (sum(models) / count) + (1.0 - ratio) * base
 
 
 def _fisher_rule(base, models, params, key):
-    weighted = parts._broadcast(params["weight"], models) * (params["fisher"] + params["fisher_floor"])
-    return jnp.sum(weighted * models, axis=0) / jnp.sum(weighted, axis=0)
+    weighted = [w * (f + params["fisher_floor"]) for w, f in zip(params["weight"], params["fisher"])]
+    return sum(w * m for w, m in zip(weighted, models)) / sum(weighted)
 
 
 _TA_SHARED = (("scale", 1.0),)
@@ -309,12 +303,12 @@ def merge_one(method: MergeMethod, base: Array | None, models: Sequence[Array], 
     reference = base if base is not None else models[0]
     if not jnp.issubdtype(reference.dtype, jnp.floating):
         return reference
-    stacked = jnp.stack([jnp.asarray(m, jnp.float32) for m in models])
+    models32 = [jnp.asarray(m, jnp.float32) for m in models]
     params = dict(params)
     for name, values in (tensors or {}).items():
-        params[name] = jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+        params[name] = [jnp.asarray(v, jnp.float32) for v in values]
     base32 = None if base is None else jnp.asarray(base, jnp.float32)
-    return method.merge_tensor(base32, stacked, params, key).astype(reference.dtype)
+    return method.merge_tensor(base32, models32, params, key).astype(reference.dtype)
 
 
 # ----------------------------------------------------------------------------- pytrees

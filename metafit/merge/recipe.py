@@ -36,7 +36,7 @@ Output folder: ``model.safetensors`` (streamed tensor by tensor, see
 
 Example:
     >>> from metafit.merge.recipe import run_recipe
-    >>> run_recipe("configs/merge/example_ties.yaml", "out/merged")
+    >>> run_recipe("my_merge.yaml", "out/merged")   # -> {"out_dir": "out/merged", "tensors": ..., ...}
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Streaming merges over safetensors folders: one tensor in memory at a time.
 
 For each tensor name (in the base's file order) the base and the models' tensors are
-read from memory maps, merged by the jitted per-tensor rule of the method (the same
+read from disk, merged by the jitted per-tensor rule of the method (the same
 :func:`metafit.merge.methods.merge_one` that pytree merges use, with the same
 per-tensor keys), and appended to the output file. Peak memory is about
 ``(M + 3) ×`` the largest tensor, whatever the model size. Dispatch is asynchronous:

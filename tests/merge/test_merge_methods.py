@@ -147,6 +147,14 @@ def test_fisher_merge_closed_form():
     np.testing.assert_allclose(merged["w"], [(1 + 9) / 4, 6.0], atol=1e-6)
 
 
+def test_diagonal_fisher_of_a_gaussian_linear_model_is_mean_x_squared():
+    # log p(y | x) = −(y − w·x)²/2 + c  ->  score = (y − w·x) x; with y = w·x + 1: F = mean x².
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((50, 3)), jnp.float32)
+    w = jnp.array([0.5, -1.0, 2.0])
+    fisher = mm.diagonal_fisher(lambda p, ex: -0.5 * (ex[1] - p @ ex[0]) ** 2, w, (x, x @ w + 1.0))
+    np.testing.assert_allclose(fisher, np.mean(np.asarray(x) ** 2, axis=0), rtol=1e-5)
+
+
 def test_task_vector_roundtrip_and_nnx_state():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     _, base = nnx.split(model, nnx.Param)

@@ -1,0 +1,102 @@
+"""Composing experts' MLPs: activation interpolation and learned routing (Pari et al. 2024).
+
+Experts fine-tuned from one base with **only MLP weights trained** share every other
+weight, so at each layer ``i`` they differ only in their MLP ``f_e^i``. With ``z`` the
+layer's (normalised) MLP input:
+
+* activation interpolation: ``y = α f_A^i(z) + (1 − α) f_B^i(z)`` at every layer
+  (weight interpolation instead averages the MLP *weights*: ``f^i_{αθ_A + (1−α)θ_B}``);
+* per-layer routing: a router ``r_i(z) = softmax(W_i z + b_i)`` over the E experts, keep the
+  top-k probabilities (renormalised), ``y = Σ_{e ∈ top-k} p_e f_e^i(z)``;
+* multi-layer routing with window n: the router at layer ``i`` chooses among the MLPs of
+  every expert at layers ``i .. i+n−1`` (shifted to stay inside the stack), E·n
+  candidates, top-k = 2n; ``n = 1`` is per-layer routing.
+
+Only the routers train (the experts are closed-over constants), through the one trainer.
+
+The forward pass is written for GPT-2 style blocks (``ln_1, attn, ln_2, mlp``; see
+:class:`metafit.models.gpt2.GPT2LMHeadModel`) with a pluggable MLP, and returns every
+block's residual stream (for CKA, :func:`metafit.merge.cka`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metafit.models import layers as L
+
+Array = jax.Array
+MlpFn = Callable[[int, Array], Array]  # (layer, normalised input) -> MLP output
+
+
+def forward(model, ids: Array, mlp_fn: MlpFn | None = None) -> tuple[Array, list[Array]]:
+    """Causal GPT-2 forward with the MLP of layer ``i`` replaced by ``mlp_fn(i, z)``.
+
+    Returns:
+      (logits ``[b, s, vocab]``, residual stream after each block ``[b, s, d]``).
+    """
+    t = model.transformer
+    slots = jnp.arange(ids.shape[1])
+    x = t.wte(ids) + t.wpe(jnp.broadcast_to(slots, ids.shape))
+    allowed = L.attention_allowed(None, slots, slots, causal=True)
+    hiddens = []
+    for i, block in enumerate(t.h):
+        attended, _, _ = block.attn(block.ln_1(x), allowed)
+        x = x + attended
+        z = block.ln_2(x)
+        x = x + (block.mlp(z) if mlp_fn is None else mlp_fn(i, z))
+        hiddens.append(x)
+    return model.logits(t.ln_f(x)), hiddens
+
+
+def expert_mlps(experts: Sequence[Any]) -> list[list[Any]]:
+    """``[layer][expert]`` MLP modules of GPT-2 experts (the rest of each expert is unused)."""
+    return [[e.transformer.h[i].mlp for e in experts] for i in range(len(experts[0].transformer.h))]
+
+
+def interpolate_activations(mlps: list[list[Any]], alpha: float | Array) -> MlpFn:
+    """``α f_A^i(z) + (1 − α) f_B^i(z)`` for two experts."""
+    return lambda i, z: alpha * mlps[i][0](z) + (1.0 - alpha) * mlps[i][1](z)
+
+
+def window(layer: int, n: int, num_layers: int) -> list[int]:
+    """Layers ``i .. i+n−1`` a multi-layer router may use, shifted to stay inside the stack."""
+    start = max(0, min(layer, num_layers - n))
+    return list(range(start, start + n))
+
+
+def top_k_gates(logits: Array, k: int) -> Array:
+    """Softmax over the top-k logits (others get weight 0), along the last axis."""
+    if k >= logits.shape[-1]:
+        return jax.nn.softmax(logits, axis=-1)
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jax.nn.softmax(jnp.where(logits >= kth, logits, -jnp.inf), axis=-1)
+
+
+class Routers(nnx.Module):
+    """One linear router per layer over ``num_candidates`` MLPs (E experts × n layers)."""
+
+    def __init__(self, num_layers: int, features: int, num_candidates: int, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([
+            nnx.Linear(features, num_candidates, kernel_init=nnx.initializers.zeros, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+
+
+def routed(routers: Routers, mlps: list[list[Any]], n: int, k: int) -> MlpFn:
+    """The MLP function of multi-layer routing with window ``n`` and top-``k`` gates.
+
+    Zero-initialised routers start as the uniform average of the candidates.
+    """
+    num_layers = len(mlps)
+
+    def mlp_fn(i, z):
+        candidates = [mlp for j in window(i, n, num_layers) for mlp in mlps[j]]
+        gates = top_k_gates(routers.layers[i](z), k)
+        outputs = jnp.stack([mlp(z) for mlp in candidates], axis=-1)  # [b, s, d, C]
+        return jnp.einsum("bsdc,bsc->bsd", outputs, gates)
+
+    return mlp_fn

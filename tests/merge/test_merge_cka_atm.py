@@ -1,0 +1,75 @@
+"""CKA invariances and reference values; ATM's task-vector / multi-task-gradient identity."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metafit.merge import atm as atm_lib
+from metafit.merge import cka, task_arithmetic, task_vector
+from metafit.merge import cka_debiased
+from metafit.train import TrainConfig
+
+
+def numpy_cka(x, y):
+    """CKA from its definition: HSIC via centred Gram matrices tr(KHLH)."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)
+    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def numpy_debiased_cka(x, y):
+    n = x.shape[0]
+
+    def hsic_u(k, l):
+        k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+        ones = np.ones(n)
+        return (np.trace(k @ l) + ones @ k @ ones * (ones @ l @ ones) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * ones @ k @ l @ ones) / (n * (n - 3))
+
+    k, l = x @ x.T, y @ y.T
+    return hsic_u(k, l) / np.sqrt(hsic_u(k, k) * hsic_u(l, l))
+
+
+def test_cka_self_invariances_and_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12))
+    y = x @ rng.standard_normal((12, 7)) + 0.5 * rng.standard_normal((40, 7))
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    for fn, ref in [(cka, numpy_cka), (cka_debiased, numpy_debiased_cka)]:
+        np.testing.assert_allclose(fn(x, x), 1.0, atol=1e-5)
+        base = float(fn(x, y))
+        np.testing.assert_allclose(fn(x @ q, y), base, atol=1e-5)  # orthogonal transform
+        np.testing.assert_allclose(fn(3.7 * x, y), base, atol=1e-5)  # isotropic scaling
+        np.testing.assert_allclose(base, ref(x, y), atol=1e-5)
+    assert float(cka(x, rng.standard_normal((40, 7)))) < base
+
+
+def test_atm_identity_sum_of_task_vectors_is_minus_lr_times_multitask_gradient():
+    """One epoch of full-batch GD per task: Σ_t τ_t = −η ∇_θ Σ_t L_t(θ)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32), "b": jnp.zeros(3, jnp.float32)}
+    tasks = [(rng.standard_normal((16, 5)).astype(np.float32), rng.standard_normal((16, 3)).astype(np.float32))
+             for _ in range(3)]
+
+    def loss_fn(p, batch, key):
+        x, y = batch
+        return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2), {}
+
+    lr = 0.05
+    specs = [atm_lib.FinetuneSpec(loss_fn, atm_lib.full_batch(t), steps=1) for t in tasks]
+    finetune = atm_lib.fit_finetune(specs, TrainConfig(steps=1, batch_size=16, lr=lr, optimizer="sgd"))
+    finetuned = atm_lib.one_shot(params, finetune, len(tasks), key=jax.random.key(0))
+    total = jax.tree.map(lambda *v: sum(v), *[task_vector(params, f) for f in finetuned])
+    grad = jax.grad(lambda p: sum(loss_fn(p, t, None)[0] for t in tasks))(params)
+    jax.tree.map(lambda s, g: np.testing.assert_allclose(s, -lr * g, atol=1e-6), total, grad)
+    # So one ATM round with sum aggregation is one multi-task GD step.
+    result = atm_lib.atm(params, finetune, len(tasks), 1, key=jax.random.key(0),
+                         aggregate=lambda b, fts: task_arithmetic(b, fts, 1.0))
+    jax.tree.map(lambda a, p, g: np.testing.assert_allclose(a, p - lr * g, atol=1e-6), result.params, params, grad)
+
+
+def test_tune_scale_picks_the_best_validation_score():
+    scale, merged, scores = atm_lib.tune_scale(lambda s: {"w": jnp.array(s)}, [0.1, 0.5, 0.9],
+                                               lambda p: -abs(float(p["w"]) - 0.5))
+    assert scale == 0.5 and float(merged["w"]) == 0.5 and len(scores) == 3

@@ -1,0 +1,72 @@
+"""Routing closed forms and smoke runs of the merge experiments with tiny overrides."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from metafit.merge import routing
+from metafit.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "merge"
+
+
+def tiny_gpt(seed):
+    cfg = GPT2Config(vocab_size=17, n_embd=16, n_layer=3, n_head=2, n_positions=11)
+    return GPT2LMHeadModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_forward_matches_the_model_and_routing_closed_forms():
+    a, b = tiny_gpt(0), tiny_gpt(1)
+    ids = jnp.arange(22).reshape(2, 11) % 17
+    mlps = routing.expert_mlps([a, b])
+    routers = routing.Routers(3, 16, 2, rngs=nnx.Rngs(0))
+
+    @jax.jit  # one compiled program instead of hundreds of eager dispatches
+    def outputs():
+        logits, hiddens = routing.forward(a, ids)
+        return (logits, a(ids), hiddens, routing.forward(a, ids, routing.interpolate_activations(mlps, 1.0))[0],
+                routing.forward(a, ids, routing.routed(routers, mlps, 1, 2))[0],
+                routing.forward(a, ids, routing.interpolate_activations(mlps, 0.5))[0])
+
+    logits, direct, hiddens, alpha_one, uniform_routing, half = outputs()
+    np.testing.assert_allclose(logits, direct, atol=1e-5)
+    assert len(hiddens) == 3 and hiddens[0].shape == (2, 11, 16)
+    # alpha = 1 uses expert A's MLPs only: the model A itself.
+    np.testing.assert_allclose(alpha_one, logits, atol=1e-5)
+    # Zero-initialised routers with top-k = all give the uniform mixture = interpolation at 1/2.
+    np.testing.assert_allclose(uniform_routing, half, atol=1e-5)
+
+
+def test_windows_and_top_k_gates():
+    assert routing.window(0, 2, 4) == [0, 1] and routing.window(3, 2, 4) == [2, 3] and routing.window(1, 4, 4) == [0, 1, 2, 3]
+    gates = routing.top_k_gates(jnp.array([1.0, 3.0, 2.0, 0.0]), 2)
+    np.testing.assert_allclose(gates, [0, np.e / (np.e + 1), 1 / (np.e + 1), 0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_atm_experiment_smoke(tmp_path):
+    from metafit.experiments import run_experiment
+
+    overrides = ["args.num_tasks=2", "args.budgets=[1]", "args.hidden=[8]", "args.pretrain_epochs=1",
+                 "args.ph_rounds=1", "args.scales=[0.5,1.0]", "args.atm_sum=false", "train.batch_size=250"]
+    _, results = run_experiment(CONFIGS / "atm_digits.yaml", overrides, workdir=tmp_path / "atm")
+    rows = results["methods"]
+    assert rows["PA-ATM"]["K=1"] == pytest.approx(rows["TA (1/T)"]["K=1"])  # ATM = TA at K = 1
+    assert all(0 <= v <= 100 for row in rows.values() for v in row.values())
+
+
+@pytest.mark.slow
+def test_compatible_experiment_smoke(tmp_path):
+    from metafit.experiments import run_experiment
+
+    overrides = ["args.n_embd=16", "args.n_layer=1", "args.n_head=2", "args.pretrain_steps=2", "args.expert_steps=4",
+                 "args.snapshot_every=2", "args.router_steps=2", "args.windows=[1]", "args.alphas=[0.0,1.0]",
+                 "args.eval_size=16", "train.batch_size=8"]
+    _, results = run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides, workdir=tmp_path / "comp")
+    rows = results["methods"]
+    assert rows["CKA layer0"]["cka_step0"] == pytest.approx(1.0, abs=1e-4)
+    assert np.isfinite(rows["per-layer routing late (step 4)"]["target_loss"])
+    assert np.isfinite(rows["per-layer routing early (step 2)"]["target_loss"])
