@@ -24,6 +24,8 @@ Example:
     >>> batch = encode_texts(keyword_tokenizer(ds), splits.train.texts, max_len=32)
     >>> batch["input_ids"].shape
     (140, 32)
+    >>> splits.train.size
+    140
 """
 from __future__ import annotations
 
@@ -69,7 +71,9 @@ class TextDataset(NamedTuple):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def __len__(self) -> int:  # NamedTuple's len would count fields
+    @property
+    def size(self) -> int:
+        """Number of texts (``len()`` of a NamedTuple counts its fields)."""
         return len(self.texts)
 
     def take(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
@@ -229,7 +233,7 @@ def stratified_subset(dataset: TextDataset, size: int | None, *, key: jax.Array)
     Class proportions are kept (largest-remainder rounding), so a subset of a split is
     still stratified. Used to run the paper's protocol at a reduced scale.
     """
-    if size is None or size >= len(dataset):
+    if size is None or size >= dataset.size:
         return dataset
     per_class = stratified_permutation(key, dataset.labels)
     counts = np.array([len(m) for m in per_class], dtype=np.float64)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,15 @@ import numpy as np
 from flax import nnx
 
 Tuning = Literal["full", "lora", "adapter", "prefix", "bitfit"]
+
+
+def bert_peft_config():
+    """PEFT defaults for BERT encoders: LoRA (r=8, α=16) on ``query`` and ``value`` as in the
+    CleaR / LoRA papers (metafit.peft's own LoRA default names Llama's ``q_proj``/``v_proj``);
+    Houlsby adapters (bottleneck 16), prefixes and BitFit keep metafit.peft's defaults."""
+    from metafit.peft.config import LoraConfig, PeftConfig
+
+    return PeftConfig(lora=LoraConfig(rank=8, alpha=16.0, targets=("query", "value")))
 
 
 class ClassificationHead(nnx.Module):
@@ -87,7 +96,8 @@ class TextClassifier:
     def apply(self, params: tuple[Any, Any], input_ids: jax.Array, attention_mask: jax.Array,
               gates: jax.Array | None = None) -> jax.Array:
         """Logits ``[b, C]``; ``gates [b, G]`` route each sample through the PEFT modules (None = all on)."""
-        model = nnx.merge(self.graphdef, *params)
+        # copy: the gates are set below, never on Variables that belong to the caller (or another trace)
+        model = nnx.merge(self.graphdef, *params, copy=True)
         if gates is not None and self.module_groups:
             import metafit.peft as peft
 
@@ -120,7 +130,7 @@ def build_text_classifier(encoder: nnx.Module, hidden_size: int, num_classes: in
       tuning: ``full`` (all parameters trained) or a PEFT method (``lora``, ``adapter``,
         ``prefix``, ``bitfit``).
       peft_config: a :class:`metafit.peft.PeftConfig` (its ``method`` is overridden by
-        ``tuning``); None uses the defaults of that method.
+        ``tuning``); None uses :func:`bert_peft_config`.
       key: initialises the head and the PEFT weights.
     """
     head_key, peft_key = jax.random.split(key)
@@ -133,7 +143,7 @@ def build_text_classifier(encoder: nnx.Module, hidden_size: int, num_classes: in
     import metafit.peft as peft
     from metafit.peft.core import peft_modules
 
-    config = peft_config if peft_config is not None else peft.PeftConfig()
+    config = peft_config if peft_config is not None else bert_peft_config()
     config = dataclasses.replace(config, method=tuning)
     peft.apply(model.encoder, config, rngs=nnx.Rngs(params=peft_key, dropout=peft_key))
     layer_of = [routing_group_of(path) for path, _ in peft_modules(model)]  # gate order

@@ -125,8 +125,9 @@ class ClearConfig:
       loss_momentum: m of the per-sample loss EMA ``ℓ̄ <- m ℓ̄ + (1-m) ℓ``.
       loss_passes: stochastic forward passes averaged in the per-sample loss pass
         (official code: 1 for adapters, 2 for LoRA).
-      inference: routing at evaluation: ``stochastic`` (Bernoulli(r), the official code),
-        ``expected`` (g = r) or ``full`` (g = 1).
+      inference: routing at evaluation: ``stochastic`` (per-sample Bernoulli(r); the official
+        LoRA/prefix code draws one gate per layer for the whole test batch instead), ``expected``
+        (g = r) or ``full`` (g = 1). The per-sample loss pass always routes stochastically.
     """
 
     warmup_epochs: int = 3

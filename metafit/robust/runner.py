@@ -36,6 +36,8 @@ from metafit.robust.methods import NoisyMethod
 from metafit.robust.metrics import accuracy, clean_auroc, memorisation, peak_and_last
 from metafit.train import TrainConfig, fit
 
+FIT_KEY = jax.random.key(0)  # see loss_fn in train_noisy
+
 
 class EncodedSplit(NamedTuple):
     """Tokenised texts with labels: ``input_ids``/``attention_mask`` int32 ``[n, L]``, ``labels`` ``[n]``."""
@@ -44,7 +46,8 @@ class EncodedSplit(NamedTuple):
     attention_mask: np.ndarray
     labels: np.ndarray
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
         return len(self.labels)
 
 
@@ -97,7 +100,7 @@ def batched_apply(fn: Callable, params: Any, split: EncodedSplit, key: jax.Array
 
     Fixed chunk shapes mean one compilation; chunk ``i`` uses ``fold_in(key, i)``.
     """
-    n = len(split)
+    n = split.size
     outputs = []
     for i, start in enumerate(range(0, n, batch_size)):
         ids, mask = split.input_ids[start:start + batch_size], split.attention_mask[start:start + batch_size]
@@ -133,7 +136,8 @@ def train_noisy(
       classifiers: ``key -> TextClassifier`` building a fresh classifier (co-teaching calls it twice).
       task: the noisy train set and clean val/test sets.
       config: trainer settings; ``steps``, ``eval_every`` and ``ckpt_every`` are overridden
-        (``epochs · steps_per_epoch``, one epoch, one epoch).
+        (``epochs · steps_per_epoch``, one epoch, one epoch); ``log_every`` becomes one epoch
+        unless it divides the epoch, and ``steps_per_dispatch`` is cut to divide ``log_every``.
       epochs: number of passes over the training set (the last partial batch is dropped).
       key: all randomness (init, data order, routing, evaluation gates) derives from it.
       workdir: checkpoints and per-epoch state (None: nothing is written, no resume).
@@ -144,15 +148,19 @@ def train_noisy(
       name: the stage name in ``metrics.jsonl`` and progress.
       log: a :class:`metafit.train.MetricsWriter` (per-epoch evals are read back from it on resume).
     """
-    n = len(task.train)
+    n = task.train.size
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training samples")
-    init_key, fit_key, data_key, eval_key = jax.random.split(key, 4)
+    init_key, loss_key, data_key, eval_key = jax.random.split(key, 4)
     params, trainable = method.init(classifiers, init_key)
+    # Periods that divide each other give every dispatched chunk the same length, so the
+    # fused train step compiles once (fit compiles one program per distinct chunk length).
+    log_every = config.log_every if steps_per_epoch % config.log_every == 0 else steps_per_epoch
     fit_config = dataclasses.replace(
-        config, steps=epochs * steps_per_epoch,
-        eval_every=steps_per_epoch if (evaluate_every_epoch or method.pass_logits is not None) else 0,
+        config, steps=epochs * steps_per_epoch, log_every=log_every,
+        steps_per_dispatch=math.gcd(config.steps_per_dispatch, log_every),
+        eval_every=steps_per_epoch,  # the epoch-boundary hook (it evaluates only when asked)
         ckpt_every=steps_per_epoch if workdir is not None else 0)
     state_dir = Path(workdir) / "robust_state" if workdir is not None else None
     ckpt_dir = Path(workdir) / "checkpoints" if workdir is not None else None
@@ -168,6 +176,7 @@ def train_noisy(
     timing: dict[str, Any] = {"train_epochs": [], "pass_epochs": [], "eval": 0.0}
     tracker = {"next_step": 0, "curve": [], "t0": time.perf_counter()}
     orders: dict[int, np.ndarray] = {}
+    loss_key_data = np.asarray(jax.random.key_data(loss_key))
 
     def epoch_state(epoch: int) -> EpochState:
         if not method.needs_pass(epoch):
@@ -188,6 +197,7 @@ def train_noisy(
         state = epoch_state(epoch)
         size = len(rows)
         return {
+            "loss_key": np.broadcast_to(loss_key_data, (size, *loss_key_data.shape)),
             "input_ids": task.train.input_ids[rows],
             "attention_mask": task.train.attention_mask[rows],
             "labels": task.train.labels[rows],
@@ -199,7 +209,8 @@ def train_noisy(
 
     def boundary(params) -> dict[str, float]:
         jax.block_until_ready(params)  # dispatch is async: charge the training compute to training
-        step = tracker["next_step"]
+        # no batch served: fit resumed from its final checkpoint and only runs the final eval
+        step = tracker["next_step"] or fit_config.steps
         epoch = step // steps_per_epoch  # epochs completed so far
         timing["train_epochs"].append(time.perf_counter() - tracker["t0"])
         metrics: dict[str, float] = {"epoch": float(epoch)}
@@ -223,10 +234,18 @@ def train_noisy(
         tracker["t0"] = time.perf_counter()
         return metrics
 
-    result = fit(method.loss, params, batch_at, fit_config, key=fit_key, workdir=ckpt_dir,
+    def loss_fn(params, batch, step_key):
+        # The run's randomness enters through the batch, not fit's key: fit bakes its key into the
+        # compiled program, so a fixed fit key makes every seed's program identical and a persistent
+        # compilation cache (JAX_COMPILATION_CACHE_DIR) then compiles each method once for all seeds.
+        run_key = jax.random.wrap_key_data(batch["loss_key"][0])
+        batch = {k: v for k, v in batch.items() if k != "loss_key"}
+        return method.loss(params, batch, jax.random.fold_in(run_key, jax.random.key_data(step_key)[-1]))
+
+    result = fit(loss_fn, params, batch_at, fit_config, key=FIT_KEY, workdir=ckpt_dir,
                  eval_fn=boundary,
                  trainable=trainable, name=name, progress=progress, log=log)
-    curve = _full_curve(tracker["curve"], log, name, result.resumed_from)
+    curve = _full_curve(tracker["curve"], log, name, result.resumed_from, fit_config.steps)
     last_prob = states[max(states)].clean_prob if states else None
     return NoisyRunResult(result.params, curve, summarise(curve), last_prob, result.history, timing)
 
@@ -235,7 +254,7 @@ def _evaluate(jit_logits, params, task: NoisyTask, key, batch_size: int, track_m
     test_key, val_key, train_key = jax.random.split(key, 3)
     out = {"test_accuracy": accuracy(batched_apply(jit_logits, params, task.test, test_key, batch_size),
                                      task.test.labels)}
-    if len(task.val):
+    if task.val.size:
         out["val_accuracy"] = accuracy(batched_apply(jit_logits, params, task.val, val_key, batch_size),
                                        task.val.labels)
     if track_memorisation:
@@ -280,12 +299,18 @@ def _load_state(path: Path) -> EpochState:
         return EpochState(data["clean_prob"], data["stored_logits"], ema if ema.size else None)
 
 
-def _full_curve(live: list[dict[str, float]], log: Any, name: str, resumed_from: int | None) -> list[dict[str, float]]:
-    """Per-epoch evals: after a resume the earlier ones come back from ``metrics.jsonl``."""
+def _full_curve(live: list[dict[str, float]], log: Any, name: str, resumed_from: int | None,
+                final_step: int) -> list[dict[str, float]]:
+    """Per-epoch evals: after a resume the earlier ones come back from ``metrics.jsonl``.
+
+    ``fit`` keeps the log lines up to the restored step; the evals after it are live (a run
+    resumed from its final checkpoint re-runs only the final eval, which replaces the logged one).
+    """
     if resumed_from is None or log is None:
         return live
+    last_kept = resumed_from if resumed_from < final_step else final_step - 1
     earlier = [{k: v for k, v in r.items() if k not in ("stage", "split", "step")}
-               for r in log.read(name) if r.get("split") == "eval" and r.get("step", 0) <= resumed_from]
+               for r in log.read(name) if r.get("split") == "eval" and r.get("step", 0) <= last_kept]
     return earlier + live
 
 
