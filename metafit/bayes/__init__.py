@@ -3,9 +3,10 @@
 Parts, bottom-up:
   gaussian   closed-form conjugate posteriors (the references tests check NUTS against)
   data       TransferData, the simulator (linear and GP settings) and input validation
-  models     NumPyro models: PROMPT power posterior, pooling, oracle, hierarchical mixture
+  models     NumPyro models: PROMPT power posterior, pooling, oracle, hierarchical mixture;
+             priors of the transferable f by name (FUNCTION_PRIORS: 'linear', 'gp')
   inference  functional NUTS / SVI (jit- and vmap-able) and diagnostics (R-hat, ESS, divergences)
-  methods    registered transfer methods (TRANSFER_METHODS) and settings (SETTINGS), scoring
+  methods    registered transfer methods (TRANSFER_METHODS), PROMPT's steps, scoring
   sweep      one vectorised evaluation over a grid of simulator knobs and seeds
 
 Example:
@@ -37,24 +38,24 @@ from metafit.bayes.inference import (
     svi_sample,
 )
 from metafit.bayes.methods import (
-    SETTINGS,
     TRANSFER_METHODS,
     MethodConfig,
     MethodFit,
-    Setting,
     fit_transfer,
     predictive_scores,
     prompt_weights,
     proxy_posterior,
     relevance_weights,
 )
-from metafit.bayes.models import PriorConfig
+from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
+from metafit.bayes.sweep import MethodScores, SweepGrid, evaluate_sweep, summarise, sweep_problems
 
 __all__ = [
     "SimulatorConfig", "TransferData", "TransferDataError", "TransferTruth", "simulate", "validate_transfer_data",
     "Gaussian", "gp_condition", "linear_posterior", "normal_posterior", "rbf_kernel",
     "Diagnostics", "Draws", "NutsConfig", "PosteriorDiagnosticsWarning", "SviConfig", "check_diagnostics",
     "diagnose", "nuts_sample", "run_nuts", "svi_sample",
-    "SETTINGS", "TRANSFER_METHODS", "MethodConfig", "MethodFit", "Setting", "fit_transfer", "predictive_scores",
-    "prompt_weights", "proxy_posterior", "relevance_weights", "PriorConfig",
+    "TRANSFER_METHODS", "MethodConfig", "MethodFit", "fit_transfer", "predictive_scores",
+    "prompt_weights", "proxy_posterior", "relevance_weights", "FUNCTION_PRIORS", "PriorConfig",
+    "MethodScores", "SweepGrid", "evaluate_sweep", "summarise", "sweep_problems",
 ]

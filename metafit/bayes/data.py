@@ -4,7 +4,8 @@ The generative story (PROMPT card, reconstruction)::
 
     phi_k  ~ N(c, tau^2)                 k = 1..K   non-transferable effect of source k
     phi*   ~ N(c, tau^2)                            the target's non-transferable effect
-    x_n    ~ N(kappa * phi_{t_n} * e, I)            inputs drift with the task (confounding)
+    mu_k   ~ N(0, s_x^2 I)                          each task's own input region (covariate shift)
+    x_n    ~ N(mu_{t_n} + kappa * phi_{t_n} * e, I)  (kappa != 0: inputs confounded with phi)
     y_n    = f(x_n) + phi_{t_n} + eps_n,  eps_n ~ N(0, sigma^2)
     z_j    ~ N(phi*, sigma_z^2)          j = 1..M   proxy readings of the target
 
@@ -13,9 +14,11 @@ shared by every task (transferable); the learner never sees the task labels ``t_
 never sees a target outcome, only the proxy ``z``. ``c`` is where the true population of
 ``phi`` sits: the learner's prior on ``phi`` is centred at ``PriorConfig.phi_mean`` (0 by
 default), so ``prior_misspecification = c != 0`` misspecifies it; so does a
-``heterogeneity`` ``tau`` far from the learner's ``phi_scale``. The confounding ``kappa``
-(``e = 1/sqrt(d)``) is what makes pooling bias the shared ``f``: without it a single
-pooled intercept would absorb the task effects harmlessly.
+``heterogeneity`` ``tau`` far from the learner's ``phi_scale``. Tasks also differ in where
+their inputs lie (``covariate_shift`` s_x, independent of phi); ``confounding`` kappa
+(``e = 1/sqrt(d)``, off by default) additionally moves a task's inputs with its phi, so that
+x predicts phi and a pooled fit explains task offsets through f (an adversarial case for
+any method that must estimate f without the labels).
 
 Every random choice comes from the key; the knobs a sweep varies (``heterogeneity``,
 ``proxy_noise``, ``prior_misspecification``) may be traced arrays, so
@@ -24,6 +27,7 @@ Every random choice comes from the key; the knobs a sweep varies (``heterogeneit
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple, Optional
 
 import jax
@@ -91,7 +95,8 @@ class SimulatorConfig:
       n_proxy: M, the number of proxy readings.
       prior_misspecification: c, the centre of the true phi population (the learner's
         prior is centred at PriorConfig.phi_mean).
-      confounding: kappa, how far a task's phi moves its inputs.
+      covariate_shift: s_x, sd of each task's input mean (independent of phi).
+      confounding: kappa, how far a task's phi moves its inputs (0: no confounding).
       noise_scale: sigma, the outcome noise sd.
       theta_scale: sd of the true theta (linear) or the GP amplitude (gp).
       lengthscale: the true GP lengthscale (gp only).
@@ -106,7 +111,8 @@ class SimulatorConfig:
     proxy_noise: float = 0.5
     n_proxy: int = 1
     prior_misspecification: float = 0.0
-    confounding: float = 1.0
+    covariate_shift: float = 0.5
+    confounding: float = 0.0
     noise_scale: float = 0.5
     theta_scale: float = 1.0
     lengthscale: float = 1.0
@@ -127,8 +133,9 @@ class SimulatorConfig:
         for name in ("proxy_noise", "noise_scale", "theta_scale", "lengthscale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.heterogeneity < 0:
-            raise ValueError(f"heterogeneity must be >= 0, got {self.heterogeneity}")
+        if self.heterogeneity < 0 or self.covariate_shift < 0:
+            raise ValueError(f"heterogeneity and covariate_shift must be >= 0, got {self.heterogeneity}, "
+                             f"{self.covariate_shift}")
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -140,6 +147,7 @@ class SimulatorConfig:
         return np.repeat(np.arange(self.n_sources, dtype=np.int32), self.sizes)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def simulate(
     key: jax.Array,
     config: SimulatorConfig,
@@ -170,13 +178,16 @@ def simulate(
     centre = config.prior_misspecification if prior_misspecification is None else prior_misspecification
     task = jnp.asarray(config.task_labels())
     n, d, t = task.shape[0], config.n_features, config.n_target
-    k_phi, k_x, k_f, k_noise, k_proxy = jax.random.split(key, 5)
+    k_phi, k_shift, k_x, k_f, k_noise, k_proxy = jax.random.split(key, 6)
 
     phi = centre + tau * jax.random.normal(k_phi, (config.n_sources + 1,))
     phi_source, phi_target = phi[:-1], phi[-1]
     direction = jnp.full((d,), 1.0 / np.sqrt(d))
-    shift = jnp.concatenate([phi_source[task], jnp.full((t,), phi_target)])
-    x_all = config.confounding * shift[:, None] * direction + jax.random.normal(k_x, (n + t, d))
+    task_all = jnp.concatenate([task, jnp.full((t,), config.n_sources)])  # the target is task K
+    region = config.covariate_shift * jax.random.normal(k_shift, (config.n_sources + 1, d))
+    region = region + config.confounding * phi[:, None] * direction
+    x_all = region[task_all] + jax.random.normal(k_x, (n + t, d))
+    shift = phi[task_all]
 
     if config.setting == "linear":
         theta = config.theta_scale * jax.random.normal(k_f, (d,))

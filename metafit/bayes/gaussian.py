@@ -26,6 +26,7 @@ class Gaussian(NamedTuple):
     var: jax.Array
 
 
+@jax.jit
 def normal_posterior(prior_mean, prior_var, readings: jax.Array, noise_var) -> Gaussian:
     """Posterior of a scalar ``mu ~ N(prior_mean, prior_var)`` after ``readings ~ N(mu, noise_var)`` iid.
 
@@ -36,6 +37,7 @@ def normal_posterior(prior_mean, prior_var, readings: jax.Array, noise_var) -> G
     return Gaussian(var * (prior_mean / prior_var + readings.sum(-1) / noise_var), var)
 
 
+@jax.jit
 def linear_posterior(design: jax.Array, y: jax.Array, prior_mean: jax.Array, prior_var: jax.Array,
                      noise_var: jax.Array) -> Gaussian:
     """Posterior of ``beta`` in ``y ~ N(design @ beta, diag(noise_var))``, ``beta ~ N(prior_mean, diag(prior_var))``.
@@ -72,6 +74,7 @@ def linear_kernel(x1: jax.Array, x2: jax.Array, scale) -> jax.Array:
     return scale**2 * x1 @ x2.T
 
 
+@jax.jit
 def gp_condition(cov_obs: jax.Array, cross: jax.Array, prior_var: jax.Array, residual: jax.Array,
                  noise_var: jax.Array) -> Gaussian:
     """Conditional of a zero-mean Gaussian ``f*`` given ``residual = g + noise``.

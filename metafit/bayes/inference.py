@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from numpyro import handlers
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import NUTS, SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
@@ -98,11 +99,13 @@ class Draws(NamedTuple):
     Attributes:
       samples: site name -> [chains, draws, ...] (latent and deterministic sites).
       diverging: [chains, draws] bool (NUTS) or None (SVI).
+      num_steps: [chains, draws] leapfrog steps per NUTS draw (the cost), or None (SVI).
       losses: [steps] negative ELBO per SVI step, or None (NUTS).
     """
 
     samples: Samples
     diverging: Optional[jax.Array] = None
+    num_steps: Optional[jax.Array] = None
     losses: Optional[jax.Array] = None
 
 
@@ -129,13 +132,13 @@ def nuts_sample(model: Callable, key: jax.Array, config: NutsConfig, **model_kwa
 
     def step(state, _):
         state = kernel.sample(state, (), model_kwargs)
-        return state, (state.z, state.diverging)
+        return state, (state.z, state.diverging, state.num_steps)
 
     state, _ = lax.scan(lambda s, x: (step(s, x)[0], None), state, None, length=config.num_warmup)
-    _, (z, diverging) = lax.scan(step, state, None, length=config.num_samples)
+    _, (z, diverging, num_steps) = lax.scan(step, state, None, length=config.num_samples)
     constrain = jax.vmap(jax.vmap(kernel.postprocess_fn((), model_kwargs)))
     samples = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), constrain(z))  # [draws, chains] -> [chains, draws]
-    return Draws(samples, diverging.T)
+    return Draws(samples, diverging.T, num_steps.T)
 
 
 def svi_sample(model: Callable, key: jax.Array, config: SviConfig, **model_kwargs: Any) -> Draws:
@@ -159,11 +162,12 @@ def svi_sample(model: Callable, key: jax.Array, config: SviConfig, **model_kwarg
 
     state, losses = lax.scan(step, state, None, length=config.steps)
     params = svi.get_params(state)
-    predictive = Predictive(model, guide=guide, params=params, num_samples=config.num_samples,
-                            exclude_deterministic=False)
-    draws = predictive(k_draw, **{k: v for k, v in model_kwargs.items() if k != "y"})
-    latent_and_deterministic = {k: v[None] for k, v in draws.items() if k not in ("y", "proxy")}
-    return Draws(latent_and_deterministic, None, losses)
+    model_trace = handlers.trace(handlers.seed(model, k_draw)).get_trace(**model_kwargs)
+    sites = [name for name, site in model_trace.items()
+             if site["type"] == "deterministic" or (site["type"] == "sample" and not site["is_observed"])]
+    predictive = Predictive(model, guide=guide, params=params, num_samples=config.num_samples, return_sites=sites)
+    draws = predictive(k_draw, **model_kwargs)
+    return Draws({k: v[None] for k, v in draws.items()}, losses=losses)
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -6,19 +6,30 @@ abstract and the project's paper card, not from the authors' code (none was foun
 1. Proxy posterior ``q(phi*) = p(phi* | z) = N(m_q, v_q)`` (conjugate; :func:`proxy_posterior`;
    the NumPyro form is :func:`metafit.bayes.models.proxy_model`).
 2. Relevance of each source point, ``r_n ∝ ∫ p(y_n | x_n, f_hat, phi) q(phi) dphi
-   = N(y_n; f_hat(x_n) + m_q, sigma^2 + v_q)`` (:func:`relevance_weights`), normalised so the
-   largest weight is 1 (``'max'``, default: the power posterior is never more confident
-   than the full data) or so they sum to N (``'mean'``). ``f_hat`` starts from a pooled
-   fit with one unknown offset and is refined ``refinements`` times by the closed-form
-   power-posterior mean at fixed kernel hyperparameters (:func:`prompt_weights`).
-3. Power-likelihood posterior ``p_r(f | D)`` sampled with NUTS (or fitted by SVI):
-   :func:`metafit.bayes.models.prompt_linear_model` / ``prompt_gp_model``.
+   = N(y_n; f_hat(x_n) + m_q, sigma^2 + v_q)`` (:func:`relevance_weights`). The card says
+   "normalise" without saying how; three choices are offered:
+   ``'peak'`` (default) divides by the density's peak, ``r_n = exp(-z_n^2 / 2)`` with z_n the
+   standardised residual under the target predictive: absolute relevance, so when no source
+   resembles the target every weight is small and the posterior stays near the prior (no
+   transfer rather than negative transfer); ``'max'`` scales the largest weight to 1
+   (relative: the best sources count fully even if they are all far from the target);
+   ``'mean'`` scales the weights to sum to N. ``f_hat`` is the pooled fit with one unknown
+   offset (the card's "theta_hat from a pooled fit"); ``refinements > 0`` iterates, replacing
+   ``f_hat`` by the closed-form power-posterior mean at fixed kernel hyperparameters
+   (:func:`prompt_weights`). Off by default: when no source resembles the target, the
+   iteration bends f until some sources look relevant (seen on hand-inspected problems whose
+   target offset lay outside every source's: 2 refinements turned near-no-transfer lpds of
+   -1.8 and -1.7 into -4.4 and -3.0).
+3. Power-likelihood posterior ``p_r(f, phi | D) ∝ p(f) q(phi) prod_n N(y_n; f(x_n) + phi, sigma^2)^{r_n}``
+   sampled with NUTS (or fitted by SVI): :func:`metafit.bayes.models.prompt_model`
+   (``handlers.scale`` by r_n; the sources' shared offset phi has prior q and is a nuisance).
 4. Target predictive: ``y* | x* = f(x*) + phi* + eps`` with ``f ~ p_r`` and ``phi* ~ q``,
    a Gaussian mixture over posterior draws.
 
 Every method returns a :class:`MethodFit` whose predictive is a Gaussian mixture:
 component s has mean ``mean[s, t]`` and variance ``var[s, t]`` at target point t.
-Methods are pure functions of (data, key) given static options, so a sweep ``vmap`` s them.
+Methods are pure functions of (data, key) given static options (``function``: the prior
+of f, 'linear' or 'gp'; ``prior``; ``config``; ``n_sources``), so a sweep ``vmap`` s them.
 
 Example:
     >>> data, _ = simulate(jax.random.PRNGKey(0), SimulatorConfig())
@@ -35,11 +46,10 @@ from typing import Callable, Literal, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax import lax
 
 from metafit.bayes import models
 from metafit.bayes.data import TransferData, validate_transfer_data
-from metafit.bayes.gaussian import Gaussian, gp_condition, linear_kernel, normal_posterior, rbf_kernel
+from metafit.bayes.gaussian import Gaussian, gp_condition, normal_posterior
 from metafit.bayes.inference import (
     Diagnostics,
     Draws,
@@ -50,7 +60,7 @@ from metafit.bayes.inference import (
     nuts_sample,
     svi_sample,
 )
-from metafit.bayes.models import PriorConfig
+from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
 from metafit.registry import Registry
 
 
@@ -62,8 +72,10 @@ class MethodConfig:
       inference: 'nuts' or 'svi' for the sampled posteriors.
       nuts: NUTS settings.
       svi: SVI settings.
-      weight_normalisation: PROMPT relevance weights scaled to max 1 ('max') or mean 1 ('mean').
-      refinements: PROMPT re-fits of f_hat with the current weights before the final weights.
+      weight_normalisation: PROMPT relevance weights divided by the density peak ('peak', absolute
+        relevance), scaled to max 1 ('max') or to mean 1 ('mean'); see the module docstring.
+      refinements: PROMPT re-fits of f_hat with the current weights before the final weights
+        (0: the pooled pilot fit only; see the module docstring for why that is the default).
       min_weight: floor on a relevance weight (handlers.scale needs positive scales; a point
         at the floor contributes nothing measurable).
       max_predictive_draws: posterior draws used for the target predictive (thinned evenly).
@@ -72,8 +84,8 @@ class MethodConfig:
     inference: Literal["nuts", "svi"] = "nuts"
     nuts: NutsConfig = NutsConfig()
     svi: SviConfig = SviConfig()
-    weight_normalisation: Literal["max", "mean"] = "max"
-    refinements: int = 2
+    weight_normalisation: Literal["peak", "max", "mean"] = "peak"
+    refinements: int = 0
     min_weight: float = 1e-6
     max_predictive_draws: int = 400
 
@@ -107,37 +119,42 @@ def proxy_posterior(proxy: jax.Array, proxy_noise: jax.Array, prior: PriorConfig
 
 
 def relevance_weights(y: jax.Array, fitted: jax.Array, q: Gaussian, noise_var, *,
-                      normalise: Literal["max", "mean"] = "max", min_weight: float = 1e-6) -> jax.Array:
+                      normalise: Literal["peak", "max", "mean"] = "peak", min_weight: float = 1e-6) -> jax.Array:
     """Step 2: ``r_n ∝ ∫ N(y_n; fitted_n + phi, noise_var) q(phi) dphi = N(y_n; fitted_n + m_q, noise_var + v_q)``.
 
     Args:
       y: [N] source outcomes; fitted: [N] the transferable fit f_hat(x_n).
       q: the proxy posterior; noise_var: outcome noise variance sigma^2.
-      normalise: 'max' (largest weight 1) or 'mean' (weights sum to N).
+      normalise: 'peak' (``exp(-z^2/2)``: each density over its maximum), 'max' (largest weight 1)
+        or 'mean' (weights sum to N).
       min_weight: floor applied after normalising.
 
     Returns:
       [N] positive weights.
     """
-    log_r = dist.Normal(fitted + q.mean, jnp.sqrt(noise_var + q.var)).log_prob(y)
-    if normalise == "max":
+    scale = jnp.sqrt(noise_var + q.var)
+    log_r = dist.Normal(fitted + q.mean, scale).log_prob(y)
+    if normalise == "peak":
+        log_r = log_r + jnp.log(scale) + 0.5 * math.log(2 * math.pi)
+    elif normalise == "max":
         log_r = log_r - log_r.max()
     else:
         log_r = log_r - jax.nn.logsumexp(log_r) + math.log(y.shape[0])
     return jnp.maximum(jnp.exp(log_r), min_weight)
 
 
-def prompt_weights(data: TransferData, setting: "Setting", prior: PriorConfig, q: Gaussian,
+def prompt_weights(data: TransferData, kernel: Callable, prior: PriorConfig, q: Gaussian,
                    config: MethodConfig) -> jax.Array:
     """Relevance weights with ``f_hat`` from a pooled pilot fit, refined ``config.refinements`` times.
 
     The pilot treats all sources as one task with an unknown offset ``~ N(phi_mean, phi_scale^2)``;
-    each refinement replaces ``f_hat`` by the power-posterior mean ``K (K + diag(s^2/r))^-1 (y - m_q)``.
-    Both are GP conditionals with the setting's fixed-hyperparameter kernel (for the linear
-    setting the kernel ``theta_scale^2 x^T x'`` makes this Bayesian linear regression).
+    each refinement replaces ``f_hat`` by the power-posterior mean of f,
+    ``K (K + v_q 11^T + diag(sigma^2/r))^-1 (y - m_q)`` (the offset ~ q integrated out).
+    Both are GP conditionals with ``kernel(x1, x2, prior)``, f's covariance at fixed
+    hyperparameters (for the linear prior, ``theta_scale^2 x^T x'``: Bayesian linear regression).
     """
     x, y = data.x_source, data.y_source
-    gram = setting.kernel(x, x, prior)
+    gram = kernel(x, x, prior)
     noise_var = prior.noise_scale**2
     offset_cov = prior.phi_scale**2 * jnp.ones_like(gram)
     fitted = gp_condition(gram + offset_cov, gram, jnp.diag(gram), y - prior.phi_mean, noise_var).mean
@@ -145,79 +162,9 @@ def prompt_weights(data: TransferData, setting: "Setting", prior: PriorConfig, q
                               normalise=config.weight_normalisation, min_weight=config.min_weight)
     for _ in range(config.refinements):
         weights = weigh(fitted)
-        fitted = gp_condition(gram, gram, jnp.diag(gram), y - q.mean, (noise_var + q.var) / weights).mean
+        fitted = gp_condition(gram + q.var * jnp.ones_like(gram), gram, jnp.diag(gram), y - q.mean,
+                              noise_var / weights).mean
     return weigh(fitted)
-
-
-# --------------------------------------------------------------------------- settings
-
-
-ResidualFn = Callable[[dict], tuple[jax.Array, jax.Array]]
-
-
-class Setting(NamedTuple):
-    """The models and predictive algebra of one setting (linear or GP).
-
-    Attributes:
-      prompt_model, pooled_model, oracle_model, mixture_model: NumPyro models.
-      kernel: ``(x1, x2, prior) -> K``, covariance of f at fixed (prior-median) hyperparameters.
-      target_moments: ``(draws, x_source, residual_fn, x_target, prior) -> (mean, var)`` [S, T],
-        the moments of f(x*) for each flat posterior draw. ``residual_fn(draw)`` gives the
-        source outcomes minus offsets and their noise variances (used by the GP, which
-        conditions f* on them; the linear setting reads theta).
-      prior_moments: ``(key, x_target, prior, n_draws) -> (mean, var)``: f(x*) under the prior.
-    """
-
-    prompt_model: Callable
-    pooled_model: Callable
-    oracle_model: Callable
-    mixture_model: Callable
-    kernel: Callable
-    target_moments: Callable
-    prior_moments: Callable
-
-
-SETTINGS: Registry[Setting] = Registry("transfer-setting")
-
-
-def _linear_target_moments(draws, x_source, residual_fn: ResidualFn, x_target, prior):
-    mean = draws["theta"] @ x_target.T
-    return mean, jnp.zeros_like(mean)
-
-
-def _linear_prior_moments(key, x_target, prior, n_draws):
-    var = prior.theta_scale**2 * jnp.sum(x_target**2, -1)  # exact: one Gaussian component
-    return jnp.zeros_like(var)[None], var[None]
-
-
-def _gp_target_moments(draws, x_source, residual_fn: ResidualFn, x_target, prior):
-    def one(draw):
-        residual, noise_var = residual_fn(draw)
-        gram = rbf_kernel(x_source, x_source, draw["lengthscale"], draw["amplitude"])
-        cross = rbf_kernel(x_source, x_target, draw["lengthscale"], draw["amplitude"])
-        prior_var = jnp.full((x_target.shape[0],), draw["amplitude"] ** 2)
-        return tuple(gp_condition(gram, cross, prior_var, residual, noise_var))
-
-    # lax.map in batches bounds memory: every draw needs its own N x N Cholesky factor.
-    return lax.map(one, draws, batch_size=64)
-
-
-def _gp_prior_moments(key, x_target, prior, n_draws):
-    amplitude = dist.LogNormal(math.log(prior.amplitude), prior.hyper_log_sd).sample(key, (n_draws,))
-    var = jnp.broadcast_to(amplitude[:, None] ** 2, (n_draws, x_target.shape[0]))
-    return jnp.zeros_like(var), var
-
-
-SETTINGS.register("linear", Setting(
-    models.prompt_linear_model, models.pooled_linear_model, models.oracle_linear_model, models.mixture_linear_model,
-    kernel=lambda x1, x2, prior: linear_kernel(x1, x2, prior.theta_scale),
-    target_moments=_linear_target_moments, prior_moments=_linear_prior_moments,
-))
-SETTINGS.register("gp", Setting(
-    models.prompt_gp_model, models.pooled_gp_model, models.oracle_gp_model, models.mixture_gp_model,
-    kernel=lambda x1, x2, prior: rbf_kernel(x1, x2, prior.lengthscale, prior.amplitude),
-    target_moments=_gp_target_moments, prior_moments=_gp_prior_moments,
-))
 
 
 # --------------------------------------------------------------------------- methods
@@ -240,72 +187,66 @@ def _flat(draws: Draws, max_draws: int) -> dict:
     return {k: v[::stride] for k, v in flat.items()}
 
 
+def _mixture(flat: dict, offset_mean: jax.Array, offset_var, noise_var: float) -> tuple[jax.Array, jax.Array]:
+    """Predictive components ``N(f_target[s] + offset_mean[s], offset_var + sigma^2)``."""
+    mean = flat["f_target"] + jnp.reshape(offset_mean, (-1, 1))
+    return mean, jnp.broadcast_to(offset_var + noise_var, mean.shape)
+
+
 @TRANSFER_METHODS.register("no_transfer")
-def no_transfer(data: TransferData, *, setting: Setting, prior: PriorConfig, config: MethodConfig,
+def no_transfer(data: TransferData, *, function: str, prior: PriorConfig, config: MethodConfig,
                 n_sources: int, key: jax.Array) -> MethodFit:
     """Prior on f, proxy posterior on phi*: the reference that defines negative transfer."""
     q = proxy_posterior(data.proxy, data.proxy_noise, prior)
-    mean, var = setting.prior_moments(key, data.x_target, prior, config.max_predictive_draws)
+    mean, var = FUNCTION_PRIORS.get(function).prior_moments(key, data.x_target, prior, config.max_predictive_draws)
     return MethodFit(mean + q.mean, var + q.var + prior.noise_scale**2, Draws({}))
 
 
 @TRANSFER_METHODS.register("pooling")
-def pooling(data: TransferData, *, setting: Setting, prior: PriorConfig, config: MethodConfig,
+def pooling(data: TransferData, *, function: str, prior: PriorConfig, config: MethodConfig,
             n_sources: int, key: jax.Array) -> MethodFit:
     """Naive pooling: all r_n = 1 and one phi shared by every source and the target."""
-    model = functools.partial(setting.pooled_model, prior=prior)
-    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, proxy=data.proxy,
-                       proxy_noise=data.proxy_noise)
+    model = functools.partial(models.pooled_model, prior=prior, function=function)
+    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, x_target=data.x_target,
+                       proxy=data.proxy, proxy_noise=data.proxy_noise)
     flat = _flat(draws, config.max_predictive_draws)
-    noise_var = prior.noise_scale**2
-    mean, var = setting.target_moments(flat, data.x_source, lambda d: (data.y_source - d["phi"], noise_var),
-                                       data.x_target, prior)
-    return MethodFit(mean + flat["phi"][:, None], var + noise_var, draws)
+    return MethodFit(*_mixture(flat, flat["phi"], 0.0, prior.noise_scale**2), draws)
 
 
 @TRANSFER_METHODS.register("hierarchical_mixture")
-def hierarchical_mixture(data: TransferData, *, setting: Setting, prior: PriorConfig, config: MethodConfig,
+def hierarchical_mixture(data: TransferData, *, function: str, prior: PriorConfig, config: MethodConfig,
                          n_sources: int, key: jax.Array) -> MethodFit:
     """Hierarchical model with latent source assignments (summed out); ``n_sources`` components."""
-    model = functools.partial(setting.mixture_model, n_components=n_sources, prior=prior)
-    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, proxy=data.proxy,
-                       proxy_noise=data.proxy_noise)
+    model = functools.partial(models.mixture_model, n_components=n_sources, prior=prior, function=function)
+    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, x_target=data.x_target,
+                       proxy=data.proxy, proxy_noise=data.proxy_noise)
     flat = _flat(draws, config.max_predictive_draws)
-    # GP: f* is conditioned on the latent f at the source points (noise-free up to jitter).
-    residual_fn = lambda d: (d["f_source"], models.JITTER * d["amplitude"] ** 2)  # noqa: E731
-    mean, var = setting.target_moments(flat, data.x_source, residual_fn, data.x_target, prior)
-    return MethodFit(mean + flat["phi_target"][:, None], var + prior.noise_scale**2, draws)
+    return MethodFit(*_mixture(flat, flat["phi_target"], 0.0, prior.noise_scale**2), draws)
 
 
 @TRANSFER_METHODS.register("oracle")
-def oracle(data: TransferData, *, setting: Setting, prior: PriorConfig, config: MethodConfig,
+def oracle(data: TransferData, *, function: str, prior: PriorConfig, config: MethodConfig,
            n_sources: int, key: jax.Array) -> MethodFit:
     """Oracle: knows each source point's task; the target's phi* still comes from the proxy."""
     q = proxy_posterior(data.proxy, data.proxy_noise, prior)
-    model = functools.partial(setting.oracle_model, n_sources=n_sources, prior=prior)
-    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, task=data.task_source)
+    model = functools.partial(models.oracle_model, n_sources=n_sources, prior=prior, function=function)
+    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, x_target=data.x_target,
+                       task=data.task_source)
     flat = _flat(draws, config.max_predictive_draws)
-    noise_var = prior.noise_scale**2
-    residual_fn = lambda d: (data.y_source - d["phi_sources"][data.task_source], noise_var)  # noqa: E731
-    mean, var = setting.target_moments(flat, data.x_source, residual_fn, data.x_target, prior)
-    return MethodFit(mean + q.mean, var + q.var + noise_var, draws)
+    return MethodFit(*_mixture(flat, q.mean, q.var, prior.noise_scale**2), draws)
 
 
 @TRANSFER_METHODS.register("prompt")
-def prompt(data: TransferData, *, setting: Setting, prior: PriorConfig, config: MethodConfig,
+def prompt(data: TransferData, *, function: str, prior: PriorConfig, config: MethodConfig,
            n_sources: int, key: jax.Array) -> MethodFit:
     """PROMPT (reconstruction): proxy posterior, relevance weights, power posterior, predictive."""
     q = proxy_posterior(data.proxy, data.proxy_noise, prior)
-    weights = prompt_weights(data, setting, prior, q, config)
-    model = functools.partial(setting.prompt_model, prior=prior)
-    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, weights=weights,
-                       proxy_mean=q.mean, proxy_var=q.var)
+    weights = prompt_weights(data, FUNCTION_PRIORS.get(function).kernel, prior, q, config)
+    model = functools.partial(models.prompt_model, prior=prior, function=function)  # phi_source ~ q
+    draws = _posterior(model, key, config, x=data.x_source, y=data.y_source, x_target=data.x_target,
+                       weights=weights, proxy_mean=q.mean, proxy_var=q.var)
     flat = _flat(draws, config.max_predictive_draws)
-    noise_var = prior.noise_scale**2
-    power_noise = (noise_var + q.var) / weights
-    mean, var = setting.target_moments(flat, data.x_source, lambda d: (data.y_source - q.mean, power_noise),
-                                       data.x_target, prior)
-    return MethodFit(mean + q.mean, var + q.var + noise_var, draws, weights)
+    return MethodFit(*_mixture(flat, q.mean, q.var, prior.noise_scale**2), draws, weights)
 
 
 # --------------------------------------------------------------------------- scoring and entry point
@@ -322,7 +263,7 @@ def predictive_scores(fit: MethodFit, y_target: jax.Array) -> dict[str, jax.Arra
     return {"lpd": lpd.mean(-1), "mse": mse}
 
 
-def fit_transfer(method: str, data: TransferData, *, n_sources: int, key: jax.Array, setting: str = "linear",
+def fit_transfer(method: str, data: TransferData, *, n_sources: int, key: jax.Array, function: str = "linear",
                  prior: PriorConfig = PriorConfig(), config: MethodConfig = MethodConfig(),
                  check: bool = True) -> tuple[MethodFit, Optional[Diagnostics]]:
     """Validates ``data`` and fits one method (jit-compiled); the one-problem entry point.
@@ -332,7 +273,8 @@ def fit_transfer(method: str, data: TransferData, *, n_sources: int, key: jax.Ar
         'no_transfer').
       data: the problem (checked by :func:`validate_transfer_data` first).
       n_sources: number of sources (oracle labels range; mixture components).
-      key: PRNG key. setting: 'linear' or 'gp'. prior, config: the learner's prior and options.
+      key: PRNG key. function: the prior of f, 'linear' or 'gp' (FUNCTION_PRIORS).
+      prior, config: the learner's prior and the methods' options.
       check: diagnose NUTS draws and warn when they are poor.
 
     Returns:
@@ -342,12 +284,12 @@ def fit_transfer(method: str, data: TransferData, *, n_sources: int, key: jax.Ar
     validate_transfer_data(data)
     if n_sources < 1:
         raise ValueError(f"n_sources must be >= 1, got {n_sources}")
-    run = jax.jit(functools.partial(fn, setting=SETTINGS.get(setting), prior=prior, config=config,
-                                    n_sources=n_sources))
+    FUNCTION_PRIORS.get(function)
+    run = jax.jit(functools.partial(fn, function=function, prior=prior, config=config, n_sources=n_sources))
     fit = run(data, key=key)
     diag = None
     if fit.draws.diverging is not None:
         diag = diagnose(fit.draws)
         if check:
-            check_diagnostics(diag, context=f"{method} ({setting})")
+            check_diagnostics(diag, context=f"{method} ({function})")
     return fit, diag

@@ -1,48 +1,65 @@
 """NumPyro models for transfer from unknown sources (PROMPT reconstruction and baselines).
 
-Every model is a plain function with named sample sites, ``plate`` s over source points and
-proxy readings, and shape checks on its inputs. Outcomes follow::
+Every model is a plain function with named sample sites, ``plate`` s over source points,
+sources and proxy readings, and shape checks on its inputs. Outcomes follow::
 
     y_n = f(x_n) + phi_{t_n} + eps_n,   eps_n ~ N(0, sigma^2)   (sigma = prior.noise_scale, known)
 
-with ``f(x) = x^T theta`` (``*_linear_model``) or ``f ~ GP(0, k_rbf)`` (``*_gp_model``; kernel
-lengthscale and amplitude get log-normal priors and are sampled). The task label ``t_n`` is
-unknown to every model except the oracle.
+The transferable function ``f`` is shared by all tasks; its prior is chosen by name from
+``FUNCTION_PRIORS``:
 
-PROMPT (reconstruction, see :mod:`metafit.bayes.methods` for the whole pipeline):
-  the power-likelihood posterior over the transferable part,
-  ``p_r(f | D) ∝ p(f) prod_n [∫ N(y_n; f(x_n) + phi, sigma^2) q(phi) dphi]^{r_n}``,
-  where ``q = N(m_q, v_q)`` is the proxy posterior of the target's ``phi*``; the inner
-  integral is ``N(y_n; f(x_n) + m_q, sigma^2 + v_q)``: each source point is read as a
-  draw from the target task, down-weighted by its relevance ``r_n``.
-  Linear: ``numpyro.handlers.scale(scale=r)`` on the observed site. GP: the latent f is
-  integrated out, using ``N(y; f, s^2)^r = N(y; f, s^2/r) (2 pi s^2)^{(1-r)/2} r^{-1/2}``,
-  so the marginal is ``N(y; m_q, K + diag(s^2/r))`` plus a ``factor`` for the constant.
+* ``'linear'``: ``f(x) = x^T theta``, ``theta ~ N(0, theta_scale^2 I)`` (site ``theta``).
+* ``'gp'``: ``f ~ GP(0, a^2 exp(-|x-x'|^2 / 2 l^2))`` with log-normal priors on ``l`` and ``a``
+  (sites ``lengthscale``, ``amplitude``), represented by the Hilbert-space approximation
+  (Solin & Saerkkae 2020; ``numpyro.contrib.hsgp``): ``f(x) = Phi(x) (sqrt(S_l,a) * beta)``,
+  ``beta ~ N(0, I)`` (site ``basis_weights``). The low-rank form keeps every leapfrog step
+  O(N m) instead of an N x N Cholesky, and makes f latent, so the mixture can use it too.
+
+Each model records ``f_target`` = f at ``x_target`` (a deterministic site) for the predictive.
+The task label ``t_n`` is unknown to every model except the oracle.
+
+PROMPT (reconstruction; the whole pipeline is in :mod:`metafit.bayes.methods`):
+  the power-likelihood posterior
+  ``p_r(f, phi | D) ∝ p(f) q(phi) prod_n N(y_n; f(x_n) + phi, sigma^2)^{r_n}``,
+  tempered point by point by the relevance ``r_n`` through ``numpyro.handlers.scale``. The
+  weighted sources are read as one task like the target: their shared offset ``phi_source``
+  has the proxy posterior ``q = N(m_q, v_q)`` as its prior, and is a nuisance -- the target's
+  own ``phi*`` is taken from q alone at prediction time, so sources never overrule what the
+  proxy says about the target. (Integrating phi out point by point instead,
+  ``N(y_n; f(x_n) + m_q, sigma^2 + v_q)``, would treat the offset as independent noise per
+  point; within a source it is shared, so f would absorb any gap between a relevant
+  source's offset and m_q. On the few problems compared by hand the two forms scored alike.)
 
 Baselines:
-  pooled  -- one shared phi for every source and the target (the proxy reads it too);
+  pooled  -- one phi shared by every source and the target (the proxy reads it too);
   oracle  -- one phi per source with the true labels (the target's phi* comes from q);
   mixture -- hierarchical: phi_k ~ N(mu, tau^2), each point's source a latent categorical
-             marginalised out (MixtureSameFamily); the target's phi* ~ N(mu, tau^2) is read
-             by the proxy. phi_k are ordered to remove label switching.
+             summed out (MixtureSameFamily); the target's phi* ~ N(mu, tau^2) is read by the
+             proxy. phi_k are ordered so that chains cannot disagree by relabelling.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.contrib.hsgp.laplacian import eigenfunctions, sqrt_eigenvalues
 from numpyro.distributions import constraints
 
-from metafit.bayes.gaussian import rbf_kernel
+from metafit.bayes.gaussian import linear_kernel, rbf_kernel
+from metafit.registry import Registry
 
-# Relative diagonal jitter for Cholesky factors of RBF Gram matrices in float32.
-JITTER = 1e-4
+# Hilbert-space GP: about HSGP_BASIS eigenfunctions in all (HSGP_BASIS ** (1/d) per input
+# dimension), on a box HSGP_BOUNDARY times wider than the inputs. Riutort-Mayol et al.
+# (2023) ask for m >= 1.75 c L / lengthscale per dimension: 48 covers lengthscales >= ~0.4
+# for 1-D inputs spanning +-8 with c = 1.5.
+HSGP_BASIS = 48
+HSGP_BOUNDARY = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +69,8 @@ class PriorConfig:
     Attributes:
       theta_scale: sd of each linear coefficient, theta ~ N(0, theta_scale^2 I).
       phi_mean: prior mean of a task's non-transferable effect phi.
-      phi_scale: prior sd of phi (and scale of the hierarchical tau's half-Cauchy prior).
+      phi_scale: prior sd of phi (and scale of the hierarchical tau's half-Cauchy prior); the
+        default 3 is weakly informative for the effects the sweeps simulate (sd 0.25 to 4).
       noise_scale: the outcome noise sd sigma, treated as known.
       lengthscale: prior median of the GP lengthscale (log-normal prior).
       amplitude: prior median of the GP amplitude (log-normal prior).
@@ -61,7 +79,7 @@ class PriorConfig:
 
     theta_scale: float = 1.0
     phi_mean: float = 0.0
-    phi_scale: float = 1.0
+    phi_scale: float = 3.0
     noise_scale: float = 0.5
     lengthscale: float = 1.0
     amplitude: float = 1.0
@@ -73,21 +91,101 @@ class PriorConfig:
                 raise ValueError(f"prior.{name} must be > 0, got {getattr(self, name)}")
 
 
-def _check_shape(name: str, value: Optional[jax.Array], shape: tuple[int, ...]) -> None:
-    if value is not None and jnp.shape(value) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {jnp.shape(value)}")
+# --------------------------------------------------------------------------- transferable function priors
 
 
-def _source_shapes(x: jax.Array, y: Optional[jax.Array], **per_point: Optional[jax.Array]) -> tuple[int, int]:
-    if jnp.ndim(x) != 2:
-        raise ValueError(f"x must have shape [N, d], got {jnp.shape(x)}")
-    n, d = x.shape
-    for name, value in dict(y=y, **per_point).items():
-        _check_shape(name, value, (n,))
-    return n, d
+class FunctionPrior(NamedTuple):
+    """A prior over the transferable function f.
+
+    Attributes:
+      sample: ``(x [N, d], x_target [T, d], prior) -> (f(x) [N], f(x_target) [T])``; creates
+        the sample sites of f's parameters.
+      kernel: ``(x1, x2, prior) -> K``, f's covariance at fixed (prior-median) hyperparameters;
+        closed-form pilot fits use it.
+      prior_moments: ``(key, x_target, prior, n_draws) -> (mean, var)`` [S, T] of f(x*) under
+        the prior: a Gaussian mixture over S hyperparameter draws.
+    """
+
+    sample: Callable
+    kernel: Callable
+    prior_moments: Callable
+
+
+FUNCTION_PRIORS: Registry[FunctionPrior] = Registry("transferable-function")
+
+
+def linear_function(x: jax.Array, x_target: jax.Array, prior: PriorConfig) -> tuple[jax.Array, jax.Array]:
+    """``f(x) = x^T theta`` with ``theta ~ N(0, theta_scale^2 I)`` (site ``theta``)."""
+    theta = numpyro.sample("theta", dist.Normal(0.0, prior.theta_scale).expand([x.shape[-1]]).to_event(1))
+    return x @ theta, x_target @ theta
+
+
+def _linear_prior_moments(key, x_target, prior, n_draws):
+    var = prior.theta_scale**2 * jnp.sum(x_target**2, -1)  # exact: one Gaussian component
+    return jnp.zeros_like(var)[None], var[None]
+
+
+def hsgp_function(x: jax.Array, x_target: jax.Array, prior: PriorConfig) -> tuple[jax.Array, jax.Array]:
+    """RBF GP f in Hilbert-space form on a box around both input sets (module docstring)."""
+    d = x.shape[-1]
+    lengthscale = numpyro.sample("lengthscale", dist.LogNormal(math.log(prior.lengthscale), prior.hyper_log_sd))
+    amplitude = numpyro.sample("amplitude", dist.LogNormal(math.log(prior.amplitude), prior.hyper_log_sd))
+    per_dim = max(6, round(HSGP_BASIS ** (1.0 / d)))
+    centre = x.mean(0)
+    reach = jnp.maximum(jnp.abs(x - centre).max(0), jnp.abs(x_target - centre).max(0))
+    half_width = (HSGP_BOUNDARY * reach)[:, None]  # [d, 1]: the box is [-L, L] per dimension
+    # sqrt of the RBF spectral density a^2 (2 pi)^(d/2) l^d exp(-l^2 |w|^2 / 2), in log space: the
+    # density underflows to 0 at high frequencies, where d sqrt(s)/ds = inf would make NaN gradients.
+    freq_sq = jnp.sum(sqrt_eigenvalues(half_width, per_dim, d) ** 2, 0)
+    log_density = 2 * jnp.log(amplitude) + 0.5 * d * math.log(2 * math.pi) + d * jnp.log(lengthscale) \
+        - 0.5 * lengthscale**2 * freq_sq
+    spectral = jnp.exp(0.5 * log_density)
+    with numpyro.plate("basis", per_dim**d):
+        beta = numpyro.sample("basis_weights", dist.Normal(0.0, 1.0))
+    weights = spectral * beta
+    return (eigenfunctions(x - centre, half_width, per_dim) @ weights,
+            eigenfunctions(x_target - centre, half_width, per_dim) @ weights)
+
+
+def _gp_prior_moments(key, x_target, prior, n_draws):
+    amplitude = dist.LogNormal(math.log(prior.amplitude), prior.hyper_log_sd).sample(key, (n_draws,))
+    var = jnp.broadcast_to(amplitude[:, None] ** 2, (n_draws, x_target.shape[0]))
+    return jnp.zeros_like(var), var
+
+
+FUNCTION_PRIORS.register("linear", FunctionPrior(
+    linear_function, lambda x1, x2, prior: linear_kernel(x1, x2, prior.theta_scale), _linear_prior_moments))
+FUNCTION_PRIORS.register("gp", FunctionPrior(
+    hsgp_function, lambda x1, x2, prior: rbf_kernel(x1, x2, prior.lengthscale, prior.amplitude), _gp_prior_moments))
 
 
 # --------------------------------------------------------------------------- shared sites
+
+
+def _shapes(x: jax.Array, x_target: jax.Array, y: Optional[jax.Array], **per_point: Optional[jax.Array]) -> int:
+    """Checks [N, d] inputs, [T, d] target inputs and [N] per-point arrays; returns N."""
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"x must have shape [N, d], got {jnp.shape(x)}")
+    n, d = x.shape
+    if jnp.ndim(x_target) != 2 or x_target.shape[1] != d:
+        raise ValueError(f"x_target must have shape [T, {d}], got {jnp.shape(x_target)}")
+    for name, value in dict(y=y, **per_point).items():
+        if value is not None and jnp.shape(value) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {jnp.shape(value)}")
+    return n
+
+
+def _transferable(x: jax.Array, x_target: jax.Array, prior: PriorConfig, function: str) -> jax.Array:
+    f_source, f_target = FUNCTION_PRIORS.get(function).sample(x, x_target, prior)
+    numpyro.deterministic("f_target", f_target)
+    return f_source
+
+
+def _proxy_readings(phi: jax.Array, proxy: jax.Array, proxy_noise: jax.Array) -> None:
+    if jnp.ndim(proxy) != 1:
+        raise ValueError(f"proxy must have shape [M] (readings of the scalar phi*), got {jnp.shape(proxy)}")
+    with numpyro.plate("proxy_readings", proxy.shape[0]):
+        numpyro.sample("proxy", dist.Normal(phi, proxy_noise), obs=proxy)
 
 
 def proxy_model(proxy: jax.Array, *, proxy_noise: jax.Array, prior: PriorConfig) -> None:
@@ -99,142 +197,68 @@ def proxy_model(proxy: jax.Array, *, proxy_noise: jax.Array, prior: PriorConfig)
     _proxy_readings(phi, proxy, proxy_noise)
 
 
-def _proxy_readings(phi: jax.Array, proxy: jax.Array, proxy_noise: jax.Array) -> None:
-    if jnp.ndim(proxy) != 1:
-        raise ValueError(f"proxy must have shape [M] (readings of the scalar phi*), got {jnp.shape(proxy)}")
-    with numpyro.plate("proxy_readings", proxy.shape[0]):
-        numpyro.sample("proxy", dist.Normal(phi, proxy_noise), obs=proxy)
+# --------------------------------------------------------------------------- models
 
 
-def _theta(d: int, prior: PriorConfig) -> jax.Array:
-    return numpyro.sample("theta", dist.Normal(0.0, prior.theta_scale).expand([d]).to_event(1))
+def prompt_model(x: jax.Array, y: Optional[jax.Array] = None, *, x_target: jax.Array, weights: jax.Array,
+                 proxy_mean: jax.Array, proxy_var: jax.Array, prior: PriorConfig, function: str = "linear") -> None:
+    """PROMPT power-likelihood posterior ``p(f) q(phi) prod_n N(y_n; f(x_n) + phi, sigma^2)^{r_n}``.
+
+    Args:
+      x: [N, d] source inputs; y: [N] outcomes (None samples them).
+      x_target: [T, d] where ``f_target`` is recorded.
+      weights: [N] positive relevance weights r_n (the power of each point's likelihood).
+      proxy_mean, proxy_var: moments of the proxy posterior q(phi*), the prior of ``phi_source``.
+      prior: the learner's prior; function: name in ``FUNCTION_PRIORS``.
+    """
+    n = _shapes(x, x_target, y, weights=weights)
+    f = _transferable(x, x_target, prior, function)
+    phi = numpyro.sample("phi_source", dist.Normal(proxy_mean, jnp.sqrt(proxy_var)))
+    with numpyro.plate("source_points", n), handlers.scale(scale=weights):
+        numpyro.sample("y", dist.Normal(f + phi, prior.noise_scale), obs=y)
 
 
-def _kernel(x: jax.Array, prior: PriorConfig) -> tuple[jax.Array, jax.Array]:
-    """Samples the RBF hyperparameters; returns (Gram matrix at x, amplitude)."""
-    lengthscale = numpyro.sample("lengthscale", dist.LogNormal(math.log(prior.lengthscale), prior.hyper_log_sd))
-    amplitude = numpyro.sample("amplitude", dist.LogNormal(math.log(prior.amplitude), prior.hyper_log_sd))
-    return rbf_kernel(x, x, lengthscale, amplitude), amplitude
+def pooled_model(x: jax.Array, y: Optional[jax.Array] = None, *, x_target: jax.Array, proxy: jax.Array,
+                 proxy_noise: jax.Array, prior: PriorConfig, function: str = "linear") -> None:
+    """Naive pooling: one ``phi`` for all sources and the target (every r_n = 1)."""
+    n = _shapes(x, x_target, y)
+    f = _transferable(x, x_target, prior, function)
+    phi = numpyro.sample("phi", dist.Normal(prior.phi_mean, prior.phi_scale))
+    with numpyro.plate("source_points", n):
+        numpyro.sample("y", dist.Normal(f + phi, prior.noise_scale), obs=y)
+    _proxy_readings(phi, proxy, proxy_noise)
 
 
-def _hierarchy(n_components: int, prior: PriorConfig) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Population (mu, tau) of the non-transferable effects, ordered source effects and mixture weights."""
+def oracle_model(x: jax.Array, y: Optional[jax.Array] = None, *, x_target: jax.Array, task: jax.Array,
+                 n_sources: int, prior: PriorConfig, function: str = "linear") -> None:
+    """Oracle: the source labels ``task`` are known; one ``phi_sources[k]`` per source."""
+    n = _shapes(x, x_target, y, task=task)
+    f = _transferable(x, x_target, prior, function)
+    with numpyro.plate("sources", n_sources):
+        phi = numpyro.sample("phi_sources", dist.Normal(prior.phi_mean, prior.phi_scale))
+    with numpyro.plate("source_points", n):
+        numpyro.sample("y", dist.Normal(f + phi[task], prior.noise_scale), obs=y)
+
+
+def mixture_model(x: jax.Array, y: Optional[jax.Array] = None, *, x_target: jax.Array, proxy: jax.Array,
+                  proxy_noise: jax.Array, n_components: int, prior: PriorConfig, function: str = "linear") -> None:
+    """Hierarchical mixture over latent source assignments, summed out of the likelihood.
+
+    ``mu ~ N(phi_mean, phi_scale^2)``, ``tau ~ HalfCauchy(phi_scale)``, ordered
+    ``phi_1 < ... < phi_K`` with density ``prod_k N(phi_k; mu, tau^2)``, source weights
+    ``w ~ Dirichlet(1)``, ``y_n ~ sum_k w_k N(f(x_n) + phi_k, sigma^2)``; the target is a new
+    task ``phi* = mu + tau eta`` (non-centred) seen through the proxy.
+    """
+    n = _shapes(x, x_target, y)
+    f = _transferable(x, x_target, prior, function)
     mu = numpyro.sample("phi_mean", dist.Normal(prior.phi_mean, prior.phi_scale))
     tau = numpyro.sample("phi_spread", dist.HalfCauchy(prior.phi_scale))
-    # Ordered phi_k (flat base + factor for the population density) identify the components:
-    # without it every chain may pick its own labelling and R-hat is meaningless.
     phi = numpyro.sample("phi_sources", dist.ImproperUniform(constraints.ordered_vector, (), (n_components,)))
     numpyro.factor("phi_sources_prior", dist.Normal(mu, tau).log_prob(phi).sum())
-    weights = numpyro.sample("source_probs", dist.Dirichlet(jnp.ones(n_components)))
-    return mu, tau, phi, weights
-
-
-def _new_task(mu: jax.Array, tau: jax.Array, proxy: jax.Array, proxy_noise: jax.Array) -> None:
-    # Non-centred: phi* = mu + tau * eta avoids the funnel between tau and phi*.
+    probs = numpyro.sample("source_probs", dist.Dirichlet(jnp.ones(n_components)))
+    with numpyro.plate("source_points", n):
+        components = dist.Normal(f[:, None] + phi, prior.noise_scale)
+        numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(probs=probs), components), obs=y)
+    # Non-centred phi* avoids the funnel between tau and a task seen only through the proxy.
     eta = numpyro.sample("phi_target_std", dist.Normal(0.0, 1.0))
     _proxy_readings(numpyro.deterministic("phi_target", mu + tau * eta), proxy, proxy_noise)
-
-
-def _mixture_likelihood(f: jax.Array, phi: jax.Array, weights: jax.Array, y: Optional[jax.Array],
-                        noise_scale: float) -> None:
-    """y_n ~ sum_k w_k N(f_n + phi_k, sigma^2): the discrete source of each point summed out."""
-    with numpyro.plate("source_points", f.shape[0]):
-        components = dist.Normal(f[:, None] + phi, noise_scale)
-        numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(probs=weights), components), obs=y)
-
-
-def _power_scale(noise_scale: float, proxy_var: jax.Array) -> jax.Array:
-    """sd of a source point read as a target draw: sigma^2 + v_q (phi* integrated over q)."""
-    return jnp.sqrt(noise_scale**2 + proxy_var)
-
-
-# --------------------------------------------------------------------------- linear setting
-
-
-def prompt_linear_model(x: jax.Array, y: Optional[jax.Array] = None, *, weights: jax.Array,
-                        proxy_mean: jax.Array, proxy_var: jax.Array, prior: PriorConfig) -> None:
-    """PROMPT power-likelihood posterior, linear f: ``prod_n N(y_n; x_n^T theta + m_q, sigma^2 + v_q)^{r_n}``."""
-    n, d = _source_shapes(x, y, weights=weights)
-    theta = _theta(d, prior)
-    with numpyro.plate("source_points", n), handlers.scale(scale=weights):
-        numpyro.sample("y", dist.Normal(x @ theta + proxy_mean, _power_scale(prior.noise_scale, proxy_var)), obs=y)
-
-
-def pooled_linear_model(x: jax.Array, y: Optional[jax.Array] = None, *, proxy: jax.Array,
-                        proxy_noise: jax.Array, prior: PriorConfig) -> None:
-    """Naive pooling: one phi for all sources and the target; every r_n = 1."""
-    n, d = _source_shapes(x, y)
-    theta = _theta(d, prior)
-    phi = numpyro.sample("phi", dist.Normal(prior.phi_mean, prior.phi_scale))
-    with numpyro.plate("source_points", n):
-        numpyro.sample("y", dist.Normal(x @ theta + phi, prior.noise_scale), obs=y)
-    _proxy_readings(phi, proxy, proxy_noise)
-
-
-def oracle_linear_model(x: jax.Array, y: Optional[jax.Array] = None, *, task: jax.Array, n_sources: int,
-                        prior: PriorConfig) -> None:
-    """Oracle: the source labels are known; one phi_k per source."""
-    n, d = _source_shapes(x, y, task=task)
-    theta = _theta(d, prior)
-    with numpyro.plate("sources", n_sources):
-        phi = numpyro.sample("phi_sources", dist.Normal(prior.phi_mean, prior.phi_scale))
-    with numpyro.plate("source_points", n):
-        numpyro.sample("y", dist.Normal(x @ theta + phi[task], prior.noise_scale), obs=y)
-
-
-def mixture_linear_model(x: jax.Array, y: Optional[jax.Array] = None, *, proxy: jax.Array, proxy_noise: jax.Array,
-                         n_components: int, prior: PriorConfig) -> None:
-    """Hierarchical mixture over latent source assignments (marginalised), linear f."""
-    n, d = _source_shapes(x, y)
-    theta = _theta(d, prior)
-    mu, tau, phi, weights = _hierarchy(n_components, prior)
-    _mixture_likelihood(x @ theta, phi, weights, y, prior.noise_scale)
-    _new_task(mu, tau, proxy, proxy_noise)
-
-
-# --------------------------------------------------------------------------- GP setting
-
-
-def prompt_gp_model(x: jax.Array, y: Optional[jax.Array] = None, *, weights: jax.Array, proxy_mean: jax.Array,
-                    proxy_var: jax.Array, prior: PriorConfig) -> None:
-    """PROMPT power-likelihood posterior of the GP hyperparameters, f integrated out (module docstring)."""
-    n, _ = _source_shapes(x, y, weights=weights)
-    gram, _ = _kernel(x, prior)
-    var = _power_scale(prior.noise_scale, proxy_var) ** 2
-    numpyro.sample("y", dist.MultivariateNormal(jnp.full((n,), proxy_mean), gram + jnp.diag(var / weights)), obs=y)
-    numpyro.factor("power_constant", jnp.sum(0.5 * (1.0 - weights) * jnp.log(2 * jnp.pi * var) - 0.5 * jnp.log(weights)))
-
-
-def pooled_gp_model(x: jax.Array, y: Optional[jax.Array] = None, *, proxy: jax.Array, proxy_noise: jax.Array,
-                    prior: PriorConfig) -> None:
-    """Naive pooling, GP f: ``y ~ N(phi 1, K + sigma^2 I)`` with one phi (read by the proxy too)."""
-    n, _ = _source_shapes(x, y)
-    gram, _ = _kernel(x, prior)
-    phi = numpyro.sample("phi", dist.Normal(prior.phi_mean, prior.phi_scale))
-    numpyro.sample("y", dist.MultivariateNormal(jnp.full((n,), phi), gram + prior.noise_scale**2 * jnp.eye(n)), obs=y)
-    _proxy_readings(phi, proxy, proxy_noise)
-
-
-def oracle_gp_model(x: jax.Array, y: Optional[jax.Array] = None, *, task: jax.Array, n_sources: int,
-                    prior: PriorConfig) -> None:
-    """Oracle, GP f: ``y ~ N(phi[task], K + sigma^2 I)`` with known labels."""
-    n, _ = _source_shapes(x, y, task=task)
-    gram, _ = _kernel(x, prior)
-    with numpyro.plate("sources", n_sources):
-        phi = numpyro.sample("phi_sources", dist.Normal(prior.phi_mean, prior.phi_scale))
-    numpyro.sample("y", dist.MultivariateNormal(phi[task], gram + prior.noise_scale**2 * jnp.eye(n)), obs=y)
-
-
-def mixture_gp_model(x: jax.Array, y: Optional[jax.Array] = None, *, proxy: jax.Array, proxy_noise: jax.Array,
-                     n_components: int, prior: PriorConfig) -> None:
-    """Hierarchical mixture, GP f: the mixture does not integrate f analytically, so f is latent
-    (non-centred, ``f = chol(K) eta``) and kept as the deterministic site ``f_source``."""
-    n, _ = _source_shapes(x, y)
-    gram, amplitude = _kernel(x, prior)
-    chol = jnp.linalg.cholesky(gram + JITTER * amplitude**2 * jnp.eye(n))
-    with numpyro.plate("source_points", n):
-        eta = numpyro.sample("f_std", dist.Normal(0.0, 1.0))
-    f = numpyro.deterministic("f_source", chol @ eta)
-    mu, tau, phi, weights = _hierarchy(n_components, prior)
-    _mixture_likelihood(f, phi, weights, y, prior.noise_scale)
-    _new_task(mu, tau, proxy, proxy_noise)

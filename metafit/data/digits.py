@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_classification_task
+from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_scaled_images
 
 TRAIN_CLASSES = (0, 1, 2, 3, 4)
 HELD_OUT_CLASSES = (5, 6, 7, 8, 9)
@@ -45,15 +44,11 @@ def digits(*, ways: int | None, shots: int, queries: int) -> TaskSet:
     samplers = {}
     for split, pool in pools.items():
         check_class_pool("digits", split, pool.shape[0], pool.shape[1], ways, shots, queries)
+    for split, pool in pools.items():
         device_pool = jnp.asarray(pool)
         samplers[split] = TaskSampler(
-            functools.partial(_sample_scaled, pool=device_pool, ways=ways, shots=shots, queries=queries), split
+            functools.partial(sample_scaled_images, ways=ways, shots=shots, queries=queries), split, device_pool
         )
     info = {"train_classes": TRAIN_CLASSES, "held_out_classes": HELD_OUT_CLASSES,
             "per_class": {s: int(p.shape[1]) for s, p in pools.items()}}
     return TaskSet("digits", "classification", ways, shots, queries, (8, 8, 1), ways, **samplers, info=info)
-
-
-def _sample_scaled(key: jax.Array, *, pool: jax.Array, ways: int, shots: int, queries: int):
-    task = sample_classification_task(key, pool, ways, shots, queries)
-    return task._replace(support=(task.support[0] / 255.0, task.support[1]), query=(task.query[0] / 255.0, task.query[1]))

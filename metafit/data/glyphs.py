@@ -33,11 +33,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_classification_task
+from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_scaled_images
 
 SPLITS_FILE = Path(__file__).with_name("glyph_splits.json")
 
@@ -246,7 +245,7 @@ def build_pool(split: str, image_size: int = 28, instances: int = 20) -> np.ndar
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, pool=pool)
+        np.savez_compressed(tmp, pool=pool)  # glyph images compress about 5x
         os.replace(tmp, path)
     return pool
 
@@ -268,22 +267,18 @@ def glyphs(*, ways: int | None, shots: int, queries: int, image_size: int = 28, 
     if image_size < 8 or image_size % 2:
         raise ValueError(f"glyphs: image_size must be an even number >= 8, got {image_size}")
     samplers, info = {}, {"alphabets": {}, "classes": {}, "instances": instances}
+    for split in ("train", "validation", "test"):  # validate every split before rendering any
+        check_class_pool("glyphs", split, len(split_classes(split)), instances, ways, shots, queries)
     for split in ("train", "validation", "test"):
         classes = split_classes(split)
-        check_class_pool("glyphs", split, len(classes), instances, ways, shots, queries)
         pool = jnp.asarray(build_pool(split, image_size, instances))
         samplers[split] = TaskSampler(
-            functools.partial(_sample_scaled, pool=pool, ways=ways, shots=shots, queries=queries), split
+            functools.partial(sample_scaled_images, ways=ways, shots=shots, queries=queries), split, pool
         )
         info["alphabets"][split] = len(load_splits()["splits"][split])
         info["classes"][split] = len(classes)
     return TaskSet("glyphs", "classification", ways, shots, queries, (image_size, image_size, 1), ways,
                    **samplers, info=info)
-
-
-def _sample_scaled(key: jax.Array, *, pool: jax.Array, ways: int, shots: int, queries: int):
-    task = sample_classification_task(key, pool, ways, shots, queries)
-    return task._replace(support=(task.support[0] / 255.0, task.support[1]), query=(task.query[0] / 255.0, task.query[1]))
 
 
 def _main(argv: list[str] | None = None) -> None:

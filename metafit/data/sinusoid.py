@@ -15,6 +15,7 @@ should help (AMFS card).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -70,6 +71,16 @@ def _concat(task: Task) -> tuple[jax.Array, jax.Array]:
     return (jnp.concatenate([task.support[0], task.query[0]]), jnp.concatenate([task.support[1], task.query[1]]))
 
 
+def _clean(data, key, *, shots, queries):
+    del data  # synthetic: nothing to read
+    return sinusoid_task(key, shots, queries)
+
+
+def _mixed(data, key, *, shots, queries, outlier_fraction, noise_std):
+    del data
+    return hetero_task(key, shots, queries, outlier_fraction, noise_std)
+
+
 def _regression_ways(name: str, ways: int | None) -> None:
     if ways not in (None, 1):
         raise ValueError(f"{name} is a regression task set: ways must be 1 (or omitted), got {ways}")
@@ -79,10 +90,8 @@ def _regression_ways(name: str, ways: int | None) -> None:
 def sinusoid(*, ways: int | None, shots: int, queries: int) -> TaskSet:
     """Finn et al. sinusoid regression: ``shots`` support and ``queries`` query points per task."""
     _regression_ways("sinusoid", ways)
-    samplers = {
-        split: TaskSampler(lambda key: sinusoid_task(key, shots, queries), split)
-        for split in ("train", "validation", "test")
-    }
+    sample = functools.partial(_clean, shots=shots, queries=queries)
+    samplers = {split: TaskSampler(sample, split) for split in ("train", "validation", "test")}
     return TaskSet("sinusoid", "regression", 1, shots, queries, (1,), 1, **samplers,
                    info={"amplitude": AMPLITUDE, "phase": PHASE, "x": INPUT_RANGE})
 
@@ -96,8 +105,9 @@ def sinusoid_hetero(*, ways: int | None, shots: int, queries: int, outlier_fract
         raise ValueError(f"sinusoid_hetero: outlier_fraction must be in [0, 1), got {outlier_fraction}")
     if noise_std < 0:
         raise ValueError(f"sinusoid_hetero: noise_std must be >= 0, got {noise_std}")
-    mixed = lambda key: hetero_task(key, shots, queries, outlier_fraction, noise_std)  # noqa: E731
-    clean = lambda key: sinusoid_task(key, shots, queries)  # noqa: E731
+    mixed = functools.partial(_mixed, shots=shots, queries=queries, outlier_fraction=outlier_fraction,
+                              noise_std=noise_std)
+    clean = functools.partial(_clean, shots=shots, queries=queries)
     return TaskSet(
         "sinusoid_hetero", "regression", 1, shots, queries, (1,), 1,
         train=TaskSampler(mixed, "train"), validation=TaskSampler(mixed, "validation"),

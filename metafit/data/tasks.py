@@ -19,6 +19,7 @@ anything (too many ways or shots for the class pool, zero queries, unknown names
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
@@ -43,23 +44,36 @@ class Task(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TaskSampler:
-    """Draws tasks of one split; ``fn(key) -> Task`` is pure and jittable.
+    """Draws tasks of one split; ``fn(data, key) -> Task`` is pure and jittable.
 
     Attributes:
       fn: the single-task sampler.
       split: ``"train"``, ``"validation"`` or ``"test"``.
+      data: arrays the sampler reads (e.g. an image pool), passed to ``fn`` as an
+        argument so that eager sampling jits without baking them in as constants.
     """
 
-    fn: Callable[[Array], Task]
+    fn: Callable[[Any, Array], Task]
     split: str
+    data: Any = None
 
     def sample(self, key: Array) -> Task:
         """One task, a pure function of ``key``."""
-        return self.fn(key)
+        return _sample_one(self.fn, self.data, key)
 
     def sample_batch(self, key: Array, num_tasks: int) -> Task:
         """``num_tasks`` independent tasks stacked on a leading axis (``vmap`` over split keys)."""
-        return jax.vmap(self.fn)(jax.random.split(key, num_tasks))
+        return _sample_batch(self.fn, self.data, key, num_tasks)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample_one(fn, data, key):
+    return fn(data, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sample_batch(fn, data, key, num_tasks):
+    return jax.vmap(fn, in_axes=(None, 0))(data, jax.random.split(key, num_tasks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +118,6 @@ TASKSETS: Registry[TaskSetBuilder] = Registry("taskset")
 
 def list_tasksets() -> list[str]:
     """Names accepted by :func:`get_tasksets`."""
-    _load_builtin()
     return TASKSETS.names()
 
 
@@ -127,7 +140,6 @@ def get_tasksets(name: str, ways: int | None = None, shots: int = 5, queries: in
       UnknownNameError: unknown ``name``.
       ValueError: non-positive sizes, or more ways/shots+queries than the class pool holds.
     """
-    _load_builtin()
     builder = TASKSETS.get(name)
     for label, value in (("shots", shots), ("queries", queries)):
         if not isinstance(value, int) or value < 1:
@@ -187,17 +199,17 @@ def sample_classification_task(key: Array, pool: Array, ways: int, shots: int, q
     return Task(support, query)
 
 
+def sample_scaled_images(pool: Array, key: Array, *, ways: int, shots: int, queries: int) -> Task:
+    """:func:`sample_classification_task` on a ``uint8`` pool, images scaled to ``[0, 1]`` float32."""
+    task = sample_classification_task(key, pool, ways, shots, queries)
+    scale = lambda pair: (pair[0] / 255.0, pair[1])  # noqa: E731
+    return Task(scale(task.support), scale(task.query))
+
+
 def _merge_ways(x: Array) -> Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-_BUILTIN_LOADED = False
-
-
-def _load_builtin() -> None:
-    """Imports the built-in families (each registers itself) on first use."""
-    global _BUILTIN_LOADED
-    if not _BUILTIN_LOADED:
-        from metafit.data import digits, glyphs, sinusoid  # noqa: F401  (registration side effect)
-
-        _BUILTIN_LOADED = True
+# The built-in families register themselves on import (they import matplotlib, scipy and
+# scikit-learn lazily, so this is cheap); at the bottom because they import this module.
+from metafit.data import digits, glyphs, sinusoid  # noqa: E402,F401

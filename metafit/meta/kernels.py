@@ -113,19 +113,30 @@ def ntk_head(network: Network) -> Kernel:
 # ----------------------------------------------------------------------------- solves
 
 
-def _warn_if_jittered(jitter: Array, ridge: Array) -> None:
-    def report(jitter_value, ridge_value):
-        jitter_value = np.asarray(jitter_value)
-        if np.any(jitter_value > 0):
-            warnings.warn(
-                f"ill-conditioned kernel solve: added jitter {float(np.max(jitter_value)):.3g} to the diagonal "
-                f"(ridge {float(np.min(ridge_value)):.3g}) so the Cholesky factor stays finite; raise the ridge "
-                f"to silence this",
-                IllConditionedWarning,
-                stacklevel=2,
-            )
+def _report_jitter(jitter_value) -> None:
+    # A fixed message, so Python's default filter shows it once per call site instead of
+    # once per meta-step; the size of the jitter is in the ``kernel_jitter`` metric.
+    if np.any(np.asarray(jitter_value) > 0):
+        warnings.warn(
+            "ill-conditioned kernel solve: jitter was added to the diagonal so the Cholesky factor stays "
+            "finite (the amount is reported as the 'kernel_jitter' metric); raise the ridge, or check for "
+            "duplicate support points, to silence this",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
 
-    jax.debug.callback(report, jitter, ridge)
+
+def warn_if_jittered(jitter: Array) -> None:
+    """Warns (:class:`IllConditionedWarning`) if any ``jitter > 0``; works eagerly and under ``jit``.
+
+    Under tracing the check runs as one ``jax.debug.callback``; callers that ``vmap``
+    over tasks pass ``warn=False`` to the solver and call this once on the batch
+    maximum, because a callback inside ``vmap`` runs once per task on the host.
+    """
+    if isinstance(jitter, jax.core.Tracer):
+        jax.debug.callback(_report_jitter, jitter)
+    else:
+        _report_jitter(jitter)
 
 
 def regularised_cholesky(matrix: Array, ridge: Array | float, *, rcond: float | None = None,
@@ -155,24 +166,26 @@ def regularised_cholesky(matrix: Array, ridge: Array | float, *, rcond: float | 
     ridge = jnp.asarray(ridge, matrix.dtype)
     jitter = jnp.maximum(rcond * top - (eigenvalues[0] + jax.lax.stop_gradient(ridge)), 0.0)
     if warn:
-        _warn_if_jittered(jitter, ridge)
+        warn_if_jittered(jitter)
     factor = jnp.linalg.cholesky(matrix + (ridge + jitter) * jnp.eye(n, dtype=matrix.dtype))
     return factor, jitter
 
 
-def ridge_coefficients(gram: Array, residual: Array, ridge: Array | float, *, warn: bool = True) -> Array:
+def ridge_coefficients(gram: Array, residual: Array, ridge: Array | float, *,
+                       warn: bool = True) -> tuple[Array, Array]:
     """``alpha = (Theta + lambda I)^{-1} r`` by a (jittered if needed) Cholesky solve.
 
     Args:
       gram: ``[N, N]`` kernel matrix.
       residual: ``[N]`` or ``[N, k]`` right-hand side ``Y - f0(X)``.
       ridge: ``lambda``.
+      warn: warn here if jitter was needed (``False`` when the caller reports it, e.g. per batch).
 
     Returns:
-      ``alpha`` with the shape of ``residual``.
+      ``(alpha, jitter)``: coefficients shaped like ``residual`` and the jitter used (0 if none).
     """
-    factor, _ = regularised_cholesky(gram, ridge, warn=warn)
-    return jax.scipy.linalg.cho_solve((factor, True), residual)
+    factor, jitter = regularised_cholesky(gram, ridge, warn=warn)
+    return jax.scipy.linalg.cho_solve((factor, True), residual), jitter
 
 
 def flow_coefficients(gram: Array, residual: Array, time: Array | float) -> Array:

@@ -1,0 +1,118 @@
+"""NUTS and SVI against closed forms; the oracle's consistency; diagnostics warnings.
+
+Tolerances come from the effective sample size: a posterior mean estimated from ESS draws
+has Monte Carlo sd ``sqrt(var / ESS)`` and a variance estimate has relative sd
+``sqrt(2 / ESS)`` (Gaussian posterior); the checks allow 4 of those sds.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.diagnostics import effective_sample_size
+
+from metafit.bayes import (
+    Diagnostics,
+    Draws,
+    NutsConfig,
+    PosteriorDiagnosticsWarning,
+    PriorConfig,
+    SimulatorConfig,
+    SviConfig,
+    check_diagnostics,
+    diagnose,
+    fit_transfer,
+    linear_posterior,
+    run_nuts,
+    simulate,
+    svi_sample,
+)
+from metafit.bayes.methods import MethodConfig
+from metafit.bayes.models import prompt_model
+
+PRIOR = PriorConfig(theta_scale=1.5, noise_scale=0.5)
+NUTS = NutsConfig(num_warmup=300, num_samples=500, num_chains=4)
+# One model object for every call, so run_nuts compiles it once for the whole module.
+MODEL = functools.partial(prompt_model, prior=PRIOR, function="linear")
+
+
+@pytest.fixture(scope="module")
+def regression():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 2)).astype(np.float32)
+    y = (x @ np.array([1.0, -0.5]) + 0.7 + 0.5 * rng.normal(size=30)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y), dict(x_target=jnp.zeros((1, 2)), proxy_mean=jnp.asarray(0.3),
+                                                 proxy_var=jnp.asarray(0.5))
+
+
+def closed_form(x, y, extra, noise_var):
+    """(theta, phi_source) posterior: design [x, 1], prior N((0, 0, m_q), diag(s^2, s^2, v_q))."""
+    design = jnp.concatenate([x, jnp.ones((x.shape[0], 1))], 1)
+    prior_mean = jnp.array([0.0, 0.0, extra["proxy_mean"]])
+    prior_var = jnp.array([PRIOR.theta_scale**2] * 2 + [extra["proxy_var"]])
+    return linear_posterior(design, y, prior_mean, prior_var, noise_var)
+
+
+def assert_matches(draws: Draws, expected):
+    value = np.concatenate([np.asarray(draws.samples["theta"]), np.asarray(draws.samples["phi_source"])[..., None]], -1)
+    ess = effective_sample_size(value)
+    mean, var = value.mean((0, 1)), value.var((0, 1))
+    want_mean, want_var = np.asarray(expected.mean), np.diag(np.asarray(expected.var))
+    assert np.all(ess > 300), ess
+    np.testing.assert_array_less(np.abs(mean - want_mean), 4 * np.sqrt(want_var / ess))
+    np.testing.assert_array_less(np.abs(var / want_var - 1), 4 * np.sqrt(2 / ess))
+
+
+def test_nuts_matches_the_conjugate_posterior_with_all_weights_one(regression):
+    x, y, extra = regression
+    draws, diag = run_nuts(MODEL, jax.random.PRNGKey(0), NUTS, x=x, y=y, weights=jnp.ones(30), **extra)
+    assert draws.samples["theta"].shape == (4, 500, 2) and diag.divergences == 0 and diag.max_rhat < 1.02
+    assert_matches(draws, closed_form(x, y, extra, PRIOR.noise_scale**2))
+
+
+def test_power_likelihood_with_weight_w_is_the_posterior_with_noise_variance_over_w(regression):
+    x, y, extra = regression
+    w = 0.2
+    draws, _ = run_nuts(MODEL, jax.random.PRNGKey(1), NUTS, x=x, y=y, weights=jnp.full(30, w), **extra)
+    assert_matches(draws, closed_form(x, y, extra, PRIOR.noise_scale**2 / w))
+    wider = closed_form(x, y, extra, PRIOR.noise_scale**2)
+    assert np.all(np.diag(closed_form(x, y, extra, PRIOR.noise_scale**2 / w).var) > np.diag(wider.var))
+
+
+def test_svi_full_rank_guide_recovers_the_conjugate_posterior(regression):
+    x, y, extra = regression
+    config = SviConfig(steps=1500, lr=0.02, guide="mvn", num_samples=2000)
+    draws = jax.jit(lambda k: svi_sample(MODEL, k, config, x=x, y=y, weights=jnp.ones(30), **extra))(
+        jax.random.PRNGKey(2))
+    want = closed_form(x, y, extra, PRIOR.noise_scale**2)
+    got = np.concatenate([draws.samples["theta"][0], draws.samples["phi_source"][0][:, None]], -1)
+    # SVI is exact in the family here (Gaussian posterior, full-rank guide) up to optimisation noise.
+    np.testing.assert_allclose(got.mean(0), want.mean, atol=0.05)
+    np.testing.assert_allclose(got.std(0), np.sqrt(np.diag(want.var)), rtol=0.15)
+    assert draws.losses.shape == (1500,) and float(draws.losses[-100:].mean()) < float(draws.losses[:100].mean())
+
+
+def test_oracle_recovers_theta_as_data_grow():
+    config = MethodConfig(nuts=NutsConfig(num_warmup=150, num_samples=150, num_chains=2))
+    errors, spreads = [], []
+    for size in (8, 400):
+        sim = SimulatorConfig(n_sources=3, source_size=(size,), n_features=2, heterogeneity=2.0, n_target=5)
+        data, truth = simulate(jax.random.PRNGKey(3), sim)
+        fit, diag = fit_transfer("oracle", data, n_sources=3, key=jax.random.PRNGKey(4), config=config)
+        theta = np.asarray(fit.draws.samples["theta"]).reshape(-1, 2)
+        errors.append(np.abs(theta.mean(0) - np.asarray(truth.theta)).max())
+        spreads.append(theta.std(0).max())
+    assert spreads[1] < spreads[0] / 4          # posterior concentrates ~ 1/sqrt(n)
+    assert errors[1] < 4 * spreads[1] + 1e-3 and errors[1] < 0.1   # ... on the true theta
+
+
+def test_poor_diagnostics_warn_and_good_ones_do_not():
+    rng = np.random.default_rng(0)
+    stuck = {"theta": jnp.asarray(rng.normal(size=(2, 100)) + np.array([[0.0], [5.0]]))}  # chains disagree
+    diag = diagnose(Draws(stuck, jnp.zeros((2, 100), bool).at[0, 3].set(True)))
+    assert diag.max_rhat > 1.5 and diag.divergences == 1 and diag.worst_site == "theta"
+    with pytest.warns(PosteriorDiagnosticsWarning, match="R-hat .* divergent"):
+        check_diagnostics(diag)
+    healthy = diagnose(Draws({"theta": jnp.asarray(rng.normal(size=(4, 400)))}, jnp.zeros((4, 400), bool)))
+    assert check_diagnostics(healthy, warn=False) == [] and isinstance(healthy, Diagnostics)

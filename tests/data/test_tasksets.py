@@ -1,0 +1,107 @@
+"""Few-shot task sets: shapes, determinism, split hygiene, committed glyph splits, bad input."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metafit.data import glyphs
+from metafit.data.tasks import get_tasksets, list_tasksets
+from metafit.registry import UnknownNameError
+
+
+def test_list_and_unknown_names():
+    assert {"sinusoid", "sinusoid_hetero", "glyphs", "digits"} <= set(list_tasksets())
+    with pytest.raises(UnknownNameError, match="did you mean 'sinusoid'"):
+        get_tasksets("sinusiod")
+
+
+def test_sinusoid_protocol_shapes_and_determinism():
+    tasks = get_tasksets("sinusoid", shots=5, queries=7)
+    batch = jax.jit(lambda k: tasks.train.sample_batch(k, 64))(jax.random.key(0))
+    assert batch.support[0].shape == (64, 5, 1) and batch.query[1].shape == (64, 7, 1)
+    x = np.concatenate([batch.support[0], batch.query[0]], 1)
+    y = np.concatenate([batch.support[1], batch.query[1]], 1)
+    assert x.min() >= -5 and x.max() <= 5 and np.abs(y).max() <= 5
+    again = tasks.train.sample_batch(jax.random.key(0), 64)
+    np.testing.assert_array_equal(batch.query[1], again.query[1])
+    other = tasks.train.sample_batch(jax.random.key(1), 64)
+    assert not np.allclose(batch.query[1], other.query[1])
+    # each task is a sinusoid: fit A sin(x - phi) = a sin x + b cos x by least squares, exactly
+    design = np.stack([np.sin(x[0, :, 0]), np.cos(x[0, :, 0])], 1)
+    coef = np.linalg.lstsq(design, y[0, :, 0], rcond=None)[0]
+    np.testing.assert_allclose(design @ coef, y[0, :, 0], atol=1e-5)
+    assert 0.1 - 1e-5 <= np.hypot(*coef) <= 5 + 1e-5
+
+
+def test_heterogeneous_sinusoid_has_outliers_in_training_only():
+    tasks = get_tasksets("sinusoid_hetero", shots=5, queries=15, outlier_fraction=0.3)
+
+    def residual_of_sine_fit(batch):
+        x = np.concatenate([batch.support[0], batch.query[0]], 1)[..., 0]
+        y = np.concatenate([batch.support[1], batch.query[1]], 1)[..., 0]
+        out = []
+        for xi, yi in zip(x, y):
+            design = np.stack([np.sin(xi), np.cos(xi)], 1)
+            out.append(np.abs(design @ np.linalg.lstsq(design, yi, rcond=None)[0] - yi).max())
+        return np.array(out)
+
+    train = residual_of_sine_fit(tasks.train.sample_batch(jax.random.key(0), 400))
+    test = residual_of_sine_fit(tasks.test.sample_batch(jax.random.key(0), 100))
+    assert 0.22 < np.mean(train > 1e-3) < 0.38  # ~30% are not sinusoids
+    assert np.all(test < 1e-3)  # the test split is clean
+    with pytest.raises(ValueError, match="outlier_fraction"):
+        get_tasksets("sinusoid_hetero", outlier_fraction=1.5)
+
+
+def test_digits_tasks_are_balanced_and_split_by_class():
+    tasks = get_tasksets("digits", ways=5, shots=2, queries=3)
+    task = tasks.test.sample(jax.random.key(0))
+    assert task.support[0].shape == (10, 8, 8, 1) and task.query[0].shape == (15, 8, 8, 1)
+    assert np.bincount(np.asarray(task.support[1]), minlength=5).tolist() == [2] * 5
+    assert 0.0 <= float(task.support[0].min()) and float(task.support[0].max()) <= 1.0
+    assert tasks.info["train_classes"] == (0, 1, 2, 3, 4) and tasks.info["held_out_classes"] == (5, 6, 7, 8, 9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="digits", ways=6, shots=1, queries=1), "ways=6 but the train split has only 5 classes"),
+    (dict(name="digits", ways=5, shots=100, queries=100), "shots \\+ queries"),
+    (dict(name="sinusoid", shots=5, queries=0), "queries must be a positive integer"),
+    (dict(name="sinusoid", shots=0, queries=5), "shots must be a positive integer"),
+    (dict(name="sinusoid", ways=5, shots=5, queries=5), "regression task set: ways must be 1"),
+    (dict(name="glyphs", ways=500, shots=1, queries=1), "ways=500 but the validation split has only"),
+    (dict(name="glyphs", ways=5, shots=15, queries=15, instances=20), "shots \\+ queries = 15 \\+ 15 = 30"),
+])
+def test_bad_sizes_fail_before_sampling(kwargs, message):
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=message):
+        get_tasksets(name, **kwargs)
+
+
+def test_glyph_split_file_is_small_disjoint_by_alphabet_and_reproducible():
+    committed = json.loads(glyphs.SPLITS_FILE.read_text())
+    assert glyphs.SPLITS_FILE.stat().st_size < 100_000  # code points and font masks, no images
+    splits = committed["splits"]
+    alphabets = [set(splits[s]) for s in ("train", "validation", "test")]
+    assert not (alphabets[0] & alphabets[1] or alphabets[0] & alphabets[2] or alphabets[1] & alphabets[2])
+    points = [cp for s in splits.values() for items in s.values() for cp, _ in items]
+    assert len(points) == len(set(points)) > 1500
+    assert len(alphabets[0]) + len(alphabets[1]) + len(alphabets[2]) > 25
+    regenerated = glyphs.generate_splits()  # deterministic: same fonts -> same file
+    assert regenerated["splits"] == splits and regenerated["fonts"] == committed["fonts"]
+
+
+def test_glyph_tasks_shapes_labels_and_distinct_classes():
+    tasks = get_tasksets("glyphs", ways=5, shots=1, queries=2, instances=6)
+    assert tasks.info["classes"]["train"] > 1000 and tasks.info["alphabets"]["test"] >= 5
+    task = jax.jit(tasks.test.sample)(jax.random.key(3))
+    assert task.support[0].shape == (5, 28, 28, 1) and task.query[0].shape == (10, 28, 28, 1)
+    assert task.support[0].dtype == jnp.float32 and 0.0 <= float(task.support[0].min()) <= float(
+        task.support[0].max()) <= 1.0
+    np.testing.assert_array_equal(task.support[1], np.arange(5))
+    np.testing.assert_array_equal(task.query[1], np.repeat(np.arange(5), 2))
+    # the five classes really are different glyphs, and support/query are different drawings
+    flat = np.asarray(task.support[0]).reshape(5, -1)
+    assert min(np.abs(flat[i] - flat[j]).sum() for i in range(5) for j in range(i + 1, 5)) > 1.0
+    assert np.abs(np.asarray(task.query[0][0]) - np.asarray(task.support[0][0])).sum() > 0.1
