@@ -242,11 +242,17 @@ def check_diagnostics(diag: Diagnostics, *, max_rhat: float = 1.05, min_ess: flo
 def run_nuts(model: Callable, key: jax.Array, config: NutsConfig, *, check: bool = True,
              **model_kwargs: Any) -> tuple[Draws, Diagnostics]:
     """Jit-compiles and runs :func:`nuts_sample`, then diagnoses (and warns) -- the one-posterior entry point."""
-    draws = _jitted_nuts(model, config)(key, **model_kwargs)
+    draws = _jitted_nuts(model, config)(key, **strong_types(model_kwargs))
     diag = diagnose(draws)
     if check:
         check_diagnostics(diag, context=getattr(model, "__name__", "") or getattr(getattr(model, "func", None), "__name__", ""))
     return draws, diag
+
+
+def strong_types(tree: Any) -> Any:
+    """The same arrays without JAX's weak types, so ``jnp.full(n, 0.2)`` and ``jnp.ones(n)`` share
+    one compiled function (a weak-typed argument is a different signature and recompiles)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.asarray(a).dtype), tree)
 
 
 @functools.lru_cache(maxsize=64)

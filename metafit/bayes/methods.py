@@ -58,6 +58,7 @@ from metafit.bayes.inference import (
     check_diagnostics,
     diagnose,
     nuts_sample,
+    strong_types,
     svi_sample,
 )
 from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
@@ -285,11 +286,16 @@ def fit_transfer(method: str, data: TransferData, *, n_sources: int, key: jax.Ar
     if n_sources < 1:
         raise ValueError(f"n_sources must be >= 1, got {n_sources}")
     FUNCTION_PRIORS.get(function)
-    run = jax.jit(functools.partial(fn, function=function, prior=prior, config=config, n_sources=n_sources))
-    fit = run(data, key=key)
+    fit = _compiled(fn, function, prior, config, n_sources)(strong_types(data), key=key)
     diag = None
     if fit.draws.diverging is not None:
         diag = diagnose(fit.draws)
         if check:
             check_diagnostics(diag, context=f"{method} ({function})")
     return fit, diag
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(fn: TransferMethod, function: str, prior: PriorConfig, config: MethodConfig, n_sources: int):
+    # One jitted function per static configuration: repeated fits of same-shaped data reuse it.
+    return jax.jit(functools.partial(fn, function=function, prior=prior, config=config, n_sources=n_sources))

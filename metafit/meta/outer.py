@@ -14,6 +14,7 @@ module does not import the trainer, keeping ``metafit.meta`` below it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -97,18 +98,20 @@ def evaluate(learner: MetaLearner, meta_params: Params, tasks: Task, key: jax.Ar
       ``{"query_loss": [N], "query_<metric>": [N], ...}`` as host arrays.
     """
     num = _num_tasks(tasks)
-    keys = jax.random.split(key, num)
+    per_task = _evaluate_jit(learner, meta_params, tasks, jax.random.split(key, num), min(chunk, num))
+    return {k: np.asarray(v) for k, v in per_task.items()}
 
-    @jax.jit
-    def run(params, tasks, keys):
-        def one(args):
-            task, k = args
-            value, metrics = meta_loss(learner, params, task, k)
-            return {"query_loss": value, **metrics}
 
-        return jax.lax.map(one, (tasks, keys), batch_size=min(chunk, num))
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _evaluate_jit(learner, meta_params, tasks, keys, chunk):
+    # module level with the learner as a static argument, so repeated evaluations (every
+    # eval_every steps) reuse one compiled program instead of tracing a fresh closure each time
+    def one(args):
+        task, k = args
+        value, metrics = meta_loss(learner, meta_params, task, k)
+        return {"query_loss": value, **metrics}
 
-    return {k: np.asarray(v) for k, v in run(meta_params, tasks, keys).items()}
+    return jax.lax.map(one, (tasks, keys), batch_size=chunk)
 
 
 def summarize(per_task: dict[str, np.ndarray]) -> dict[str, float]:

@@ -50,8 +50,9 @@ SCALES = {
     # pipeline check: every job, a few steps, tiny evaluation
     "smoke": dict(seeds=(0,), glyph_seeds=(0,), sinusoid_steps=20, glyph_steps=4, eval_tasks=10, val_tasks=4,
                   glyph_backbone=["args.backbone=mlp", "args.widths=[16]"], glyph_batch_divisor=8, log_every=2),
-    # the README's table: what fits in ~20 CPU-minutes of a shared 2-core machine. Glyphs use an
-    # MLP (784-64-64-ways) instead of Conv4: Conv4 second-order MAML measured ~3 s per meta-iteration here.
+    # the README's table (planned for ~20 CPU-minutes; took ~50 on the loaded 2-core machine). Glyphs use an
+    # MLP (784-64-64-ways) instead of Conv4: second-order MAML on a 32-filter Conv4 measured ~7 s per
+    # meta-iteration (8 tasks) here.
     "cpu": dict(seeds=(0, 1, 2), glyph_seeds=(0,), sinusoid_steps=2_000, glyph_steps=300, eval_tasks=600,
                 val_tasks=100, glyph_backbone=["args.backbone=mlp", "args.widths=[64,64]"], glyph_batch_divisor=4,
                 log_every=100),
@@ -123,7 +124,7 @@ def run_job(job: Job, out: Path, core: int | None, deadline: float, hard_deadlin
     run_dir = out / "runs" / job.name
     results = run_dir / "results.json"
     if results.is_file():
-        return _row(job, json.loads(results.read_text()))
+        return _row(job, json.loads(results.read_text()), run_dir)
     if time.time() > deadline:
         return None
     if in_process:  # one interpreter for every job: no per-job start-up on a small machine
@@ -142,7 +143,7 @@ def run_job(job: Job, out: Path, core: int | None, deadline: float, hard_deadlin
             print(f"  {job.name}: FAILED ({type(err).__name__}: {err})", flush=True)
             return None
         print(f"  {job.name}: done in {time.time() - start:.0f}s", flush=True)
-        return _row(job, json.loads(results.read_text()))
+        return _row(job, json.loads(results.read_text()), run_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if job.device == "cpu":
         env.update(JAX_PLATFORMS="cpu")
@@ -165,12 +166,23 @@ def run_job(job: Job, out: Path, core: int | None, deadline: float, hard_deadlin
             print(f"  {job.name}: FAILED ({type(err).__name__}); see {log_path}", flush=True)
             return None
     print(f"  {job.name}: done in {time.time() - start:.0f}s", flush=True)
-    return _row(job, json.loads(results.read_text()))
+    return _row(job, json.loads(results.read_text()), run_dir)
 
 
-def _row(job: Job, results: dict) -> dict:
-    return {"name": job.name, "group": job.group, "learner": job.learner, "seed": job.seed, "device": job.device,
-            **results["metrics"]}
+def _row(job: Job, results: dict, run_dir: Path | None = None) -> dict:
+    row = {"name": job.name, "group": job.group, "learner": job.learner, "seed": job.seed, "device": job.device,
+           **results["metrics"]}
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        row["meta_loss_cv"] = meta_loss_cv(run_dir / "metrics.jsonl")
+    return row
+
+
+def meta_loss_cv(path: Path) -> float:
+    """std / mean of the logged training meta-loss over the second half: stability relative to its level."""
+    losses = [json.loads(line)["loss"] for line in path.read_text().splitlines() if '"split": "train"' in line]
+    half = losses[len(losses) // 2:]
+    mean = sum(half) / len(half)
+    return math.sqrt(sum((v - mean) ** 2 for v in half) / len(half)) / mean
 
 
 def run_all(jobs: list[Job], out: Path, cpu_jobs: int, gpu_jobs: int, deadline_s: float,
@@ -243,14 +255,17 @@ def build_table(rows: list[dict], scale_name: str) -> str:
     lines = [f"Scale: `{scale_name}` ({SCALES[scale_name]}).", "",
              f"Sinusoid regression, query MSE on {SCALES[scale_name]['eval_tasks']} held-out tasks (lower is better), "
              "mean ± 95% CI over seeds; "
-             "seconds/iteration and meta-loss variance at K=10.", "",
-             "| learner | K=5 MSE | K=10 MSE | heterogeneous K=10 MSE | s / meta-iter (K=10) | meta-loss var (K=10) |",
-             "|---|---|---|---|---|---|"]
+             "at K=10: seconds per meta-iteration, variance and CV (std / mean) of the logged training "
+             "meta-loss over the second half of training, means over seeds.", "",
+             "| learner | K=5 MSE | K=10 MSE | heterogeneous K=10 MSE | s / meta-iter (K=10) | meta-loss var (K=10) "
+             "| meta-loss CV (K=10) |",
+             "|---|---|---|---|---|---|---|"]
     for learner in SINUSOID_LEARNERS:
         k10 = by[("sinusoid_k10", learner)]
         lines.append(f"| {learner} | {cell(by[('sinusoid_k5', learner)], 'query_mse')} | {cell(k10, 'query_mse')} | "
                      f"{cell(by[('hetero_k10', learner)], 'query_mse') if learner in HETERO_LEARNERS else '—'} | "
-                     f"{plain(k10, 'seconds_per_iter', '.2e')} | {plain(k10, 'meta_loss_var', '.3g')} |")
+                     f"{plain(k10, 'seconds_per_iter', '.2e')} | {plain(k10, 'meta_loss_var', '.3g')} | "
+                     f"{plain(k10, 'meta_loss_cv', '.3f')} |")
     lines += ["", f"Glyph few-shot classification, query accuracy (%) on {SCALES[scale_name]['eval_tasks']} held-out "
               "tasks of the evaluation alphabets († = one seed, ± is the 95% CI over tasks).", "",
               "| learner | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | s / meta-iter (5w1s) |", "|---|---|---|---|---|"]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from metafit.bayes import PosteriorDiagnosticsWarning
 from metafit.config import ConfigError
 from metafit.experiments import load_run_config, run_experiment
 
@@ -22,7 +23,8 @@ def test_every_bayes_config_validates(path):
 def test_tiny_sweep_writes_results_tables_plots_and_resumes(tmp_path):
     config = CONFIGS[[p.stem for p in CONFIGS].index("prompt_sweep_linear")]
     overrides = TINY + ["args.grid.proxy_noise=[0.1,1.0]", "args.grid.heterogeneity=[1.0]"]
-    run, results = run_experiment(config, overrides, workdir=tmp_path / "run")
+    with pytest.warns(PosteriorDiagnosticsWarning, match="prompt: .* poor NUTS diagnostics"):  # 2 x 30 draws
+        run, results = run_experiment(config, overrides, workdir=tmp_path / "run")
     methods = results["methods"]
     assert set(methods) == {"no_transfer", "prompt"}
     for row in methods.values():
@@ -33,7 +35,7 @@ def test_tiny_sweep_writes_results_tables_plots_and_resumes(tmp_path):
     # A rerun reuses the per-method scores: same numbers, nothing refitted.
     stamp = (run.path / "methods" / "prompt.npz").stat().st_mtime
     _, again = run_experiment(config, overrides, workdir=tmp_path / "run")
-    assert again == json.loads(json.dumps(results)) or again["methods"]["prompt"]["lpd"] == methods["prompt"]["lpd"]
+    assert again["methods"]["prompt"]["lpd"] == methods["prompt"]["lpd"]
     assert (run.path / "methods" / "prompt.npz").stat().st_mtime == stamp
 
 

@@ -37,12 +37,12 @@ def test_sinusoid_maml_reaches_stated_mse_in_a_short_seeded_run():
 def test_meta_experiment_runs_and_resumes(tmp_path):
     from metafit.experiments import run_experiment
 
-    overrides = ["train.steps=40", "train.log_every=20", "train.eval_every=20", "train.ckpt_every=20",
-                 "train.steps_per_dispatch=20", "args.eval_tasks=20", "args.val_tasks=10",
+    overrides = ["train.steps=20", "train.log_every=10", "train.eval_every=20", "train.ckpt_every=10",
+                 "train.steps_per_dispatch=10", "args.eval_tasks=20", "args.val_tasks=10",
                  "args.widths=[16]", "args.learner=maml"]
     run, results = run_experiment(CONFIG, overrides, workdir=tmp_path / "run")
     metrics = results["metrics"]
-    assert metrics["steps"] == 40 and metrics["query_mse"] > 0 and metrics["seconds_per_iter"] > 0
+    assert metrics["steps"] == 20 and metrics["query_mse"] > 0 and metrics["seconds_per_iter"] > 0
     saved = json.loads((run.path / "results.json").read_text())["metrics"]
     _, again = run_experiment(CONFIG, overrides, workdir=tmp_path / "run")
     assert again["metrics"]["query_mse"] == saved["query_mse"]  # resumed from the final checkpoint: same numbers
