@@ -269,11 +269,13 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
         table[name] = row
 
     # PA-ATM: K_max rounds of one epoch, mean aggregation; round k is budget k.
-    atm_result = atm_lib.atm(base, finetune_for(1, streams), num_tasks, k_max, key=jax.random.fold_in(key, 3))
+    atm_result = atm_lib.atm(base, finetune_for(1, streams), num_tasks, k_max, key=jax.random.fold_in(key, 3),
+                             checkpoint_dir=run.checkpoint_dir("pa_atm"))
     table["PA-ATM"] = {f"K={k}": test_acc(atm_result.rounds[k - 1]) for k in args.budgets}
     if args.atm_sum:
         summed = atm_lib.atm(base, finetune_for(1, streams), num_tasks, k_max, key=jax.random.fold_in(key, 3),
-                             aggregate=lambda b, fts: task_arithmetic(b, fts, 1.0))
+                             aggregate=lambda b, fts: task_arithmetic(b, fts, 1.0),
+                             checkpoint_dir=run.checkpoint_dir("pa_atm_sum"))
         table["PA-ATM (sum)"] = {f"K={k}": test_acc(summed.rounds[k - 1]) for k in args.budgets}
 
     # PH-ATM: from the tuned TA merge of the K_max-epoch fine-tunes, rounds on the validation split.
@@ -288,7 +290,8 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
         return fit(losses[task], p, val_streams[task], dataclasses.replace(train, steps=steps, log_every=steps),
                    key=k, progress=False, name=f"ph_task{task}").params
 
-    ph = atm_lib.atm(ta_merge, ph_finetune, num_tasks, args.ph_rounds, key=jax.random.fold_in(key, 4))
+    ph = atm_lib.atm(ta_merge, ph_finetune, num_tasks, args.ph_rounds, key=jax.random.fold_in(key, 4),
+                     checkpoint_dir=run.checkpoint_dir("ph_atm"))
     ph_curve = [test_acc(ta_merge)] + [test_acc(p) for p in ph.rounds]
 
     # Joint multi-task training for K epochs (snapshots per epoch), the upper bound.

@@ -24,12 +24,14 @@ is any merge preset, e.g. ``lambda base, fts: ties(base, fts, 0.2, 1.0)``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from metafit.merge.methods import merge, task_arithmetic
+from metafit.train.checkpoint import Checkpointer
 
 PyTree = Any
 Finetune = Callable[[PyTree, int, int, jax.Array], PyTree]  # (params, task, round, key) -> params
@@ -55,7 +57,8 @@ def preset_aggregate(method: str, key: jax.Array | None = None, **params: Any) -
 
 def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key: jax.Array,
         aggregate: Aggregate = mean_aggregate,
-        on_round: Callable[[int, PyTree], None] | None = None) -> ATMResult:
+        on_round: Callable[[int, PyTree], None] | None = None,
+        checkpoint_dir: str | Path | None = None) -> ATMResult:
     """Runs ``rounds`` rounds of alternating per-task fine-tuning and merging.
 
     Args:
@@ -65,19 +68,53 @@ def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key:
       rounds: K.
       key: PRNG key; task ``t`` in round ``k`` uses ``fold_in(fold_in(key, k), t)``.
       aggregate: ``(θ^{k−1}, [θ_t]) -> θ^k``.
-      on_round: callback ``(k, θ^k)`` after each round (evaluation, logging).
+      on_round: callback ``(k, θ^k)`` after each round (evaluation, logging); it is called for
+        rounds restored from ``checkpoint_dir`` too, so callers see every round once.
+      checkpoint_dir: if given, θ^k is saved there (Orbax, one folder per round) after each round
+        and a rerun restores the finished rounds and continues after the last one. Every round is
+        a pure function of (θ^{k−1}, key, k), so a resumed run ends where an uninterrupted one does.
     Returns:
       :class:`ATMResult`.
+    Raises:
+      ValueError: ``checkpoint_dir`` holds more rounds than ``rounds`` (a different run).
     """
-    history = []
-    for k in range(1, rounds + 1):
-        round_key = jax.random.fold_in(key, k)
-        finetuned = [finetune(params, t, k, jax.random.fold_in(round_key, t)) for t in range(num_tasks)]
-        params = aggregate(params, finetuned)
-        history.append(params)
-        if on_round is not None:
-            on_round(k, params)
+    checkpointer = Checkpointer(checkpoint_dir, keep=max(rounds, 1)) if checkpoint_dir is not None else None
+    history = _restore_rounds(checkpointer, params, rounds) if checkpointer is not None else []
+    try:
+        for k, restored in enumerate(history, start=1):
+            if on_round is not None:
+                on_round(k, restored)
+        if history:
+            params = history[-1]
+        for k in range(len(history) + 1, rounds + 1):
+            round_key = jax.random.fold_in(key, k)
+            finetuned = [finetune(params, t, k, jax.random.fold_in(round_key, t)) for t in range(num_tasks)]
+            params = aggregate(params, finetuned)
+            history.append(params)
+            if checkpointer is not None:
+                checkpointer.save(k, params)
+            if on_round is not None:
+                on_round(k, params)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
     return ATMResult(params, history)
+
+
+def _restore_rounds(checkpointer: Checkpointer, like: PyTree, rounds: int) -> list[PyTree]:
+    """θ¹..θᵏ from the checkpoints of an interrupted run (k = the newest readable round)."""
+    latest = checkpointer.restore_latest(like)
+    if latest is None:
+        return []
+    k, newest = latest
+    if k > rounds:
+        raise ValueError(f"{checkpointer.directory} holds ATM round {k} but this run has {rounds} rounds: "
+                         "it belongs to a different run; use another directory or delete it")
+    missing = [j for j in range(1, k) if j not in checkpointer.steps()]
+    if missing:
+        raise ValueError(f"{checkpointer.directory} lacks ATM rounds {missing} before round {k}; "
+                         "delete the folder to start the rounds over")
+    return [checkpointer.restore(j, like) for j in range(1, k)] + [newest]
 
 
 def one_shot(params: PyTree, finetune: Finetune, num_tasks: int, *, key: jax.Array) -> list[PyTree]:

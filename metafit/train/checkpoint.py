@@ -57,17 +57,10 @@ class Checkpointer:
         Returns:
           ``(step, state)`` or ``None`` when no checkpoint could be read.
         """
-        leaves, treedef = jax.tree.flatten(like)
-        target = {
-            "leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)},
-            "step": np.asarray(0),
-        }
         unreadable = []
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-                arrays = [restored["leaves"][f"{i:05d}"] for i in range(len(leaves))]
-                _check_shapes(arrays, leaves)
+                state = self.restore(step, like)
             except Exception as err:  # any failure to read means: try an older one
                 warnings.warn(
                     f"checkpoint {self.directory / str(step)} is unreadable ({type(err).__name__}: "
@@ -78,9 +71,23 @@ class Checkpointer:
                 unreadable.append(step)
                 continue
             self._set_aside(unreadable)
-            return int(restored["step"]), jax.tree.unflatten(treedef, arrays)
+            return step, state
         self._set_aside(unreadable)
         return None
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The checkpoint of ``step`` in the structure of ``like`` (raises if missing or unreadable)."""
+        leaves, treedef = jax.tree.flatten(like)
+        target = {
+            "leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)},
+            "step": np.asarray(0),
+        }
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        arrays = [restored["leaves"][f"{i:05d}"] for i in range(len(leaves))]
+        _check_shapes(arrays, leaves)
+        if int(restored["step"]) != step:
+            raise ValueError(f"checkpoint folder {step} holds step {int(restored['step'])}")
+        return jax.tree.unflatten(treedef, arrays)
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints to ``<directory>.unreadable/`` (kept for inspection, out of the way)."""

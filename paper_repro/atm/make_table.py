@@ -1,13 +1,19 @@
-"""Builds the ATM table and plot (ours beside the paper's) from a finished `merge_atm` run.
+"""Builds the ATM table and plot (ours beside the paper's) from finished `merge_atm` runs.
 
-    metafit run configs/merge/atm_digits.yaml --workdir runs/atm_digits
-    python paper_repro/atm/make_table.py runs/atm_digits      # writes table.md + atm_vs_budget.png there
+    for s in 0 1 2; do metafit run configs/merge/atm_digits.yaml --workdir runs/atm_seeds/seed$s --set seed=$s; done
+    python paper_repro/atm/make_table.py runs/atm_seeds/seed0 runs/atm_seeds/seed1 runs/atm_seeds/seed2
+
+With one run the table shows its numbers; with several (seeds), mean ± standard deviation over
+runs. table.md, atm_vs_budget.png and results.json (the per-seed and mean rows) are written next
+to this script; pass --out DIR to write them elsewhere.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+
+import numpy as np
 
 # Average test accuracy (%) over 8 tasks, CLIP ViT-B/16, recomputed by the card from the authors' files.
 PAPER = {
@@ -21,25 +27,65 @@ OURS_FOR_PAPER_ROW = {"TA": "TA (1/T)", "Breadcrumbs": "Breadcrumbs (tuned)", "T
                       "DARE": "DARE (tuned)", "ATM": "PA-ATM"}
 
 
-def main(run_dir: str) -> None:
-    run = Path(run_dir)
-    methods = json.loads((run / "results.json").read_text())["methods"]
+def load_runs(run_dirs: list[str]) -> list[dict]:
+    """The ``methods`` tables of finished runs (a clear error for a run without results)."""
+    tables = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: run `metafit run configs/merge/atm_digits.yaml "
+                             f"--workdir {run_dir}` first (or resume it with the same command)")
+        tables.append(json.loads(path.read_text())["methods"])
+    return tables
+
+
+def summarise(tables: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{method: {column: (mean, std)}}`` over runs (std 0 for a single run)."""
+    out = {}
+    for name, row in tables[0].items():
+        out[name] = {}
+        for column in row:
+            values = np.array([t[name][column] for t in tables if column in t.get(name, {})], float)
+            out[name][column] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    return out
+
+
+def _cell(mean_std: tuple[float, float], spread: bool) -> str:
+    mean, std = mean_std
+    return f"{mean:.2f} ± {std:.2f}" if spread else f"{mean:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="merge_atm run folders (one per seed)")
+    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for table.md, plot, results.json")
+    args = parser.parse_args(argv)
+    tables = load_runs(args.runs)
+    methods = summarise(tables)
+    spread = len(tables) > 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     budgets = [int(k[2:]) for k in methods["PA-ATM"]]
-    lines = ["| method (ours: 8 digits tasks, MLP encoder) | " + " | ".join(f"K={k}" for k in budgets) + " |",
+    label = f"mean ± std over {len(tables)} seeds" if spread else "one seed"
+    lines = [f"| method (ours: 8 digits tasks, MLP encoder; {label}) | " + " | ".join(f"K={k}" for k in budgets) + " |",
              "|---" * (len(budgets) + 1) + "|"]
     for name, row in methods.items():
         if all(f"K={k}" in row for k in budgets):
-            lines.append(f"| {name} | " + " | ".join(f"{row[f'K={k}']:.2f}" for k in budgets) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(row[f'K={k}'], spread) for k in budgets) + " |")
     lines += ["", "| paper (ViT-B/16, 8 vision tasks) | " + " | ".join(f"K={k}" for k in budgets) + " |",
               "|---" * (len(budgets) + 1) + "|"]
     for name, row in PAPER.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" if k in row else "–" for k in budgets) + " |")
     ph = methods["PH-ATM (rounds on validation)"]
+    zero_shot = list(methods["Zero-shot (frozen heads on pre-trained encoder)"].values())[0]
     lines += ["", "PH-ATM (ours), rounds on the validation split from the tuned TA merge: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()) + " (paper: TA 72.70 -> 80.88 after 5 rounds)",
-              f"Zero-shot (ours): {list(methods['Zero-shot (frozen heads on pre-trained encoder)'].values())[0]:.2f} "
-              "(paper: 59.6)"]
-    (run / "table.md").write_text("\n".join(lines) + "\n")
+              + ", ".join(f"{k} {_cell(v, spread)}" for k, v in ph.items()) + " (paper: TA 72.70 -> 80.88 after 5 rounds)",
+              f"Zero-shot (ours): {_cell(zero_shot, spread)} (paper: 59.6)"]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"runs": [str(r) for r in args.runs], "per_run": tables,
+         "mean": {n: {c: v[0] for c, v in row.items()} for n, row in methods.items()},
+         "std": {n: {c: v[1] for c, v in row.items()} for n, row in methods.items()}}, indent=1) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -50,8 +96,12 @@ def main(run_dir: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in methods.items():
         if all(f"K={k}" in row for k in budgets):
-            left.plot(budgets, [row[f"K={k}"] for k in budgets], marker="o", label=name)
-    left.set(title="ours: 8 digits tasks", xlabel="budget K (epochs per task)", ylabel="avg test accuracy (%)")
+            means = np.array([row[f"K={k}"][0] for k in budgets])
+            stds = np.array([row[f"K={k}"][1] for k in budgets])
+            left.plot(budgets, means, marker="o", label=name)
+            left.fill_between(budgets, means - stds, means + stds, alpha=0.15)
+    left.set(title=f"ours: 8 digits tasks ({label})", xlabel="budget K (epochs per task)",
+             ylabel="avg test accuracy (%)")
     left.legend(fontsize=7)
     for name, row in PAPER.items():
         ks = sorted(row)
@@ -61,9 +111,9 @@ def main(run_dir: str) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run / "atm_vs_budget.png", dpi=110)
-    print(f"wrote {run / 'table.md'} and {run / 'atm_vs_budget.png'}")
+    fig.savefig(out / "atm_vs_budget.png", dpi=110)
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'atm_vs_budget.png'}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/atm_digits")
+    main()

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from metafit.merge import atm as atm_lib
 from metafit.merge import cka, task_arithmetic, task_vector
@@ -73,3 +74,42 @@ def test_tune_scale_picks_the_best_validation_score():
     scale, merged, scores = atm_lib.tune_scale(lambda s: {"w": jnp.array(s)}, [0.1, 0.5, 0.9],
                                                lambda p: -abs(float(p["w"]) - 0.5))
     assert scale == 0.5 and float(merged["w"]) == 0.5 and len(scores) == 3
+
+
+def test_atm_resumes_after_an_interrupted_round_and_ends_where_an_uninterrupted_run_does(tmp_path):
+    """Rounds are checkpointed; a rerun restores them, calls on_round for each, and finetunes only the rest."""
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+    targets = [jnp.asarray(rng.standard_normal(4), jnp.float32) for _ in range(3)]
+    calls = []
+
+    def finetune(p, task, round_index, key):  # a noisy pull toward the task's target
+        calls.append((round_index, task))
+        noise = 0.01 * jax.random.normal(key, (4,))
+        return {"w": p["w"] + 0.5 * (targets[task] - p["w"]) + noise}
+
+    reference = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0))
+
+    def crashing(p, task, round_index, key):
+        if round_index == 3:
+            raise KeyboardInterrupt("killed in round 3")
+        return finetune(p, task, round_index, key)
+
+    ckpt = tmp_path / "atm"
+    try:
+        atm_lib.atm(params, crashing, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt)
+    except KeyboardInterrupt:
+        pass
+    calls.clear()
+    seen = []
+    resumed = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt,
+                          on_round=lambda k, p: seen.append(k))
+    assert sorted({r for r, _ in calls}) == [3, 4] and seen == [1, 2, 3, 4]
+    for a, b in zip(resumed.rounds, reference.rounds):
+        np.testing.assert_array_equal(a["w"], b["w"])
+    # Finished: a third call restores all four rounds and trains nothing.
+    calls.clear()
+    again = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt)
+    assert calls == [] and np.array_equal(again.params["w"], reference.params["w"])
+    with pytest.raises(ValueError, match="different run"):
+        atm_lib.atm(params, finetune, 3, 2, key=jax.random.key(0), checkpoint_dir=ckpt)

@@ -1,0 +1,78 @@
+"""merge_lm end to end on a tiny random Llama: experts, recipe merges, language ATM, resume."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from metafit.data.instructions import make_instructions
+from tiny_lm import make_tiny_llama
+
+OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.lr=3e-2", "args.n_train=32",
+             "args.n_eval=4", "args.tasks=[upper,add]", "args.atm_rounds=2", "args.buckets=[96,128]",
+             "args.max_new_tokens=4",
+             "args.merges=[{name: average, method: linear, parameters: {normalize: true}},"
+             " {name: ties, method: ties, parameters: {density: 0.5, scale: 1.0}}]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    texts = [f"{ex.prompt} {ex.response}" for ex in make_instructions(300, seed=0)]
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", texts)
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
+    from metafit.experiments import run_experiment
+    from metafit.merge.recipe import load_recipe
+
+    config = repo / "configs/merge/lm_smollm2.yaml"
+    overrides = [f"args.model={tiny_model}", *OVERRIDES]
+    run, results = run_experiment(config, overrides, workdir=tmp_path / "run")
+    rows = results["methods"]
+    for task in ("upper", "add"):  # each expert learned its own task's answers
+        assert rows[f"expert {task}"][f"{task}_loss"] < rows["base"][f"{task}_loss"] - 0.5
+    assert {"merge average", "merge ties", "ATM (2 rounds x 4 steps)"} <= set(rows)
+
+    # The average merge is θ_base + mean_t (θ_t − θ_base) tensor by tensor, as the recipe says.
+    base, up, add = (_weights(run.path / "models" / name) for name in ("base", "upper", "add"))
+    merged = _weights(run.path / "merged" / "average")
+    changed = [name for name in base if not np.array_equal(base[name], up[name])]
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)  # LoRA on q, v only
+    for name in base:
+        np.testing.assert_allclose(merged[name], (up[name] + add[name]) / 2, atol=1e-6)
+    recipe = load_recipe(run.path / "recipes" / "ties.yaml")
+    assert recipe.method == "ties" and recipe.parameters == {"density": 0.5, "scale": 1.0}
+
+    # transformers loads a merged folder and agrees with metafit's scores' model.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run.path / "merged" / "ties")
+    ties = _weights(run.path / "merged" / "ties")
+    np.testing.assert_allclose(hf.model.layers[0].self_attn.q_proj.weight.detach().numpy(),
+                               ties["model.layers.0.self_attn.q_proj.weight"], atol=1e-7)
+    assert torch.isfinite(hf(torch.tensor([[1, 2, 3]])).logits).all()
+
+    # A rerun of the same folder trains nothing again (experts saved, ATM rounds checkpointed) and agrees.
+    metrics = (run.path / "metrics.jsonl").read_text().count('"split": "train"')
+    atm_before = _weights(run.path / "merged" / "atm")
+    _, again = run_experiment(config, overrides, workdir=tmp_path / "run")
+    assert (run.path / "metrics.jsonl").read_text().count('"split": "train"') == metrics
+    for name, value in _weights(run.path / "merged" / "atm").items():
+        np.testing.assert_array_equal(value, atm_before[name])
+    assert again["methods"]["ATM (2 rounds x 4 steps)"] == rows["ATM (2 rounds x 4 steps)"]
+
+
+def test_merge_lm_rejects_bad_args_before_compute(tmp_path, repo):
+    from metafit.experiments import run_experiment
+
+    config = repo / "configs/merge/lm_smollm2.yaml"
+    with pytest.raises(ValueError, match="divide train.steps"):
+        run_experiment(config, ["args.model=/nonexistent", "train.steps=10", "args.atm_rounds=3"],
+                       workdir=tmp_path / "a")
+    with pytest.raises(ValueError, match="at least two tasks"):
+        run_experiment(config, ["args.model=/nonexistent", "args.tasks=[upper]"], workdir=tmp_path / "b")
