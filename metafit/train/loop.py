@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from metafit.parallel.mesh import batch_sharding, replicated, shard_batch, shard_params, to_global, to_host
 from metafit.train.checkpoint import Checkpointer
@@ -154,6 +154,7 @@ def fit(
     )
     if mesh is not None:
         state = state._replace(
+            opt_state=_replicate_unplaced(state.opt_state, mesh),
             step=to_global(np.int32(0), replicated(mesh)),
             first_bad_step=to_global(np.int32(-1), replicated(mesh)),
             bad_metric=to_global(np.int32(-1), replicated(mesh)),
@@ -211,6 +212,16 @@ def fit(
         final_eval = _evaluate(eval_fn, final_params, step, name, log)
         evals.append(final_eval)
     return FitResult(final_params, step, history, evals, final_eval, resumed_from)
+
+
+def _replicate_unplaced(tree: Any, mesh: Mesh) -> Any:
+    """Replicates over ``mesh`` the leaves not laid out on it yet (optimiser step counts).
+
+    The compiled step returns every leaf on the mesh; an input leaf on a single device would
+    make the second call's input shardings differ from the first's and compile the step twice.
+    """
+    placed = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+    return jax.tree.map(lambda x: x if placed(x) else to_global(np.asarray(x), replicated(mesh)), tree)
 
 
 def _chunk_length(step: int, config: TrainConfig) -> int:

@@ -21,6 +21,7 @@ from metafit.experiments.quickstart import classification_loss, digits_split  # 
 from metafit.models.mlp import MLP  # noqa: E402
 from metafit.parallel import MeshConfig, make_mesh  # noqa: E402
 from metafit.train import TrainConfig, fit  # noqa: E402
+from metafit.train.loop import _compiled_chunk  # noqa: E402
 
 out = sys.argv[1]
 data, fsdp = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (-1, 1)
@@ -28,8 +29,11 @@ mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
 (x, y), _ = digits_split(0, 0.25)
 graphdef, params = nnx.split(MLP(64, (32,), 10, rngs=nnx.Rngs(0)))
 cfg = TrainConfig(steps=40, batch_size=64, lr=1e-2, log_every=5, steps_per_dispatch=5)
-result = fit(classification_loss(graphdef), params, epoch_batches((x, y), 64, 0), cfg, key=jax.random.key(0),
+loss_fn = classification_loss(graphdef)
+result = fit(loss_fn, params, epoch_batches((x, y), 64, 0), cfg, key=jax.random.key(0),
              mesh=mesh, progress=False)
 if jax.process_index() == 0:
     json.dump({"devices": jax.device_count(), "mesh": dict(mesh.shape),
-               "loss": [h["loss"] for h in result.history]}, open(out, "w"))
+               "loss": [h["loss"] for h in result.history],
+               # programs the jitted train chunk compiled: one per chunk length (5 steps here)
+               "compiles": _compiled_chunk(loss_fn, None, cfg, None, mesh)._cache_size()}, open(out, "w"))
