@@ -65,6 +65,17 @@ class TaskSampler:
         """``num_tasks`` independent tasks stacked on a leading axis (``vmap`` over split keys)."""
         return _sample_batch(self.fn, self.data, key, num_tasks)
 
+    def device_sampler(self, num_tasks: int):
+        """A :class:`metafit.train.DeviceSampler` drawing ``num_tasks`` tasks per step inside the
+        compiled train step, with this split's arrays passed to it as an argument."""
+        from metafit.train import DeviceSampler
+
+        return DeviceSampler(functools.partial(_sample_from, self.fn, num_tasks), data=self.data)
+
+
+def _sample_from(fn, num_tasks, key, data=None):  # data=None: a task set without arrays (sinusoid)
+    return _sample_batch(fn, data, key, num_tasks)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _sample_one(fn, data, key):

@@ -88,7 +88,7 @@ class MergeLMArgs:
     """
 
     model: str = "smollm2-135m-instruct"
-    tasks: tuple[str, ...] = ("upper", "add", "reverse")
+    tasks: tuple[str, ...] = ("upper", "add", "sort", "successor")
     lora: peft.LoraConfig = field(default_factory=lambda: peft.LoraConfig(rank=8, alpha=16.0,
                                                                           targets=("q_proj", "v_proj")))
     n_train: int = 160

@@ -40,7 +40,7 @@ from metafit.meta import (
 )
 from metafit.parallel import make_mesh
 from metafit.runs import RunDir
-from metafit.train import DeviceSampler, MetricsWriter, fit
+from metafit.train import MetricsWriter, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +141,6 @@ def run_meta(cfg: RunConfig, run: RunDir) -> dict:
     def grad_fn(p, batch, key):
         return meta_value_and_grad(learner, p, batch, key)
 
-    def sample(key):
-        return tasks.train.sample_batch(key, cfg.train.batch_size)
-
     eval_key = jax.random.key(args.eval_seed)
     val_batch = eval_tasks.validation.sample_batch(jax.random.fold_in(eval_key, 1), args.val_tasks)
 
@@ -152,11 +149,10 @@ def run_meta(cfg: RunConfig, run: RunDir) -> dict:
         return {f"val_{metric}": scores[metric], "val_query_loss": scores["query_loss"]}
 
     log = TimedMetrics(run.metrics.path)
-    # One device gains nothing from a mesh, and fit() currently compiles twice when given one
-    # (see /work/notes/requests.md), so the mesh is used only when there is something to shard over.
+    # One device gains nothing from a mesh, so it is used only when there is something to shard over.
     mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
     start = time.perf_counter()
-    result = fit(loss_fn, meta_params, DeviceSampler(sample), cfg.train, key=jax.random.key(cfg.seed),
+    result = fit(loss_fn, meta_params, tasks.train.device_sampler(cfg.train.batch_size), cfg.train, key=jax.random.key(cfg.seed),
                  workdir=run.checkpoint_dir("meta"), eval_fn=eval_fn, grad_fn=grad_fn, mesh=mesh,
                  name="meta", log=log)
     train_seconds = time.perf_counter() - start

@@ -45,9 +45,18 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSampler:
-    """Data sampled inside the jitted step: ``fn(key) -> batch`` (e.g. synthetic tasks)."""
+    """Data sampled inside the jitted step (e.g. synthetic or few-shot tasks).
 
-    fn: Callable[[jax.Array], Any]
+    Attributes:
+      fn: ``fn(key) -> batch``, or ``fn(key, data) -> batch`` when ``data`` is given.
+      data: optional pytree of arrays the sampler draws from (a dataset's images, say). It is
+        passed to the compiled step as an argument: arrays a sampler closes over instead are
+        baked into the program as constants (slow compiles, a copy per program) and a new
+        dataset would need a new function and so a new compilation.
+    """
+
+    fn: Callable[..., Any]
+    data: Any = None
 
 
 class TrainState(NamedTuple):
@@ -172,7 +181,9 @@ def fit(
         log.truncate(name, start)
         history, evals = _previous_records(log, name)
 
-    sampler = data.fn if isinstance(data, DeviceSampler) else None
+    sampler = sampler_data = None
+    if isinstance(data, DeviceSampler):
+        sampler, sampler_data = (data.fn, data.data is not None), _sampler_data(data, mesh)
     run_chunk = _compiled_chunk(loss_fn, grad_fn, config, sampler, mesh)
     progress_bar = Progress(config.steps, name, start=start, enabled=progress)
     pending = []
@@ -180,7 +191,7 @@ def fit(
     try:
         while step < config.steps:
             n = _chunk_length(step, config)
-            batches = _host_batches(data, step, n, config, mesh)
+            batches = sampler_data if sampler is not None else _host_batches(data, step, n, config, mesh)
             state, metrics = run_chunk(state, frozen, batches, key, n)
             pending.append(metrics)
             step += n
@@ -231,9 +242,16 @@ def _chunk_length(step: int, config: TrainConfig) -> int:
     return min(next_stops) - step
 
 
-def _host_batches(data, step: int, n: int, config: TrainConfig, mesh: Mesh | None):
-    if isinstance(data, DeviceSampler):
+def _sampler_data(data: DeviceSampler, mesh: Mesh | None):
+    """The sampler's arrays on device once (replicated over the mesh), not copied at every chunk."""
+    if data.data is None:
         return None
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, data.data)
+    return _replicate_unplaced(data.data, mesh)
+
+
+def _host_batches(data, step: int, n: int, config: TrainConfig, mesh: Mesh | None):
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *[data(s) for s in range(step, step + n)])
     if mesh is not None:
         return shard_batch(stacked, mesh, leading=1)
@@ -243,6 +261,9 @@ def _host_batches(data, step: int, n: int, config: TrainConfig, mesh: Mesh | Non
 @functools.lru_cache(maxsize=64)
 def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     """The jitted fused step for one (loss, gradient rule, config, sampler, mesh).
+
+    ``sampler`` is ``(fn, takes_data)`` for a :class:`DeviceSampler`, else None; the sampler's
+    data then arrives in place of the host batches.
 
     Cached so that methods calling :func:`fit` many times with the same loss
     function object (ATM rounds, CleaR epochs) compile once, not once per call.
@@ -284,8 +305,10 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
 
     def one_step(state: TrainState, frozen, batch, key):
         step_key = jax.random.fold_in(key, state.step)
-        if batch is None:
-            batch = sampler(jax.random.fold_in(step_key, 0))
+        if sampler is not None:
+            sample_fn, takes_data = sampler
+            sample_key = jax.random.fold_in(step_key, 0)
+            batch = sample_fn(sample_key, batch) if takes_data else sample_fn(sample_key)
             if mesh is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         (loss, metrics), grads = accumulated_grads(state.trainable, frozen, batch, jax.random.fold_in(step_key, 1))
@@ -308,8 +331,8 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), scalars)
 
     def chunk(state, frozen, batches, key, n):
-        if batches is None:
-            return jax.lax.scan(lambda s, _: one_step(s, frozen, None, key), state, None, length=n)
+        if sampler is not None:  # ``batches`` is the sampler's data (or None), the same at every step
+            return jax.lax.scan(lambda s, _: one_step(s, frozen, batches, key), state, None, length=n)
         return jax.lax.scan(lambda s, b: one_step(s, frozen, b, key), state, batches)
 
     return jax.jit(chunk, static_argnums=4, donate_argnums=0)

@@ -87,6 +87,26 @@ def test_device_sampler_and_custom_grad_fn():
     np.testing.assert_allclose(custom.params["w"], default.params["w"], rtol=1e-6)
 
 
+def test_device_sampler_data_is_an_argument_not_a_constant():
+    """A sampler's dataset travels as a jit argument: a new dataset of the same shapes reuses the program."""
+    from metafit.train.loop import _compiled_chunk
+
+    def sample(key, data):  # a random mini-batch of the dataset's rows
+        rows = jax.random.randint(key, (16,), 0, data["x"].shape[0])
+        return data["x"][rows], data["y"][rows]
+
+    cfg = TrainConfig(steps=200, lr=0.05, steps_per_dispatch=50, log_every=50)
+    fitted = []
+    for w in (W_TRUE, -2.0 * W_TRUE):
+        data = {"x": X, "y": X @ w}
+        result = fit(squared_loss, params0(), DeviceSampler(sample, data=data), cfg, key=jax.random.key(1),
+                     progress=False)
+        fitted.append(np.asarray(result.params["w"]))
+    np.testing.assert_allclose(fitted[0], W_TRUE, atol=1e-3)  # each run learned from its own dataset
+    np.testing.assert_allclose(fitted[1], -2.0 * W_TRUE, atol=1e-2)
+    assert _compiled_chunk(squared_loss, None, cfg, (sample, True), None)._cache_size() == 1
+
+
 def test_bfloat16_compute_keeps_float32_params():
     result = fit(squared_loss, params0(), batch_at, TrainConfig(steps=100, lr=0.05, precision="bfloat16"),
                  key=jax.random.key(0), progress=False)
