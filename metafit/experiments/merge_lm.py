@@ -253,9 +253,8 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
         rows[f"ATM ({args.atm_rounds} rounds x {steps} steps)"] = atm_curve[-1]
         curves = {"ATM": (list(range(args.atm_rounds + 1)),
                           [rows["base"]["mean_em"]] + [s["mean_em"] for s in atm_curve])}
-        if args.merges:
-            first = args.merges[0].name
-            curves[f"{first} of experts (same budget)"] = ([args.atm_rounds], [rows[f"merge {first}"]["mean_em"]])
+        for spec in args.merges:  # one-shot merges of the full-budget experts, as flat references
+            curves[f"{spec.name} of experts"] = ([0, args.atm_rounds], [rows[f"merge {spec.name}"]["mean_em"]] * 2)
         plot_curves(run.plot_path("atm_rounds"), curves, xlabel="ATM round", ylabel="mean exact match",
                     title=f"language ATM, tasks {', '.join(tasks)}")
     run.log({"merge_seconds": merge_seconds, "seconds": time.perf_counter() - started}, step=0, stage="summary")
