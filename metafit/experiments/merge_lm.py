@@ -42,8 +42,10 @@ from metafit.data.instructions import Instruction, encode_sft, make_instructions
 from metafit.experiments import RunConfig, experiment
 from metafit.experiments.finetune import exact_match, sft_loss
 from metafit.merge import atm as atm_lib
+from metafit.merge.methods import MergeError, get_method, resolve_params
 from metafit.merge.recipe import run_recipe
 from metafit.models import load, save
+from metafit.registry import UnknownNameError
 from metafit.runs import RunDir, plot_curves
 from metafit.train import fit
 
@@ -110,6 +112,15 @@ def check_args(args: MergeLMArgs, steps: int) -> None:
     if bad or len(set(names)) != len(names):
         raise ValueError(f"args.merges: names must be unique folder names (letters, digits, _ and -), "
                          f"and 'atm' is taken when atm_rounds > 0; got {names}")
+    for index, spec in enumerate(args.merges):
+        try:
+            method = get_method(spec.method)
+            if "fisher" in method.tensor_inputs:
+                raise MergeError("needs a Fisher file per model, which merge_lm does not compute; "
+                                 "run such a recipe with `metafit merge` and `fisher:` entries")
+            resolve_params(method, len(args.tasks), spec.parameters)
+        except (UnknownNameError, MergeError) as err:
+            raise ValueError(f"args.merges[{index}] ({spec.name}): {err}") from None
     if args.atm_rounds < 0 or (args.atm_rounds and steps % args.atm_rounds):
         raise ValueError(f"args.atm_rounds={args.atm_rounds} must be 0 or divide train.steps={steps} "
                          "(each round gets train.steps / atm_rounds steps per task, the experts' budget)")

@@ -76,3 +76,9 @@ def test_merge_lm_rejects_bad_args_before_compute(tmp_path, repo):
                        workdir=tmp_path / "a")
     with pytest.raises(ValueError, match="at least two tasks"):
         run_experiment(config, ["args.model=/nonexistent", "args.tasks=[upper]"], workdir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"args.merges\[0\] \(x\): .*unknown parameter 'densty'.*did you mean"):
+        run_experiment(config, ["args.model=/nonexistent", "args.merges=[{name: x, method: ties, parameters: {densty: 0.2}}]"],
+                       workdir=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"args.merges\[0\] \(x\): .*tiess"):
+        run_experiment(config, ["args.model=/nonexistent", "args.merges=[{name: x, method: tiess}]"],
+                       workdir=tmp_path / "d")
