@@ -7,7 +7,9 @@ tensor is read)::
     method: ties                  # a merge-method name (`metafit list`): task_arithmetic, ties,
                                   # dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, linear,
                                   # slerp, model_stock, fisher
-    base: ./smollm2-base          # HF folder or .safetensors file; required by methods with a base
+    base: ./smollm2-base          # HF folder, .safetensors file, .gguf file or embedded model name
+                                  # (GGUF/embedded are converted once to a cached float32 HF folder);
+                                  # required by methods with a base
     models:                       # the models to merge, in order
       - path: ./smollm2-math       # a plain string is short for {path: ...}
         weight: 1.0               # per-model parameters (optional): weight, density, drop_rate,
@@ -41,7 +43,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -112,6 +116,60 @@ def _resolve(root: Path, path: str | None) -> Path | None:
     return p if p.is_absolute() else root / p
 
 
+def _resolve_model(root: Path, path: str | None) -> Path | None:
+    """A model entry as something safetensors can stream: an HF folder or ``.safetensors`` file.
+
+    An existing path wins; otherwise an embedded model name (``metafit list``). GGUF files and
+    embedded models are converted once to a float32 HF folder in the cache (see
+    :func:`hf_folder_of`), so ``base: smollm2-135m-instruct`` works.
+    """
+    p = _resolve(root, path)
+    if p is None:
+        return None
+    if not p.exists():
+        from metafit.models import EMBEDDED
+
+        if path not in EMBEDDED:
+            return p  # reported as missing by validate_recipe
+        return hf_folder_of(path)
+    return hf_folder_of(p) if p.suffix == ".gguf" else p
+
+
+def _embedded_names() -> list[str]:
+    from metafit.models import EMBEDDED
+
+    return EMBEDDED.names()
+
+
+def cache_dir() -> Path:
+    """metafit's cache folder: ``$METAFIT_CACHE`` or ``~/.cache/metafit``."""
+    return Path(os.environ.get("METAFIT_CACHE", Path.home() / ".cache" / "metafit")).expanduser()
+
+
+def hf_folder_of(source: str | Path) -> Path:
+    """A float32 HF folder with the weights of a GGUF file or embedded model (converted once, cached).
+
+    The cache key is the source file's absolute path, size and modification time, so a changed
+    file is converted again. The folder is written under a temporary name and renamed, so a
+    conversion killed midway leaves nothing that looks complete.
+    """
+    from metafit.models import load, resolve, save
+
+    file = resolve(source).resolve()
+    stat = file.stat()
+    digest = hashlib.sha1(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "hf" / f"{file.stem}-{digest}"
+    if (folder / WEIGHTS_NAME).is_file():
+        return folder
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model, tokenizer = load(file)
+    save(model, partial, tokenizer)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
 def _per_model_params(recipe: MergeRecipe) -> dict[str, Any]:
     """Shared parameters with the per-model entries folded in as one value per model."""
     params = dict(recipe.parameters)
@@ -134,11 +192,6 @@ def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
         raise MergeError("the recipe lists no models")
     if method.needs_base and recipe.base is None:
         raise MergeError(f"merge method '{method.name}' needs `base:` (the model the task vectors start from)")
-    paths = [_resolve(root, m.path) for m in recipe.models]
-    base = _resolve(root, recipe.base) if method.needs_base else None
-    for label, p in [("base", base)] + [(f"models[{i}]", p) for i, p in enumerate(paths)]:
-        if p is not None and not p.exists():
-            raise MergeError(f"{label}: model not found: {p}")
     fishers = None
     if "fisher" in method.tensor_inputs:
         if any(m.fisher is None for m in recipe.models):
@@ -147,16 +200,23 @@ def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
     elif any(m.fisher is not None for m in recipe.models):
         raise MergeError(f"`fisher:` is only used by method 'fisher', not '{method.name}'")
     params = _per_model_params(recipe)
-    resolve_params(method, len(paths), params)  # fail fast on bad values
+    resolve_params(method, len(recipe.models), params)  # fail fast on bad values
     rules = []
     for index, rule in enumerate(recipe.layers):
         if rule.copy_base and rule.parameters:
             raise MergeError(f"layers[{index}] ('{rule.match}'): give either copy_base or parameters, not both")
         over = None if rule.copy_base else {**params, **rule.parameters}
         if over is not None:
-            resolve_params(method, len(paths), over)
+            resolve_params(method, len(recipe.models), over)
         rules.append((rule.match, None if over is None else dict(rule.parameters)))
-    config_from = _resolve(root, recipe.config_from) or base or paths[0]
+    # Paths last: GGUF files and embedded names are converted here, after everything cheap is checked.
+    paths = [_resolve_model(root, m.path) for m in recipe.models]
+    base = _resolve_model(root, recipe.base) if method.needs_base else None
+    for label, p in [("base", base)] + [(f"models[{i}]", p) for i, p in enumerate(paths)]:
+        if p is not None and not p.exists():
+            raise MergeError(f"{label}: model not found: {p} (give an HF folder, a .safetensors or .gguf file, "
+                             f"or an embedded model name: {', '.join(_embedded_names())})")
+    config_from = _resolve_model(root, recipe.config_from) or base or paths[0]
     return {"method": method, "base": base, "models": paths, "params": params, "rules": rules,
             "key": jax.random.key(recipe.seed) if method.needs_key else None,
             "dtype": OUTPUT_DTYPES[recipe.dtype] if recipe.dtype else None,

@@ -183,3 +183,37 @@ def test_gguf_tokenizer_from_vocab_and_merges(gguf_pair):
     theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
     digit_free = " the an on<|im_end|> tan in"
     assert tokenizer(digit_free)["input_ids"] == theirs(digit_free)["input_ids"]
+
+
+def test_merge_recipe_takes_a_gguf_base_converted_once_to_a_cached_hf_folder(gguf_pair, tmp_path, monkeypatch):
+    """`base: x.gguf` in a `metafit merge` recipe: converted to float32 safetensors once, then merged as usual."""
+    from safetensors.numpy import load_file
+
+    from metafit.merge.recipe import run_recipe
+
+    _, _, _, path = gguf_pair
+    monkeypatch.setenv("METAFIT_CACHE", str(tmp_path / "cache"))
+    _, tokenizer = mm.load(path)
+    rng = np.random.default_rng(0)
+    experts = []
+    for name in ("a", "b"):  # two "fine-tunes": the GGUF model with one kernel moved
+        m, _ = mm.load(path)
+        kernel = m.model.layers[0].mlp.up_proj.kernel
+        kernel.value = kernel.value + rng.normal(size=kernel.value.shape).astype(np.float32)
+        experts.append(mm.save(m, tmp_path / name, tokenizer))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: task_arithmetic\nbase: {path}\nmodels: [a, b]\nparameters: {{scale: 0.5}}\n")
+    run_recipe(recipe, tmp_path / "merged", progress=False)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    a, b = (load_file(e / "model.safetensors") for e in experts)
+    converted = list((tmp_path / "cache" / "hf").iterdir())
+    assert len(converted) == 1 and converted[0].name.startswith("tiny-f32-")
+    base = load_file(converted[0] / "model.safetensors")
+    for name in base:  # θ_base + 0.5 (τ_a + τ_b) = (a + b) / 2 exactly where only experts moved
+        np.testing.assert_allclose(merged[name], base[name] + 0.5 * ((a[name] - base[name]) + (b[name] - base[name])),
+                                   atol=1e-5)
+    assert not np.allclose(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    stamp = (converted[0] / "model.safetensors").stat().st_mtime_ns
+    run_recipe(recipe, tmp_path / "merged2", progress=False)  # second use: the cached folder, not a new conversion
+    assert (converted[0] / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "merged" / "tokenizer.json").exists() or (tmp_path / "merged" / "tokenizer_config.json").exists()
