@@ -11,6 +11,7 @@ A folder is either one ``model.safetensors`` or shards listed by
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -121,7 +122,12 @@ class SafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
-        self._handle = open(path, "wb")
+        # Written under a temporary name and renamed by close(): an existing file at ``path`` stays
+        # intact until the new one is complete, and a killed or failed write leaves no file that
+        # looks complete (the header comes first, so a truncated file would otherwise pass for one).
+        self.path = Path(path)
+        self._partial = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+        self._handle = open(self._partial, "wb")
         self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
@@ -135,7 +141,14 @@ class SafetensorsWriter:
     def close(self) -> None:
         self._handle.close()
         if self._next != len(self.layout):
+            self._partial.unlink(missing_ok=True)
             raise SafetensorsError(f"only {self._next} of {len(self.layout)} tensors were written")
+        os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Drops the partial file; an existing file at ``path`` is left as it was."""
+        self._handle.close()
+        self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -144,4 +157,4 @@ class SafetensorsWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._handle.close()
+            self.abort()

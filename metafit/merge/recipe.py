@@ -240,6 +240,7 @@ def run_recipe(path: str | Path, out_dir: str | Path, *, progress: bool = True) 
     recipe = load_recipe(path)
     args = validate_recipe(recipe, path.parent)
     out = Path(out_dir)
+    _refuse_input_as_output(out, [args["base"], *args["models"]])
     out.mkdir(parents=True, exist_ok=True)
     params, rules = args["params"], args["rules"]
 
@@ -262,6 +263,18 @@ def run_recipe(path: str | Path, out_dir: str | Path, *, progress: bool = True) 
     _copy_side_files(Path(args["config_from"]), out, recipe.dtype)
     (out / "metafit_merge.yaml").write_text(dump_yaml(to_dict(recipe)))
     return {"out_dir": str(out), "method": args["method"].name, **summary}
+
+
+def _refuse_input_as_output(out: Path, inputs: list[Path | None]) -> None:
+    """An output folder that holds an input model would overwrite the model being read."""
+    target = out.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        folder = (source if source.is_dir() else source.parent).resolve()
+        if folder == target:
+            raise MergeError(f"--out {out} is the folder of an input model ({source}); writing there would "
+                             "replace that model: choose another output folder")
 
 
 def _copy_side_files(source: Path, out: Path, dtype: str | None) -> None:

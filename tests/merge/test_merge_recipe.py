@@ -123,3 +123,28 @@ def test_recipe_output_loads_in_transformers(tmp_path):
         np.testing.assert_allclose(value.numpy(), np.asarray(expected[name]), atol=1e-6, err_msg=name)
     logits = merged(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
+def test_failed_or_self_overwriting_merges_keep_what_was_written(tmp_path):
+    """A merge that fails midway leaves the previous output intact; an input folder as output is refused."""
+    write_model(tmp_path / "base", 0)
+    write_model(tmp_path / "m0", 1)
+    write_model(tmp_path / "m1", 2)
+    good = recipe(tmp_path, "method: ties\nbase: base\nmodels: [m0, m1]\n")
+    run_recipe(good, tmp_path / "out", progress=False)
+    before = (tmp_path / "out" / io.WEIGHTS_NAME).read_bytes()
+
+    def fail_on_third(i, n, name):
+        if i == 2:
+            raise KeyboardInterrupt("killed while merging")
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_folders("ties", tmp_path / "base", [tmp_path / "m0", tmp_path / "m1"], tmp_path / "out" / io.WEIGHTS_NAME,
+                      params={"density": 0.5}, on_tensor=fail_on_third)
+    assert (tmp_path / "out" / io.WEIGHTS_NAME).read_bytes() == before  # the old merge, untouched
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "partial" in p.name) == []
+
+    base_bytes = (tmp_path / "base" / io.WEIGHTS_NAME).read_bytes()
+    with pytest.raises(mm.MergeError, match="is the folder of an input model"):
+        run_recipe(good, tmp_path / "base", progress=False)
+    assert (tmp_path / "base" / io.WEIGHTS_NAME).read_bytes() == base_bytes
