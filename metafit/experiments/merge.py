@@ -29,6 +29,8 @@ tuned TA merge of the K_max-epoch fine-tunes, rounds on the validation split), j
 multi-task training for K epochs (upper bound), and the individually fine-tuned models (each
 on its own task). Every fine-tune is a :func:`metafit.train.fit` run; the one-shot and joint
 runs snapshot their parameters every epoch through ``eval_fn`` so one run serves every K.
+The ATM rounds (PA, sum, PH) are checkpointed in ``checkpoints/{pa_atm,pa_atm_sum,ph_atm}``: a
+rerun of the same run folder restores them and recomputes only the rest (a few seconds).
 """
 from __future__ import annotations
 
