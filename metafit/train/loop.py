@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -110,7 +111,7 @@ def fit(
     *,
     key: jax.Array,
     workdir: str | Path | None = None,
-    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    eval_fn: Callable[..., dict[str, float]] | None = None,
     grad_fn: GradFn | None = None,
     trainable: Any | None = None,
     mesh: Mesh | None = None,
@@ -130,7 +131,8 @@ def fit(
       key: base PRNG key; step ``s`` uses ``fold_in(key, s)``.
       workdir: checkpoint folder; when it holds checkpoints, training resumes from
         the newest readable one. ``None`` disables checkpoints.
-      eval_fn: ``params -> {name: float}`` run every ``config.eval_every`` steps and at the end.
+      eval_fn: ``params -> {name: float}`` or ``(params, step) -> {name: float}``, run every
+        ``config.eval_every`` steps and at the end (``step`` = steps completed).
       grad_fn: optional ``(params, batch, key) -> ((loss, metrics), grads)`` replacing
         ``jax.value_and_grad(loss_fn, has_aux=True)`` (custom update rules).
       trainable: optional pytree of bools like ``params``; only True leaves are
@@ -362,8 +364,19 @@ def _previous_records(log: MetricsWriter, name: str) -> tuple[list[dict], list[d
             [strip(r) for r in records if r.get("split") == "eval"])
 
 
+def _takes_step(eval_fn) -> bool:
+    """Whether ``eval_fn`` has a second positional parameter (``(params, step)``)."""
+    try:
+        parameters = inspect.signature(eval_fn).parameters.values()
+    except (TypeError, ValueError):  # builtins and some callables have no signature: the plain form
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
 def _evaluate(eval_fn, params, step: int, name: str, log: MetricsWriter | None) -> dict[str, float]:
-    result = {"step": step, **{k: float(v) for k, v in eval_fn(params).items()}}
+    values = eval_fn(params, step) if _takes_step(eval_fn) else eval_fn(params)
+    result = {"step": step, **{k: float(v) for k, v in values.items()}}
     if log is not None:
         log.write({"stage": name, "split": "eval", **result})
     return result

@@ -107,6 +107,17 @@ def test_device_sampler_data_is_an_argument_not_a_constant():
     assert _compiled_chunk(squared_loss, None, cfg, (sample, True), None)._cache_size() == 1
 
 
+def test_eval_fn_may_take_the_step():
+    seen = []
+    cfg = TrainConfig(steps=20, lr=0.05, eval_every=5, log_every=5)
+    result = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False,
+                 eval_fn=lambda params, step: (seen.append(step), {"w0": params["w"][0]})[1])
+    assert seen == [5, 10, 15, 20] and [e["step"] for e in result.evals] == seen
+    plain = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False,
+                eval_fn=lambda params: {"w0": params["w"][0]})
+    assert [e["w0"] for e in plain.evals] == [e["w0"] for e in result.evals]
+
+
 def test_bfloat16_compute_keeps_float32_params():
     result = fit(squared_loss, params0(), batch_at, TrainConfig(steps=100, lr=0.05, precision="bfloat16"),
                  key=jax.random.key(0), progress=False)
