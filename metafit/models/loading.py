@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -282,7 +283,13 @@ def save(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
         hf_config.dtype = jnp.dtype(dtype).name
     hf_config.save_pretrained(str(directory))
     tensors = to_hf_tensors(model, None if dtype is None else jnp.dtype(dtype))
-    safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # Written beside and renamed, so an existing model.safetensors survives a failed or killed save.
+    partial = directory / f"model.safetensors.partial-{os.getpid()}"
+    try:
+        safetensors.numpy.save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, directory / "model.safetensors")
+    finally:
+        partial.unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory

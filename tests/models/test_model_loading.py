@@ -217,3 +217,23 @@ def test_merge_recipe_takes_a_gguf_base_converted_once_to_a_cached_hf_folder(ggu
     run_recipe(recipe, tmp_path / "merged2", progress=False)  # second use: the cached folder, not a new conversion
     assert (converted[0] / "model.safetensors").stat().st_mtime_ns == stamp
     assert (tmp_path / "merged" / "tokenizer.json").exists() or (tmp_path / "merged" / "tokenizer_config.json").exists()
+
+
+def test_a_failed_save_keeps_the_previous_weights(gguf_pair, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    _, _, _, path = gguf_pair
+    model, tokenizer = mm.load(path)
+    folder = mm.save(model, tmp_path / "hf", tokenizer)
+    before = (folder / "model.safetensors").read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        mm.save(model, folder, tokenizer)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not [p for p in folder.iterdir() if "partial" in p.name]
