@@ -58,18 +58,22 @@ class MergeSpec:
       name: row name and folder name (``merged/<name>/``); letters, digits, ``_`` and ``-``.
       method: a merge method (``metafit list``): task_arithmetic, ties, dare_ties, linear, ...
       parameters: the recipe's shared ``parameters`` (scale, density, drop_rate, normalize, ...).
+      scales: candidate merge coefficients (``scale``) chosen on the validation instructions by mean
+        exact match, then mean loss (the digits experiment tunes its baselines the same way);
+        empty = use ``parameters`` as given. The chosen value is written into the recipe.
     """
 
     name: str
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    scales: tuple[float, ...] = ()
 
 
 DEFAULT_MERGES = (
     MergeSpec("average", "linear", {"normalize": True}),  # θ_base + mean τ: task arithmetic with 1/T
-    MergeSpec("task_arithmetic", "task_arithmetic", {"scale": 1.0}),
-    MergeSpec("ties", "ties", {"density": 0.2, "scale": 1.0}),
-    MergeSpec("dare_ties", "dare_ties", {"drop_rate": 0.9, "scale": 1.0}),
+    MergeSpec("task_arithmetic", "task_arithmetic", {}, (0.25, 0.5, 0.75, 1.0)),
+    MergeSpec("ties", "ties", {"density": 0.2}, (0.5, 0.75, 1.0, 1.5)),
+    MergeSpec("dare_ties", "dare_ties", {"drop_rate": 0.9}, (0.1, 0.25, 0.5, 1.0)),
 )
 
 
@@ -82,7 +86,8 @@ class MergeLMArgs:
       tasks: instruction tasks, one expert each (``metafit list`` shows them).
       lora: LoRA of every expert and every ATM round.
       n_train: generated training instructions per task.
-      n_eval: held-out instructions per task.
+      n_eval: held-out instructions per task (the reported scores).
+      n_val: validation instructions per task, disjoint from both, for choosing merge coefficients.
       buckets: padded sequence lengths (one compilation each).
       max_new_tokens: generation budget for exact match.
       merges: the merges of the experts (each becomes ``recipes/<name>.yaml``).
@@ -95,6 +100,7 @@ class MergeLMArgs:
                                                                           targets=("q_proj", "v_proj")))
     n_train: int = 160
     n_eval: int = 32
+    n_val: int = 32
     buckets: tuple[int, ...] = (64, 96, 128)
     max_new_tokens: int = 8
     merges: tuple[MergeSpec, ...] = DEFAULT_MERGES
@@ -119,6 +125,13 @@ def check_args(args: MergeLMArgs, steps: int) -> None:
                 raise MergeError("needs a Fisher file per model, which merge_lm does not compute; "
                                  "run such a recipe with `metafit merge` and `fisher:` entries")
             resolve_params(method, len(args.tasks), spec.parameters)
+            if spec.scales:
+                if "scale" not in method.param_names:
+                    raise MergeError(f"method '{method.name}' has no `scale` to tune; drop `scales`")
+                if "scale" in spec.parameters:
+                    raise MergeError("give `scale` in parameters or candidates in `scales`, not both")
+                for value in spec.scales:
+                    resolve_params(method, len(args.tasks), {**spec.parameters, "scale": value})
         except (UnknownNameError, MergeError) as err:
             raise ValueError(f"args.merges[{index}] ({spec.name}): {err}") from None
     if args.atm_rounds < 0 or (args.atm_rounds and steps % args.atm_rounds):
@@ -207,6 +220,41 @@ def save_complete(model, folder: Path, tokenizer) -> Path:
     return folder
 
 
+def merge_with_recipe(spec: MergeSpec, tasks: list[str], seed: int, run: RunDir,
+                      val_score: Scorer | None) -> tuple[dict[str, float], float]:
+    """Runs ``spec`` as a recipe into ``merged/<name>/``, choosing ``scale`` on validation if asked.
+
+    Every candidate goes through the same recipe path as ``metafit merge`` (so the kept folder
+    is exactly what the final recipe file produces); the best one is kept, the others deleted.
+
+    Returns:
+      ({"scale": chosen, "val_mean_em": its validation score} or {}, merge seconds in total).
+    """
+    recipe_path = run.path / "recipes" / f"{spec.name}.yaml"
+    final = run.path / "merged" / spec.name
+    if not spec.scales:
+        return {}, run_recipe(write_recipe(recipe_path, spec, tasks, seed), final, progress=False)["seconds"]
+    candidate_dir = final.with_name(spec.name + ".candidate")
+    run.metrics.truncate(f"tune_{spec.name}", -1)  # a rerun tunes again: keep one set of lines
+    best, seconds = None, 0.0
+    for index, scale in enumerate(spec.scales):
+        candidate = dataclasses.replace(spec, parameters={**spec.parameters, "scale": scale}, scales=())
+        seconds += run_recipe(write_recipe(recipe_path, candidate, tasks, seed), candidate_dir,
+                              progress=False)["seconds"]
+        val = val_score(load(candidate_dir)[0])
+        run.log({"scale": scale, **val}, step=index, stage=f"tune_{spec.name}")
+        rank = (val["mean_em"], -val["mean_loss"])
+        if best is None or rank > best[0]:
+            shutil.rmtree(final, ignore_errors=True)
+            candidate_dir.rename(final)
+            best = (rank, candidate, val)
+        else:
+            shutil.rmtree(candidate_dir)
+    _, chosen, val = best
+    write_recipe(recipe_path, chosen, tasks, seed)  # the recipe that produced merged/<name>/
+    return {"scale": chosen.parameters["scale"], "val_mean_em": val["mean_em"]}, seconds
+
+
 @experiment("merge_lm", config=MergeLMArgs)
 def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     """Per-task LoRA experts of a causal LM, merged by recipes and by ATM, scored per task."""
@@ -239,12 +287,14 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
         "mean_loss": float(np.mean([rows[f"expert {t}"][f"{t}_loss"] for t in tasks])),
     }
 
+    val_sets = {t: make_instructions(args.n_val, seed=cfg.seed, tasks=[t], offset=args.n_train + args.n_eval)
+                for t in tasks}
+    val_score = Scorer(graphdef, tokenizer, val_sets, args) if any(m.scales for m in args.merges) else None
     merge_seconds = {}
     for spec in args.merges:
-        recipe = write_recipe(run.path / "recipes" / f"{spec.name}.yaml", spec, tasks, cfg.seed)
-        summary = run_recipe(recipe, merged_dir / spec.name, progress=False)
-        merge_seconds[spec.name] = summary["seconds"]
-        rows[f"merge {spec.name}"] = score(load(merged_dir / spec.name)[0])
+        chosen, seconds = merge_with_recipe(spec, tasks, cfg.seed, run, val_score)
+        merge_seconds[spec.name] = seconds
+        rows[f"merge {spec.name}"] = {**score(load(merged_dir / spec.name)[0]), **chosen}
 
     atm_curve = []
     if args.atm_rounds:
@@ -252,6 +302,8 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
 
         def atm_finetune(params, task, round_index, task_key):
             return finetune(params, task, round_index, task_key, steps=steps)
+
+        run.metrics.truncate("atm", 0)  # restored rounds are scored and logged again
 
         def on_round(k, params):
             scores = score(nnx.merge(graphdef, params))

@@ -11,8 +11,8 @@ from tiny_lm import make_tiny_llama
 OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.lr=3e-2", "args.n_train=32",
              "args.n_eval=4", "args.tasks=[upper,add]", "args.atm_rounds=2", "args.buckets=[96,128]",
              "args.max_new_tokens=4",
-             "args.merges=[{name: average, method: linear, parameters: {normalize: true}},"
-             " {name: ties, method: ties, parameters: {density: 0.5, scale: 1.0}}]"]
+             "args.n_val=4", "args.merges=[{name: average, method: linear, parameters: {normalize: true}},"
+             " {name: ties, method: ties, parameters: {density: 0.5}, scales: [0.5, 1.0]}]"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,22 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)  # LoRA on q, v only
     for name in base:
         np.testing.assert_allclose(merged[name], (up[name] + add[name]) / 2, atol=1e-6)
+    # TIES' scale was chosen on validation among [0.5, 1.0]; the recipe file holds the chosen value
+    # and produced merged/ties exactly; the two candidates' validation scores are logged.
     recipe = load_recipe(run.path / "recipes" / "ties.yaml")
-    assert recipe.method == "ties" and recipe.parameters == {"density": 0.5, "scale": 1.0}
+    chosen = rows["merge ties"]["scale"]
+    assert chosen in (0.5, 1.0) and recipe.method == "ties" and recipe.parameters == {"density": 0.5, "scale": chosen}
+    from metafit.merge.recipe import run_recipe
+
+    run_recipe(run.path / "recipes" / "ties.yaml", tmp_path / "ties_again", progress=False)
+    assert (tmp_path / "ties_again" / "model.safetensors").read_bytes() == \
+        (run.path / "merged" / "ties" / "model.safetensors").read_bytes()
+    tuning = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()
+              if '"tune_ties"' in line]
+    assert [t["scale"] for t in tuning] == [0.5, 1.0]
+    best = max(tuning, key=lambda t: (t["mean_em"], -t["mean_loss"]))
+    assert best["scale"] == chosen and rows["merge ties"]["val_mean_em"] == best["mean_em"]
+    assert not (run.path / "merged" / "ties.candidate").exists()
 
     # transformers loads a merged folder and agrees with metafit's scores' model.
     import torch
@@ -65,6 +79,8 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
     for name, value in _weights(run.path / "merged" / "atm").items():
         np.testing.assert_array_equal(value, atm_before[name])
     assert again["methods"]["ATM (2 rounds x 4 steps)"] == rows["ATM (2 rounds x 4 steps)"]
+    logged = (run.path / "metrics.jsonl").read_text()
+    assert logged.count('"tune_ties"') == 2 and logged.count('"stage": "atm"') == 2  # not duplicated by the rerun
 
 
 def test_merge_lm_rejects_bad_args_before_compute(tmp_path, repo):
@@ -82,3 +98,7 @@ def test_merge_lm_rejects_bad_args_before_compute(tmp_path, repo):
     with pytest.raises(ValueError, match=r"args.merges\[0\] \(x\): .*tiess"):
         run_experiment(config, ["args.model=/nonexistent", "args.merges=[{name: x, method: tiess}]"],
                        workdir=tmp_path / "d")
+    with pytest.raises(ValueError, match="not both"):
+        run_experiment(config, ["args.model=/nonexistent",
+                                "args.merges=[{name: x, method: ties, parameters: {scale: 1.0}, scales: [0.5]}]"],
+                       workdir=tmp_path / "e")
