@@ -8,7 +8,9 @@
 2. Every entry of ``merges`` becomes a recipe file, ``recipes/<name>.yaml``, and runs through
    :func:`metafit.merge.recipe.run_recipe` -- the code behind ``metafit merge`` -- into
    ``merged/<name>/``, an HF folder that transformers loads. The recipes stay in the run
-   folder, so ``metafit merge RUN/recipes/ties.yaml --out DIR`` redoes one by hand.
+   folder, so ``metafit merge RUN/recipes/ties.yaml --out DIR`` redoes one by hand. A merge
+   with ``scales`` has its coefficient chosen on validation instructions (disjoint from the
+   training and test ones); the chosen value is what its recipe file holds.
 3. Language ATM (``atm_rounds`` = K > 0): K rounds in which every task is fine-tuned with a
    fresh LoRA for ``train.steps / K`` steps from the current merge, folded in, and the
    results averaged (θ + mean τ); the same number of gradient steps as one expert, so it is
@@ -255,6 +257,38 @@ def merge_with_recipe(spec: MergeSpec, tasks: list[str], seed: int, run: RunDir,
     return {"scale": chosen.parameters["scale"], "val_mean_em": val["mean_em"]}, seconds
 
 
+def train_expert(finetune: LoraFinetuner, graphdef, base_params, index: int, task: str, key: jax.Array,
+                 cfg: RunConfig, run: RunDir, tokenizer):
+    """Task ``task``'s expert, loaded from ``models/<task>/`` (trained and saved there first if missing)."""
+    folder = run.path / "models" / task
+    if not _saved(folder):
+        expert = finetune(base_params, index, 0, jax.random.fold_in(key, index), steps=cfg.train.steps,
+                          workdir=run.checkpoint_dir(f"expert_{task}"))
+        save_complete(nnx.merge(graphdef, expert), folder, tokenizer)
+    return load(folder)[0]
+
+
+def language_atm(finetune: LoraFinetuner, graphdef, base_params, num_tasks: int, steps: int, key: jax.Array,
+                 cfg: RunConfig, run: RunDir, score: Scorer, tokenizer) -> list[dict[str, float]]:
+    """PA-ATM with a fresh LoRA of ``steps`` steps per task and round; saves ``merged/atm/``.
+
+    Returns the test scores after each round (restored rounds are scored again).
+    """
+    run.metrics.truncate("atm", 0)  # restored rounds are scored and logged again
+    curve = []
+
+    def on_round(k, params):
+        scores = score(nnx.merge(graphdef, params))
+        curve.append(scores)
+        run.log(scores, step=k, stage="atm")
+
+    result = atm_lib.atm(base_params, lambda p, t, k, task_key: finetune(p, t, k, task_key, steps=steps), num_tasks,
+                         cfg.args.atm_rounds, key=jax.random.fold_in(key, 99), on_round=on_round,
+                         checkpoint_dir=run.checkpoint_dir("atm"))
+    save_complete(nnx.merge(graphdef, result.params), run.path / "merged" / "atm", tokenizer)
+    return curve
+
+
 @experiment("merge_lm", config=MergeLMArgs)
 def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     """Per-task LoRA experts of a causal LM, merged by recipes and by ATM, scored per task."""
@@ -272,16 +306,11 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     key = jax.random.key(cfg.seed)
     models_dir, merged_dir = run.path / "models", run.path / "merged"
 
+    rows = {"base": score(model)}
     if not _saved(models_dir / "base"):
         save_complete(model, models_dir / "base", tokenizer)
-    rows = {"base": score(model)}
     for t, task in enumerate(tasks):
-        folder = models_dir / task
-        if not _saved(folder):
-            expert = finetune(base_params, t, 0, jax.random.fold_in(key, t), steps=cfg.train.steps,
-                              workdir=run.checkpoint_dir(f"expert_{task}"))
-            save_complete(nnx.merge(graphdef, expert), folder, tokenizer)
-        rows[f"expert {task}"] = score(load(folder)[0])
+        rows[f"expert {task}"] = score(train_expert(finetune, graphdef, base_params, t, task, key, cfg, run, tokenizer))
     rows["experts, each on its own task"] = {
         "mean_em": float(np.mean([rows[f"expert {t}"][f"{t}_em"] for t in tasks])),
         "mean_loss": float(np.mean([rows[f"expert {t}"][f"{t}_loss"] for t in tasks])),
@@ -296,23 +325,9 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
         merge_seconds[spec.name] = seconds
         rows[f"merge {spec.name}"] = {**score(load(merged_dir / spec.name)[0]), **chosen}
 
-    atm_curve = []
     if args.atm_rounds:
         steps = cfg.train.steps // args.atm_rounds
-
-        def atm_finetune(params, task, round_index, task_key):
-            return finetune(params, task, round_index, task_key, steps=steps)
-
-        run.metrics.truncate("atm", 0)  # restored rounds are scored and logged again
-
-        def on_round(k, params):
-            scores = score(nnx.merge(graphdef, params))
-            atm_curve.append(scores)
-            run.log(scores, step=k, stage="atm")
-
-        result = atm_lib.atm(base_params, atm_finetune, len(tasks), args.atm_rounds, key=jax.random.fold_in(key, 99),
-                             on_round=on_round, checkpoint_dir=run.checkpoint_dir("atm"))
-        save_complete(nnx.merge(graphdef, result.params), merged_dir / "atm", tokenizer)
+        atm_curve = language_atm(finetune, graphdef, base_params, len(tasks), steps, key, cfg, run, score, tokenizer)
         rows[f"ATM ({args.atm_rounds} rounds x {steps} steps)"] = atm_curve[-1]
         curves = {"ATM": (list(range(args.atm_rounds + 1)),
                           [rows["base"]["mean_em"]] + [s["mean_em"] for s in atm_curve])}
