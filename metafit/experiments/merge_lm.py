@@ -46,7 +46,7 @@ from metafit.experiments.finetune import exact_match, sft_loss
 from metafit.merge import atm as atm_lib
 from metafit.merge.methods import MergeError, get_method, resolve_params
 from metafit.merge.recipe import run_recipe
-from metafit.models import load, save
+from metafit.models import load, save_folder
 from metafit.registry import UnknownNameError
 from metafit.runs import RunDir, plot_curves
 from metafit.train import fit
@@ -210,18 +210,6 @@ def _saved(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def save_complete(model, folder: Path, tokenizer) -> Path:
-    """Saves an HF folder under a temporary name and renames it, so a folder that exists is complete."""
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    save(model, partial, tokenizer)
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
-    return folder
-
-
 def merge_with_recipe(spec: MergeSpec, tasks: list[str], seed: int, run: RunDir,
                       val_score: Scorer | None) -> tuple[dict[str, float], float]:
     """Runs ``spec`` as a recipe into ``merged/<name>/``, choosing ``scale`` on validation if asked.
@@ -264,7 +252,7 @@ def train_expert(finetune: LoraFinetuner, graphdef, base_params, index: int, tas
     if not _saved(folder):
         expert = finetune(base_params, index, 0, jax.random.fold_in(key, index), steps=cfg.train.steps,
                           workdir=run.checkpoint_dir(f"expert_{task}"))
-        save_complete(nnx.merge(graphdef, expert), folder, tokenizer)
+        save_folder(nnx.merge(graphdef, expert), folder, tokenizer)
     return load(folder)[0]
 
 
@@ -285,7 +273,7 @@ def language_atm(finetune: LoraFinetuner, graphdef, base_params, num_tasks: int,
     result = atm_lib.atm(base_params, lambda p, t, k, task_key: finetune(p, t, k, task_key, steps=steps), num_tasks,
                          cfg.args.atm_rounds, key=jax.random.fold_in(key, 99), on_round=on_round,
                          checkpoint_dir=run.checkpoint_dir("atm"))
-    save_complete(nnx.merge(graphdef, result.params), run.path / "merged" / "atm", tokenizer)
+    save_folder(nnx.merge(graphdef, result.params), run.path / "merged" / "atm", tokenizer)
     return curve
 
 
@@ -308,7 +296,7 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
 
     rows = {"base": score(model)}
     if not _saved(models_dir / "base"):
-        save_complete(model, models_dir / "base", tokenizer)
+        save_folder(model, models_dir / "base", tokenizer)
     for t, task in enumerate(tasks):
         rows[f"expert {task}"] = score(train_expert(finetune, graphdef, base_params, t, task, key, cfg, run, tokenizer))
     rows["experts, each on its own task"] = {

@@ -110,7 +110,8 @@ def _restore_rounds(checkpointer: Checkpointer, like: PyTree, rounds: int) -> li
     if k > rounds:
         raise ValueError(f"{checkpointer.directory} holds ATM round {k} but this run has {rounds} rounds: "
                          "it belongs to a different run; use another directory or delete it")
-    missing = [j for j in range(1, k) if j not in checkpointer.steps()]
+    saved = set(checkpointer.steps())
+    missing = [j for j in range(1, k) if j not in saved]
     if missing:
         raise ValueError(f"{checkpointer.directory} lacks ATM rounds {missing} before round {k}; "
                          "delete the folder to start the rounds over")

@@ -58,6 +58,7 @@ from metafit.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
 from metafit.merge.io import WEIGHTS_NAME, SafetensorsError
 from metafit.merge.methods import MergeError, get_method, resolve_params
 from metafit.merge.stream import merge_folders
+from metafit.models import EMBEDDED, load, resolve, save_folder
 from metafit.registry import UnknownNameError
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -127,18 +128,10 @@ def _resolve_model(root: Path, path: str | None) -> Path | None:
     if p is None:
         return None
     if not p.exists():
-        from metafit.models import EMBEDDED
-
         if path not in EMBEDDED:
             return p  # reported as missing by validate_recipe
         return hf_folder_of(path)
     return hf_folder_of(p) if p.suffix == ".gguf" else p
-
-
-def _embedded_names() -> list[str]:
-    from metafit.models import EMBEDDED
-
-    return EMBEDDED.names()
 
 
 def cache_dir() -> Path:
@@ -153,21 +146,14 @@ def hf_folder_of(source: str | Path) -> Path:
     file is converted again. The folder is written under a temporary name and renamed, so a
     conversion killed midway leaves nothing that looks complete.
     """
-    from metafit.models import load, resolve, save
-
     file = resolve(source).resolve()
     stat = file.stat()
     digest = hashlib.sha1(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_dir() / "hf" / f"{file.stem}-{digest}"
     if (folder / WEIGHTS_NAME).is_file():
         return folder
-    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     model, tokenizer = load(file)
-    save(model, partial, tokenizer)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    return save_folder(model, folder, tokenizer)
 
 
 def _per_model_params(recipe: MergeRecipe) -> dict[str, Any]:
@@ -215,7 +201,7 @@ def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
     for label, p in [("base", base)] + [(f"models[{i}]", p) for i, p in enumerate(paths)]:
         if p is not None and not p.exists():
             raise MergeError(f"{label}: model not found: {p} (give an HF folder, a .safetensors or .gguf file, "
-                             f"or an embedded model name: {', '.join(_embedded_names())})")
+                             f"or an embedded model name: {', '.join(EMBEDDED.names())})")
     config_from = _resolve_model(root, recipe.config_from) or base or paths[0]
     return {"method": method, "base": base, "models": paths, "params": params, "rules": rules,
             "key": jax.random.key(recipe.seed) if method.needs_key else None,

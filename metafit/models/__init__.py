@@ -64,7 +64,7 @@ from .generate import filter_logits, generate
 from .gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from .layers import Conv1D, KVCache
 from .llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-from .loading import EMBEDDED, load, resolve, save
+from .loading import EMBEDDED, load, resolve, save, save_folder
 from .rope import RopeConfig
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "EMBEDDED",
     "load",
     "save",
+    "save_folder",
     "generate",
     "resolve",
     "filter_logits",

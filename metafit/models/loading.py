@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -295,4 +296,20 @@ def save(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
     return directory
 
 
-__all__ = ["load", "save", "resolve", "build_model", "EMBEDDED", "EmbeddedModel", "CheckpointMismatch"]
+def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
+    """:func:`save` into a whole new folder, written under a temporary name and renamed.
+
+    A folder that exists is therefore complete (weights, config and tokenizer), which is what
+    callers that skip work when the folder exists rely on; an existing folder is replaced.
+    """
+    directory = Path(directory)
+    partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(model, partial, tokenizer, dtype=dtype)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    return directory
+
+
+__all__ = ["load", "save", "save_folder", "resolve", "build_model", "EMBEDDED", "EmbeddedModel",
+           "CheckpointMismatch"]
