@@ -2,9 +2,15 @@
 
 Commands:
   metafit run CONFIG [--set key=value ...] [--workdir DIR] [--force-new]
+  metafit config EXPERIMENT|CONFIG [--set key=value ...]   a documented config that runs as-is
   metafit list                      registered experiments and methods, by family
   metafit show RUN_DIR              the results table of a finished run
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
+  metafit --version
+
+Also ``python -m metafit``. This module imports only the standard library, PyYAML and
+metafit's config helpers at start-up, so ``metafit --help`` answers without importing
+JAX; each command imports what it needs when it runs.
 """
 from __future__ import annotations
 
@@ -13,9 +19,16 @@ import os
 import sys
 from pathlib import Path
 
+from metafit import __version__
 from metafit.config import ConfigError
 from metafit.registry import UnknownNameError
-from metafit.runs import RunDirError
+
+EXAMPLES = """\
+examples:
+  metafit run configs/quickstart.yaml --set train.steps=200
+  metafit config quickstart > my.yaml && metafit run my.yaml
+  metafit run my.yaml --set experiment=mypackage.mymodule:my_experiment
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,37 +39,60 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ConfigError, RunDirError, UnknownNameError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # library input checks (bad data, recipes, shapes) raise ValueError subclasses
-        if os.environ.get("METAFIT_DEBUG"):
-            raise
-        print(f"error: {err}\n(set METAFIT_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 2
+    except (ConfigError, UnknownNameError, FileNotFoundError) as err:
+        return _fail(err, 2)
     except Exception as err:
-        from metafit.train import NonFiniteLossError
-
-        if isinstance(err, NonFiniteLossError):
-            print(f"error: {err}", file=sys.stderr)
-            return 3
+        # Error classes of heavy modules are looked up only if the module was loaded, keeping start-up light.
+        if _is_instance(err, "metafit.runs", "RunDirError"):
+            return _fail(err, 2)
+        if _is_instance(err, "metafit.train", "NonFiniteLossError"):
+            return _fail(err, 3)
+        if isinstance(err, ValueError) and not os.environ.get("METAFIT_DEBUG"):  # library input checks
+            return _fail(f"{err}\n(set METAFIT_DEBUG=1 for a traceback)", 2)
         raise
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _is_instance(err: Exception, module: str, name: str) -> bool:
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(err, getattr(loaded, name, ()))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metafit", description="metafit: efficient and robust model adaptation in JAX."
+        prog="metafit", description="metafit: efficient and robust model adaptation in JAX.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"metafit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run (or resume) an experiment config into a run folder")
+    run = commands.add_parser(
+        "run", help="run (or resume) an experiment config into a run folder",
+        description="Run (or resume) an experiment config into a run folder. Everything is validated before "
+                    "the folder is created: a bad setting is an error naming the key, and leaves nothing behind.",
+        epilog="The config's `experiment:` is a registered name (metafit list) or package.module:function "
+               "(looked up on sys.path and in the current directory).",
+    )
     run.add_argument("config", type=Path, help="YAML experiment config, e.g. configs/quickstart.yaml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    _add_overrides(run)
     run.add_argument("--workdir", type=Path, default=None, help="run folder (default: runs/<config name>)")
     run.add_argument("--force-new", action="store_true",
                      help="if the run folder holds a run of a different config, move it aside and start fresh")
     run.set_defaults(func=_run)
+
+    config = commands.add_parser(
+        "config", help="print an experiment's default config (or a config file, resolved) with documented fields",
+        description="Print YAML that runs as-is with `metafit run`: the default config of EXPERIMENT, or the "
+                    "resolved CONFIG file, with each field's documentation as a comment.",
+    )
+    config.add_argument("target", metavar="EXPERIMENT|CONFIG",
+                        help="a registered experiment (metafit list), package.module:function, or a YAML config")
+    _add_overrides(config)
+    config.set_defaults(func=_config)
 
     listing = commands.add_parser("list", help="list registered experiments and methods by family")
     listing.set_defaults(func=_list)
@@ -72,12 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_overrides(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, parsed as YAML, e.g. --set train.steps=100 (repeatable)")
+
+
+def _user_modules_importable() -> None:
+    """Lets ``experiment: module:function`` find modules in the current directory, as ``python -m`` would.
+
+    Appended, not prepended, so a file in the current directory never shadows an installed package.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _run(args: argparse.Namespace) -> int:
+    _user_modules_importable()
     from metafit.experiments import run_experiment
 
     run, results = run_experiment(args.config, args.overrides, workdir=args.workdir, force_new=args.force_new)
     _print_results(results, f"{args.config} -> {run.path}")
     print(f"run folder: {run.path}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    _user_modules_importable()
+    from metafit.config import apply_overrides, load_yaml, to_dict
+    from metafit.experiments import config_text, default_config, get_experiment, resolve_config
+
+    target, sets = args.target, "".join(f" --set {o}" for o in args.overrides)
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+        cfg = resolve_config(apply_overrides(load_yaml(target), args.overrides), target)
+        header = f"{target}{sets}, resolved (defaults filled in)"
+    else:
+        cfg = default_config(target)
+        if args.overrides:
+            cfg = resolve_config(apply_overrides(to_dict(cfg), args.overrides), f"metafit config {target}")
+        summary = (get_experiment(target).fn.__doc__ or "").strip().splitlines()
+        header = (f"{target}: {summary[0]}\n" if summary else "") + (
+            f"The default config{' with' + sets if sets else ''}. Run it:\n"
+            f"  metafit config {target}{sets} > {target.rpartition(':')[2]}.yaml && "
+            f"metafit run {target.rpartition(':')[2]}.yaml")
+    print(config_text(cfg, header=header), end="")
     return 0
 
 

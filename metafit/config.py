@@ -18,6 +18,9 @@ Command-line overrides ``--set a.b=c`` are parsed as YAML scalars/flow lists, so
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -62,8 +65,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set has an empty key in '{text}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        quoted = '"' + raw.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        raise ConfigError(
+            f"--set {text}: the value of '{key}' does not parse as YAML ({problem}); "
+            f"to pass it as a string, quote it: --set '{key}={quoted}'"
+        ) from None
     return key.split("."), value
 
 
@@ -209,6 +217,100 @@ def to_dict(config: Any) -> Any:
 def dump_yaml(data: Any) -> str:
     """YAML text of a config (dataclass or mapping), keys in declaration order."""
     return yaml.safe_dump(to_dict(data), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` section of a dataclass's docstring.
+
+    Google style, as every metafit config documents its fields::
+
+        Attributes:
+          steps: optimiser steps in total.
+          lr: peak learning rate; continuation lines
+            are joined.
+
+    Sphinx roles are reduced to their text (``:class:`x.Y``` -> ```x.Y```). Fields
+    without a description are absent from the result.
+    """
+    doc = cls.__dict__.get("__doc__") or ""
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    if "Attributes:" not in (line.strip() for line in lines):
+        return docs
+    start = [line.strip() for line in lines].index("Attributes:") + 1
+    indent, current = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            if docs:  # a blank line after the entries ends the section
+                break
+            continue
+        lead = len(line) - len(line.lstrip())
+        if lead == 0:
+            break
+        indent = lead if indent is None else indent
+        entry = re.match(r"(\w+)\s*(?:\([^)]*\))?:\s*(.*)", line.strip())
+        if lead == indent and entry:
+            current = entry[1]
+            docs[current] = entry[2]
+        elif current is not None and lead > indent:
+            docs[current] += " " + line.strip()
+    return {name: _plain(text) for name, text in docs.items()}
+
+
+def _plain(text: str) -> str:
+    """Docstring markup as plain text: ``:role:`x` `` and double backticks become single backticks."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text).replace("``", "`")
+
+
+def dump_yaml_documented(config: Any, *, header: str = "", width: int = 100) -> str:
+    """YAML text of a config dataclass with each field's documentation as a comment above it.
+
+    The comments come from the ``Attributes:`` sections of the dataclasses (see
+    :func:`field_docs`), nested dataclasses included. The YAML itself equals
+    :func:`dump_yaml`'s, so loading the text back gives the same config.
+
+    Args:
+      config: a dataclass instance.
+      header: text put first, as ``#`` comment lines.
+      width: wrap comments at this many characters.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"dump_yaml_documented needs a dataclass instance, got {config!r}")
+    out = [f"# {line}".rstrip() for line in header.splitlines()]
+    _emit_documented(config, 0, out, width)
+    return "\n".join(out) + "\n"
+
+
+def _emit_documented(config: Any, indent: int, out: list[str], width: int) -> None:
+    pad = " " * indent
+    docs = field_docs(type(config))
+    for field in dataclasses.fields(config):
+        if not field.init:
+            continue
+        value = getattr(config, field.name)
+        comment = docs.get(field.name, "")
+        nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        own_doc = type(value).__dict__.get("__doc__") or ""
+        if nested and not comment and own_doc and not own_doc.startswith(type(value).__name__ + "("):
+            comment = _plain(inspect.cleandoc(own_doc).splitlines()[0])  # not dataclass's generated signature
+        if comment:
+            out.extend(textwrap.wrap(comment, width, initial_indent=pad + "# ", subsequent_indent=pad + "# ",
+                                     break_on_hyphens=False))
+        if nested and any(f.init for f in dataclasses.fields(value)):
+            out.append(f"{pad}{field.name}:")
+            _emit_documented(value, indent + 2, out, width)
+        else:
+            out.extend(pad + line for line in _yaml_entry(field.name, to_dict(value)))
+
+
+def _yaml_entry(name: str, value: Any) -> list[str]:
+    """``name: value`` lines: flow style for scalars and flat collections, block style above them."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if any(isinstance(item, (dict, list)) for item in items):
+        text = yaml.safe_dump({name: value}, sort_keys=False, default_flow_style=None, width=float("inf"))
+        return text.rstrip("\n").splitlines()
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
+    return [f"{name}: {text.removesuffix(chr(10)).removesuffix(chr(10) + '...').strip()}"]
 
 
 def _deep_copy(data: Any) -> Any:

@@ -98,3 +98,109 @@ def test_bad_input_errors(repo, tmp_path):
     blocked.write_text("x")
     not_a_dir = run_metafit("run", config, *TINY, "--workdir", str(blocked / "run"))
     assert not_a_dir.returncode == 2 and "cannot write to run folder" in not_a_dir.stderr
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys, time
+start = time.perf_counter()
+from metafit.cli import main
+answers = {}
+for argv in (["--help"], ["run", "--help"], ["config", "--help"], ["--version"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main(argv)
+        except SystemExit as exit:
+            answers[" ".join(argv)] = [exit.code, out.getvalue()]
+print(json.dumps({"answers": answers, "modules": sorted(sys.modules), "seconds": time.perf_counter() - start}))
+"""
+
+HEAVY = ("jax", "jaxlib", "optax", "flax", "orbax", "numpyro", "transformers", "rich", "matplotlib")
+
+
+def test_help_and_version_answer_without_importing_jax(repo):
+    probe = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    report = json.loads(probe.stdout)
+    answers = report["answers"]
+    assert answers["--help"][0] == 0 and "config" in answers["--help"][1] and "run" in answers["--help"][1]
+    assert answers["run --help"][0] == 0 and "--force-new" in answers["run --help"][1]
+    assert answers["config --help"][0] == 0 and "EXPERIMENT|CONFIG" in answers["config --help"][1]
+    assert answers["--version"] == [0, "metafit 0.1.0\n"]
+    loaded = {name.split(".")[0] for name in report["modules"]}
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+    as_module = subprocess.run([sys.executable, "-m", "metafit", "--version"], capture_output=True, text=True,
+                               cwd=repo, timeout=60)
+    assert as_module.returncode == 0 and as_module.stdout == "metafit 0.1.0\n"
+
+
+RUN_PROBE = ("import json, sys; from metafit.cli import main; code = main(sys.argv[2:]); "
+             "json.dump(sorted(sys.modules), open(sys.argv[1], 'w')); sys.exit(code)")
+
+
+def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path):
+    printed = run_metafit("config", "quickstart")
+    assert printed.returncode == 0, printed.stderr
+    assert "# optimiser steps in total.\n  steps: 100" in printed.stdout
+    assert "# widths of the hidden layers.\n  hidden: [128, 128]" in printed.stdout
+    config = tmp_path / "f.yaml"
+    config.write_text(printed.stdout)
+
+    bad = run_metafit("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "run"))
+    assert bad.returncode == 2 and "train.optimizer: unknown optimizer 'adamz'" in bad.stderr
+    assert not (tmp_path / "run").exists()
+
+    # the corrected command, in the same folder; it imports only the quickstart experiment's code
+    modules = tmp_path / "modules.json"
+    run = subprocess.run([sys.executable, "-c", RUN_PROBE, str(modules), "run", str(config), "--set", "train.steps=2",
+                          "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=repo, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["steps"] == 2
+    loaded = set(json.loads(modules.read_text()))
+    assert "metafit.experiments.quickstart" in loaded
+    others = {"metafit.experiments.meta", "metafit.experiments.merge", "metafit.experiments.bayes",
+              "metafit.experiments.robust", "metafit.meta", "metafit.merge", "metafit.bayes", "metafit.robust"}
+    assert not loaded & others, sorted(loaded & others)
+
+
+USER_EXPERIMENT = '''
+from dataclasses import dataclass
+
+from metafit.experiments import experiment
+
+
+@dataclass(frozen=True)
+class CountArgs:
+    """Attributes:
+      n: how many.
+    """
+
+    n: int = 1
+
+
+@experiment(config=CountArgs)
+def count(cfg, run):
+    return {"metrics": {"n_squared": cfg.args.n ** 2}}
+'''
+
+# The console script's sys.path holds neither '' nor the current directory (unlike `python -m`).
+CONSOLE_SCRIPT = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+                  "from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_path):
+    (tmp_path / "my_experiments.py").write_text(USER_EXPERIMENT)
+    (tmp_path / "my.yaml").write_text("experiment: my_experiments:count\nargs: {n: 4}\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "run", "my.yaml", "--workdir", "run"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"metrics": {"n_squared": 16}}
+
+    missing = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "run", "my.yaml", "--workdir", "run2",
+                              "--set", "experiment=my_experimnts:count"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert missing.returncode == 2 and "no module named 'my_experimnts'" in missing.stderr
+    assert not (tmp_path / "run2").exists()

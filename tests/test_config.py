@@ -1,9 +1,14 @@
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
+import yaml
 
-from metafit.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from metafit.config import (
+    ConfigError, apply_overrides, dump_yaml, dump_yaml_documented, field_docs, from_dict, load_yaml, parse_override,
+    to_dict,
+)
 from metafit.experiments import load_run_config, resolve_config
 from metafit.train import TrainConfig
 
@@ -58,6 +63,49 @@ def test_overrides_parse_ints_floats_bools_lists():
     assert (cfg.rate, cfg.sizes, cfg.flag) == (0.5, (8, 8), False)
     with pytest.raises(ConfigError, match="expects key=value"):
         apply_overrides({}, ["novalue"])
+
+
+@pytest.mark.parametrize("override", ["args.widths=[32, 32", "args.name={a: 1", "args.name=@home", "x=a: b: c"])
+def test_override_that_does_not_parse_is_an_error_naming_it(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, [override])
+    message = str(err.value)
+    assert message.startswith(f"--set {override}: the value of '{key}' does not parse as YAML")
+    suggested = message.split("quote it: --set '", 1)[1].removesuffix("'")
+    assert parse_override(suggested) == (key.split("."), override.split("=", 1)[1])  # the quoted form works
+
+
+@dataclass(frozen=True)
+class Documented:
+    """A documented config.
+
+    Attributes:
+      width: hidden width; a long description that wraps onto a second line in the
+        docstring, joined into one comment.
+      inner: the nested section (see :class:`Inner`).
+      sizes: layer sizes.
+    """
+
+    width: int = 8
+    inner: Inner = Inner()
+    sizes: tuple[int, ...] = (1, 2)
+    table: dict[str, Any] = dataclasses.field(default_factory=lambda: {"a": [1, 2], "b": {"c": 1.0e-8}})
+
+
+def test_field_docs_and_documented_yaml_round_trip():
+    docs = field_docs(Documented)
+    assert docs["width"] == ("hidden width; a long description that wraps onto a second line in the docstring, "
+                             "joined into one comment.")
+    assert docs["inner"] == "the nested section (see `Inner`)." and "table" not in docs
+    assert field_docs(Inner) == {}  # no docstring of its own: nothing (not dataclass's generated signature)
+    config = Documented(width=3, sizes=(4,))
+    text = dump_yaml_documented(config, header="first\nsecond")
+    assert text.startswith("# first\n# second\n# hidden width;")
+    assert "# the nested section (see `Inner`).\ninner:\n  width: 4\n  kind: a\n" in text
+    assert "# layer sizes.\nsizes: [4]\n" in text
+    assert yaml.safe_load(text) == yaml.safe_load(dump_yaml(config))
+    assert from_dict(Documented, yaml.safe_load(text)) == config
 
 
 def test_yaml_syntax_error_reports_line(tmp_path):

@@ -277,7 +277,7 @@ def language_atm(finetune: LoraFinetuner, graphdef, base_params, num_tasks: int,
     return curve
 
 
-@experiment("merge_lm", config=MergeLMArgs)
+@experiment("merge_lm", config=MergeLMArgs, validate=lambda cfg: check_args(cfg.args, cfg.train.steps))
 def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     """Per-task LoRA experts of a causal LM, merged by recipes and by ATM, scored per task."""
     started = time.perf_counter()

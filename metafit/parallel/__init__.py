@@ -11,6 +11,7 @@ from metafit.parallel.mesh import (
     batch_sharding,
     initialize_distributed,
     make_mesh,
+    mesh_axis_sizes,
     param_shardings,
     replicated,
     shard_batch,
@@ -20,6 +21,6 @@ from metafit.parallel.mesh import (
 )
 
 __all__ = [
-    "MeshConfig", "make_mesh", "batch_sharding", "replicated", "param_shardings", "shard_batch",
+    "MeshConfig", "make_mesh", "mesh_axis_sizes", "batch_sharding", "replicated", "param_shardings", "shard_batch",
     "shard_params", "to_global", "to_host", "initialize_distributed",
 ]

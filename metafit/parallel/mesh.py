@@ -29,26 +29,40 @@ class MeshConfig:
     tensor: int = 1
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ``Mesh`` with axes ``('data', 'fsdp', 'tensor')`` over all (global) devices."""
-    cfg = cfg or MeshConfig()
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(AXES, sizes))}")
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes ({known})")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+def mesh_axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """The size of each mesh axis for ``num_devices`` devices (a ``-1`` axis takes the rest).
+
+    Pure and device-free, so a run can check its ``mesh:`` section before it writes anything.
+
+    Raises:
+      ValueError: naming the axis (``mesh.data``, ...) when a size is 0 or below -1, more than
+        one axis is -1, or the sizes do not multiply to ``num_devices``.
+    """
+    sizes = {axis: getattr(cfg, axis) for axis in AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{axis}: axis sizes must be positive or -1 (all remaining devices), got {size}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if num_devices % known:
+                raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({known})")
+            sizes[axis] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are available; "
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are available; "
             "set one axis to -1 to use the rest"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ``Mesh`` with axes ``('data', 'fsdp', 'tensor')`` over all (global) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_axis_sizes(cfg or MeshConfig(), len(devices))
+    return Mesh(np.asarray(devices).reshape([sizes[axis] for axis in AXES]), AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -107,19 +107,8 @@ def make_jobs(scale: dict) -> list[Job]:
     return sorted(jobs, key=lambda j: j.priority)
 
 
-# ``--direct``: import only the meta experiment instead of every family's (for a machine that lacks
-# another family's optional packages); everything else is the same ``run_experiment`` call as the CLI.
-DIRECT = """
-import sys, metafit.experiments as experiments, metafit.experiments.meta
-experiments._LOADED = True
-args = sys.argv[1:]
-config, workdir, overrides = args[0], args[1], args[2:]
-experiments.run_experiment(config, overrides, workdir=workdir, force_new=True)
-"""
-
-
 def run_job(job: Job, out: Path, core: int | None, deadline: float, hard_deadline: float,
-            direct: bool = False, in_process: bool = False) -> dict | None:
+            in_process: bool = False) -> dict | None:
     """Runs one job (in a subprocess, or in this process); returns its result row, or None if skipped or failed."""
     run_dir = out / "runs" / job.name
     results = run_dir / "results.json"
@@ -149,11 +138,10 @@ def run_job(job: Job, out: Path, core: int | None, deadline: float, hard_deadlin
         env.update(JAX_PLATFORMS="cpu")
     else:
         env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    if direct:
-        command = [sys.executable, "-c", DIRECT, job.config, str(run_dir), *job.overrides]
-    else:
-        command = [sys.executable, "-m", "metafit.cli", "run", job.config, "--workdir", str(run_dir), "--force-new",
-                   *[arg for o in job.overrides for arg in ("--set", o)]]
+    # `metafit run` imports only the meta experiment's module (and family), so a machine that lacks
+    # another family's optional packages runs these jobs too.
+    command = [sys.executable, "-m", "metafit.cli", "run", job.config, "--workdir", str(run_dir), "--force-new",
+               *[arg for o in job.overrides for arg in ("--set", o)]]
     preexec = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
     log_path = out / "logs" / f"{job.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +173,7 @@ def meta_loss_cv(path: Path) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in half) / len(half)) / mean
 
 
-def run_all(jobs: list[Job], out: Path, cpu_jobs: int, gpu_jobs: int, deadline_s: float,
-            direct: bool = False) -> list[dict]:
+def run_all(jobs: list[Job], out: Path, cpu_jobs: int, gpu_jobs: int, deadline_s: float) -> list[dict]:
     start = time.time()
     deadline, hard = start + deadline_s, start + deadline_s + 90
     cores = sorted(os.sched_getaffinity(0))
@@ -198,7 +185,7 @@ def run_all(jobs: list[Job], out: Path, cpu_jobs: int, gpu_jobs: int, deadline_s
         with lock:
             core = free_cores.pop() if free_cores else None
         try:
-            return run_job(job, out, core, deadline, hard, direct)
+            return run_job(job, out, core, deadline, hard)
         finally:
             if core is not None:
                 with lock:
@@ -209,7 +196,7 @@ def run_all(jobs: list[Job], out: Path, cpu_jobs: int, gpu_jobs: int, deadline_s
     futures = []
     with ThreadPoolExecutor(max(cpu_jobs, 1)) as cpu_pool, ThreadPoolExecutor(max(gpu_jobs, 1)) as gpu_pool:
         futures += [cpu_pool.submit(cpu_worker, j) for j in cpu]
-        futures += [gpu_pool.submit(run_job, j, out, None, deadline, hard, direct) for j in gpu]
+        futures += [gpu_pool.submit(run_job, j, out, None, deadline, hard) for j in gpu]
         for f in futures:
             row = f.result()
             if row is not None:
@@ -285,7 +272,6 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None,
                         help="job-name glob patterns to run (e.g. 'glyphs_5w1s_*' 'sinusoid_k5_*_s0')")
     parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--direct", action="store_true", help="import only the meta experiment (see DIRECT)")
     parser.add_argument("--in-process", action="store_true", help="run the jobs one after another in this process")
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / args.scale
@@ -301,7 +287,7 @@ def main(argv=None):
             deadline = time.time() + args.deadline
             rows = [r for r in (run_job(j, out, None, deadline, 0, in_process=True) for j in jobs) if r is not None]
         else:
-            rows = run_all(jobs, out, args.cpu_jobs, args.gpu_jobs, args.deadline, args.direct)
+            rows = run_all(jobs, out, args.cpu_jobs, args.gpu_jobs, args.deadline)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     table = build_table(rows, args.scale)
     (out / "table.md").write_text(table)

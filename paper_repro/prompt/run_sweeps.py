@@ -1,7 +1,8 @@
 """Runs the PROMPT reproduction configs (the same code `metafit run` calls) into run folders.
 
-Imports only the Bayesian experiment module, so it also runs where other metafit families'
-optional dependencies are missing (e.g. a GPU machine's own Python image).
+Each config is one :func:`metafit.experiments.run_experiment` call, which imports only the
+Bayesian experiment module, so this also runs where other metafit families' optional
+dependencies are missing (e.g. a GPU machine's own Python image).
 
 Usage (from the repository root):
     python paper_repro/prompt/run_sweeps.py --out runs              # the three sweeps, in turn
@@ -12,14 +13,10 @@ Equivalent to ``metafit run CONFIG --workdir OUT/<config name>`` for each config
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
-from metafit.config import apply_overrides, dump_yaml, from_dict, load_yaml
-from metafit.experiments import RunConfig
-from metafit.experiments.bayes import PromptTransferArgs, prompt_transfer
-from metafit.runs import RunDir
+from metafit.experiments import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO / "configs/bayes" / f"{name}.yaml"
@@ -27,12 +24,7 @@ CONFIGS = [REPO / "configs/bayes" / f"{name}.yaml"
 
 
 def run_config(path: Path, out: Path, overrides: list[str]) -> dict:
-    raw = apply_overrides(load_yaml(path), overrides)
-    top = {k: v for k, v in raw.items() if k != "args"}
-    cfg = dataclasses.replace(from_dict(RunConfig, top), args=from_dict(PromptTransferArgs, raw.get("args"), "args"))
-    run = RunDir.open(out / path.stem, dump_yaml(cfg))
-    results = prompt_transfer(cfg, run)
-    run.write_results(results, title=f"{cfg.experiment} ({path.stem})")
+    _, results = run_experiment(path, overrides, workdir=out / path.stem)
     return results
 
 
