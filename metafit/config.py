@@ -232,22 +232,19 @@ def field_docs(cls: type) -> dict[str, str]:
     Sphinx roles are reduced to their text (``:class:`x.Y``` -> ```x.Y```). Fields
     without a description are absent from the result.
     """
-    doc = cls.__dict__.get("__doc__") or ""
+    lines = (cls.__dict__.get("__doc__") or "").expandtabs().splitlines()
+    headers = [i for i, line in enumerate(lines) if line.strip() == "Attributes:"]
     docs: dict[str, str] = {}
-    lines = inspect.cleandoc(doc).splitlines()
-    if "Attributes:" not in (line.strip() for line in lines):
-        return docs
-    start = [line.strip() for line in lines].index("Attributes:") + 1
     indent, current = None, None
-    for line in lines[start:]:
+    for line in lines[headers[0] + 1:] if headers else ():
         if not line.strip():
             if docs:  # a blank line after the entries ends the section
                 break
             continue
         lead = len(line) - len(line.lstrip())
-        if lead == 0:
-            break
         indent = lead if indent is None else indent
+        if lead < indent:  # dedented: the next section
+            break
         entry = re.match(r"(\w+)\s*(?:\([^)]*\))?:\s*(.*)", line.strip())
         if lead == indent and entry:
             current = entry[1]

@@ -204,3 +204,20 @@ def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_pa
                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert missing.returncode == 2 and "no module named 'my_experimnts'" in missing.stderr
     assert not (tmp_path / "run2").exists()
+
+
+def test_config_resolves_a_file_with_overrides_in_process(repo, capsys):
+    from metafit.cli import main
+
+    assert main(["config", str(repo / "configs/quickstart.yaml"), "--set", "train.steps=5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"# {repo / 'configs/quickstart.yaml'} --set train.steps=5, resolved")
+    assert "  steps: 5\n" in text and "  schedule: cosine\n" in text and "  keep_checkpoints: 2\n" in text
+
+    assert main(["config", "quickstart", "--set", "args.hidden=[8]"]) == 0
+    assert "  hidden: [8]\n" in capsys.readouterr().out
+
+    assert main(["config", "quickstrat"]) == 2
+    assert "unknown experiment 'quickstrat'; did you mean 'quickstart'?" in capsys.readouterr().err
+    assert main(["config", "quickstart", "--set", "args.hidden=[8"]) == 2
+    assert "does not parse as YAML" in capsys.readouterr().err

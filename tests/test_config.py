@@ -131,3 +131,16 @@ def test_run_config_validation(repo):
 def test_train_config_rejects_bad_values():
     with pytest.raises(ValueError, match="train.steps must be >= 1"):
         TrainConfig(steps=0)
+
+
+def test_field_docs_when_the_docstring_starts_with_attributes():
+    @dataclass(frozen=True)
+    class Short:
+        """Attributes:
+          n: how many
+            (continued).
+        """
+
+        n: int = 1
+
+    assert field_docs(Short) == {"n": "how many (continued)."}
