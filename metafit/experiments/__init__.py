@@ -227,7 +227,11 @@ def _declared_in_sources() -> dict[str, str]:
     found = {}
     for path in sorted(here.rglob("*.py")):
         module = ".".join(path.relative_to(here).with_suffix("").parts).removesuffix(".__init__")
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        try:
+            tree = ast.parse(path.read_text(), str(path))
+        except SyntaxError:  # importing that module will report it
+            continue
+        for node in ast.walk(tree):
             for decorator in getattr(node, "decorator_list", ()):
                 name = _experiment_decorator_name(decorator)
                 if name is not None:
