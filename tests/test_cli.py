@@ -148,7 +148,7 @@ def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path):
     config.write_text(printed.stdout)
 
     bad = run_metafit("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "run"))
-    assert bad.returncode == 2 and "train.optimizer: unknown optimizer 'adamz'" in bad.stderr
+    assert bad.returncode == 2 and "train.optimizer" in bad.stderr and "'adamz'" in bad.stderr
     assert not (tmp_path / "run").exists()
 
     # the corrected command, in the same folder; it imports only the quickstart experiment's code
