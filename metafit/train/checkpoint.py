@@ -1,14 +1,22 @@
-"""Orbax checkpoints of the trainer state with fallback past unreadable ones.
+"""Orbax checkpoints of the trainer state: exact restore, a clear error on a structure change.
 
-The state is saved as a flat ``{"leaves": {"00000": array, ...}, "step": array}``
-mapping so any pytree (NNX state, optax NamedTuples) round-trips exactly: the
-tree structure comes from the live state, only the arrays come from disk.
-Orbax writes each step into a temporary folder and renames it when complete,
-so a run killed mid-save leaves the previous checkpoints intact.
+Each checkpoint holds two Orbax items:
+
+* ``state`` -- the arrays as a flat ``{"leaves": {"00000": array, ...}, "step": array}`` mapping, so
+  any pytree (NNX state, optax NamedTuples, callback states) round-trips exactly: the tree
+  structure comes from the live state, only the arrays come from disk;
+* ``structure`` -- JSON naming every leaf (its key path), shape and dtype.
+
+On restore the ``structure`` item is read first and compared with the live state. A different
+structure (the code or the config changed since the checkpoint was written) is a
+:class:`CheckpointMismatchError` naming the first differing leaf: silently restarting from step 0
+would throw away the finished steps and hide the change. Only a checkpoint that cannot be read at
+all (a partial write, corrupted files) is set aside with a :class:`CheckpointWarning`, and the
+next older one is used. Orbax writes each step into a temporary folder and renames it when
+complete, so a run killed mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,11 +25,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
-
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be read and an older one (or a fresh start) is used instead."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint holds a state of another structure than the run being resumed."""
 
 
 class Checkpointer:
@@ -43,7 +53,9 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         leaves = jax.tree.leaves(state)
         payload = {"leaves": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, "step": np.asarray(step)}
-        self._manager.save(step, args=ocp.args.StandardSave(payload), force=True)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(payload),
+                                  structure=ocp.args.JsonSave(describe(state)))
+        self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -51,43 +63,63 @@ class Checkpointer:
     def restore_latest(self, like: Any) -> tuple[int, Any] | None:
         """Restores the newest readable checkpoint into the structure of ``like``.
 
-        Unreadable checkpoints (partial writes, corrupted files, a different
-        state structure) are skipped with a :class:`CheckpointWarning`.
+        Unreadable checkpoints (partial writes, corrupted files) are moved aside with a
+        :class:`CheckpointWarning` and the next older one is tried.
 
         Returns:
-          ``(step, state)`` or ``None`` when no checkpoint could be read.
+          ``(step, state)`` or ``None`` when there is no readable checkpoint.
+
+        Raises:
+          CheckpointMismatchError: a readable checkpoint holds a state of another structure.
         """
         unreadable = []
-        for step in reversed(self.steps()):
-            try:
-                state = self.restore(step, like)
-            except Exception as err:  # any failure to read means: try an older one
-                warnings.warn(
-                    f"checkpoint {self.directory / str(step)} is unreadable ({type(err).__name__}: "
-                    f"{str(err)[:200]}); falling back to an older checkpoint",
-                    CheckpointWarning,
-                    stacklevel=2,
-                )
-                unreadable.append(step)
-                continue
+        try:
+            for step in reversed(self.steps()):
+                try:
+                    state = self.restore(step, like)
+                except CheckpointMismatchError:
+                    raise
+                except Exception as err:  # any failure to *read* means: set it aside, try an older one
+                    warnings.warn(
+                        f"checkpoint {self.directory / str(step)} is unreadable ({type(err).__name__}: "
+                        f"{str(err)[:200]}); falling back to an older checkpoint",
+                        CheckpointWarning,
+                        stacklevel=2,
+                    )
+                    unreadable.append(step)
+                    continue
+                return step, state
+            return None
+        finally:
             self._set_aside(unreadable)
-            return step, state
-        self._set_aside(unreadable)
-        return None
 
     def restore(self, step: int, like: Any) -> Any:
-        """The checkpoint of ``step`` in the structure of ``like`` (raises if missing or unreadable)."""
+        """The checkpoint of ``step`` in the structure of ``like``.
+
+        Raises:
+          CheckpointMismatchError: the checkpoint's structure differs from ``like``'s.
+          Exception: whatever Orbax raises for a missing or unreadable checkpoint.
+        """
+        saved = self._manager.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
+        self._check_structure(step, saved["structure"], describe(like))
         leaves, treedef = jax.tree.flatten(like)
-        target = {
-            "leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)},
-            "step": np.asarray(0),
-        }
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-        arrays = [restored["leaves"][f"{i:05d}"] for i in range(len(leaves))]
-        _check_shapes(arrays, leaves)
-        if int(restored["step"]) != step:
-            raise ValueError(f"checkpoint folder {step} holds step {int(restored['step'])}")
+        target = {"leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)}, "step": np.asarray(0)}
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        arrays = [restored["state"]["leaves"][f"{i:05d}"] for i in range(len(leaves))]
+        if int(restored["state"]["step"]) != step:
+            raise ValueError(f"checkpoint folder {step} holds step {int(restored['state']['step'])}")
         return jax.tree.unflatten(treedef, arrays)
+
+    def _check_structure(self, step: int, saved: dict, live: dict) -> None:
+        difference = first_difference(saved, live)
+        if difference is not None:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory / str(step)} holds a training state of another structure than "
+                f"this run: {difference}. The code or the config changed since it was written, so resuming "
+                "it would be wrong. To start afresh, rerun with --force-new (moves the old run folder aside; "
+                "nothing is deleted) or choose another --workdir; to resume, restore the code/config that "
+                "wrote it."
+            )
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints to ``<directory>.unreadable/`` (kept for inspection, out of the way)."""
@@ -108,13 +140,39 @@ class Checkpointer:
         self._manager.close()
 
 
+def describe(tree: Any) -> dict[str, list]:
+    """The JSON description of a pytree's leaves: key paths, shapes and dtypes, in leaf order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        "paths": [jax.tree_util.keystr(path) for path, _ in flat],
+        "shapes": [list(np.shape(leaf)) for _, leaf in flat],
+        "dtypes": [str(_dtype(leaf)) for _, leaf in flat],
+    }
+
+
+def first_difference(saved: dict, live: dict) -> str | None:
+    """Where two :func:`describe` results first differ (a sentence), or None when they agree."""
+    rows = lambda d: list(zip(d["paths"], map(tuple, d["shapes"]), d["dtypes"]))
+    on_disk, now = rows(saved), rows(live)
+    for i, (disk, current) in enumerate(zip(on_disk, now)):
+        if disk[0] != current[0]:
+            return f"leaf {i} is {disk[0]} on disk but {current[0]} now"
+        if disk[1:] != current[1:]:
+            return (f"leaf {disk[0]} has shape {list(disk[1])} {disk[2]} on disk but "
+                    f"{list(current[1])} {current[2]} now")
+    if len(on_disk) > len(now):
+        return f"leaf {on_disk[len(now)][0]} is on disk but not in the state now ({len(on_disk)} vs {len(now)} leaves)"
+    if len(now) > len(on_disk):
+        return f"leaf {now[len(on_disk)][0]} is in the state now but not on disk ({len(now)} vs {len(on_disk)} leaves)"
+    return None
+
+
+def _dtype(leaf: Any) -> Any:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype if dtype is not None else np.asarray(leaf).dtype
+
+
 def _abstract(leaf: Any) -> Any:
     if isinstance(leaf, jax.Array):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     return np.asarray(leaf)
-
-
-def _check_shapes(arrays: list[Any], like: list[Any]) -> None:
-    for i, (got, want) in enumerate(zip(arrays, like)):
-        if np.shape(got) != np.shape(want):
-            raise ValueError(f"leaf {i} has shape {np.shape(got)} on disk, expected {np.shape(want)}")
