@@ -1,8 +1,11 @@
 """The trainer's configuration (the ``train:`` section of every run config)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+MAX_COUNT = 10**9  # steps, batch sizes and periods above this are typos, not experiments
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,14 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr < 0:
-            raise ValueError(f"train.lr must be >= 0, got {self.lr}")
+        for name in ("lr", "weight_decay", "momentum", "clip_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {value}")
+        for name in ("steps", "batch_size", "eval_every", "log_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"train.{name}={getattr(self, name)} is above the limit of {MAX_COUNT:.0e}; "
+                                 "is a digit too many?")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"

@@ -40,7 +40,7 @@ from metafit.train.optim import make_optimizer
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
-GUARDED = ("loss", "grad_norm")
+GUARDED = ("loss", "grad_norm", "updated parameters")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -227,7 +227,7 @@ def fit(
             final = step == config.steps
             record = {}
             if step % config.log_every == 0 or final:
-                _raise_if_bad(state)
+                _raise_if_bad(state, checkpointer)
                 record = {"step": step, **_mean_metrics(pending)}
                 pending = []
                 history.append(record)
@@ -239,7 +239,7 @@ def fit(
                     evals.append(_evaluate(eval_fn, combine(state.trainable, frozen), step, name, log))
                 due = [c for c in callbacks if c.due(step, final)]
                 if due:
-                    _raise_if_bad(state)
+                    _raise_if_bad(state, checkpointer)
                     info = StepInfo(step, combine(state.trainable, frozen), state.opt_state,
                                     {k: v for k, v in record.items() if k != "step"}, final, name)
                     for callback in due:
@@ -250,9 +250,9 @@ def fit(
                 if checkpointer is not None and (
                     (config.ckpt_every and step % config.ckpt_every == 0) or final or step == stop_at
                 ):
-                    _raise_if_bad(state)
+                    _raise_if_bad(state, checkpointer)
                     checkpointer.save(step, (state, callback_states))
-        _raise_if_bad(state)
+        _raise_if_bad(state, checkpointer)
     finally:
         progress_bar.close()
         if checkpointer is not None:
@@ -427,7 +427,10 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
-        finite = jnp.array([jnp.isfinite(loss), jnp.isfinite(grad_norm)])
+        # The parameters too: a finite loss and gradient can still give non-finite parameters (an
+        # overflowing update), and a checkpoint of them must never be called good.
+        finite = jnp.array([jnp.isfinite(loss), jnp.isfinite(grad_norm),
+                            jnp.isfinite(optax.global_norm(new_trainable))])
         ok = finite.all()
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         first_bad = jnp.where((state.first_bad_step < 0) & ~ok, state.step + 1, state.first_bad_step)
@@ -455,14 +458,22 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in stacked.items()}
 
 
-def _raise_if_bad(state: TrainState) -> None:
+def _raise_if_bad(state: TrainState, checkpointer: Checkpointer | None = None) -> None:
     first_bad = int(to_host(state.first_bad_step))
     if first_bad >= 0:
         metric = GUARDED[int(to_host(state.bad_metric))]
+        if checkpointer is not None:
+            checkpointer.wait()  # a save still in flight counts once it is complete
+        steps = checkpointer.steps() if checkpointer is not None else []
+        if steps:
+            resumable = (f"The last checkpoint (step {steps[-1]}) was written before it and is resumable: fix "
+                         "the cause and rerun the same command.")
+        else:
+            resumable = "No checkpoint was written before it, so the run restarts from step 0 when rerun."
         raise NonFiniteLossError(
             f"non-finite {metric} at step {first_bad}; training stopped. Parameters were not updated from "
-            f"that step on and no checkpoint was written after it, so the last good checkpoint is intact "
-            f"and resumable. Lower the learning rate, enable train.clip_norm, or check the data."
+            f"that step on and no checkpoint was written after it. {resumable} Lower the learning rate, "
+            f"enable train.clip_norm, or check the data."
         )
 
 

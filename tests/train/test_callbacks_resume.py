@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metafit.train import (Callback, CheckpointMismatchError, MetricsWriter, StatefulData, TrainConfig, fit,
+from metafit.train import (Callback, CheckpointMismatchError, MetricsWriter, NonFiniteLossError, StatefulData,
+                           TrainConfig, fit,
                            param_snapshots, unstack)
 
 RNG = np.random.default_rng(0)
@@ -156,3 +157,34 @@ def test_bad_callbacks_and_stop_at_are_refused():
         fit(squared_loss, params0(), CountingData(), cfg, key=jax.random.key(0), callbacks=[cb, cb], progress=False)
     with pytest.raises(ValueError, match="stop_at"):
         fit(squared_loss, params0(), CountingData(), cfg, key=jax.random.key(0), stop_at=11, progress=False)
+
+
+def test_non_finite_parameters_stop_the_run_before_a_checkpoint(tmp_path):
+    def exploding(w, batch, key):  # finite loss and gradient, but the update overflows float32
+        return jnp.sum(w["w"]) * 1e18, {}
+
+    cfg = TrainConfig(steps=10, lr=1e21, optimizer="sgd", ckpt_every=5, log_every=5)
+    with pytest.raises(NonFiniteLossError, match="non-finite updated parameters at step 1.*No checkpoint"):
+        fit(exploding, params0(), CountingData(), cfg, key=jax.random.key(0), workdir=tmp_path, progress=False)
+    assert not any(p.name.isdigit() for p in tmp_path.iterdir())
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+    log = MetricsWriter(tmp_path / "metrics.jsonl")
+    log.write({"stage": "train", "step": 5, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "train", "st')  # killed mid-write
+    with pytest.warns(RuntimeWarning, match="torn last line"):
+        assert log.read("train") == [{"stage": "train", "step": 5, "loss": 1.0}]
+    with pytest.warns(RuntimeWarning):
+        log.truncate("train", 5)
+    assert log.read() == [{"stage": "train", "step": 5, "loss": 1.0}]  # the torn tail is gone for good
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lr": float("nan")}, "train.lr must be a finite number"), ({"weight_decay": -0.1}, "train.weight_decay"),
+    ({"clip_norm": -1.0}, "train.clip_norm"), ({"steps": 3 * 10**9}, "above the limit"),
+])
+def test_bad_numbers_in_train_config_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**override)
