@@ -17,7 +17,7 @@ Example:
     ...              progress=False)
 """
 from metafit.train.callbacks import Callback, Snapshots, StatefulData, StepInfo, param_snapshots, unstack
-from metafit.train.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning
+from metafit.train.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning, load_checkpoint
 from metafit.train.config import TrainConfig
 from metafit.train.loop import (
     DeviceSampler,
@@ -34,6 +34,6 @@ from metafit.train.optim import OPTIMIZERS, make_optimizer, make_schedule
 __all__ = [
     "TrainConfig", "fit", "FitResult", "DeviceSampler", "TrainState", "NonFiniteLossError",
     "partition", "combine", "make_optimizer", "make_schedule", "OPTIMIZERS", "Checkpointer",
-    "CheckpointWarning", "CheckpointMismatchError", "MetricsWriter", "Progress", "Callback", "StepInfo",
+    "CheckpointWarning", "CheckpointMismatchError", "load_checkpoint", "MetricsWriter", "Progress", "Callback", "StepInfo",
     "StatefulData", "Snapshots", "param_snapshots", "unstack",
 ]

@@ -2,10 +2,15 @@
 
 Each checkpoint holds two Orbax items:
 
-* ``state`` -- the arrays as a flat ``{"leaves": {"00000": array, ...}, "step": array}`` mapping, so
-  any pytree (NNX state, optax NamedTuples, callback states) round-trips exactly: the tree
-  structure comes from the live state, only the arrays come from disk;
-* ``structure`` -- JSON naming every leaf (its key path), shape and dtype.
+* ``state`` -- ``{"step": array, "state": named}``: the arrays under their names, ``named`` being the
+  state as nested mappings keyed by each leaf's key path (``train/trainable/model/layers/0/...``),
+  so :func:`load_checkpoint` (or Orbax alone) reads a run without the code that trained it. Any
+  pytree (NNX state, optax NamedTuples, callback states) round-trips exactly: the tree structure
+  comes from the live state, only the arrays come from disk;
+* ``structure`` -- JSON naming every leaf (its key path), shape and dtype, read first and cheaply.
+
+Checkpoints written before names were kept (one item of flat ``leaves/00000`` arrays) are still
+restored, by leaf order with the shapes checked: a layout difference, not a structure change.
 
 On restore the ``structure`` item is read first and compared with the live state. A different
 structure (the code or the config changed since the checkpoint was written) is a
@@ -51,8 +56,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        leaves = jax.tree.leaves(state)
-        payload = {"leaves": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, "step": np.asarray(step)}
+        payload = {"step": np.asarray(step), "state": named_tree(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(payload),
                                   structure=ocp.args.JsonSave(describe(state)))
         self._manager.save(step, args=args, force=True)
@@ -100,14 +104,35 @@ class Checkpointer:
           CheckpointMismatchError: the checkpoint's structure differs from ``like``'s.
           Exception: whatever Orbax raises for a missing or unreadable checkpoint.
         """
+        if (self.directory / str(step) / "default").is_dir():
+            return self._restore_flat(step, like)
         saved = self._manager.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
         self._check_structure(step, saved["structure"], describe(like))
-        leaves, treedef = jax.tree.flatten(like)
-        target = {"leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)}, "step": np.asarray(0)}
+        target = {"step": np.asarray(0), "state": named_tree(jax.tree.map(_abstract, like))}
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        arrays = [restored["state"]["leaves"][f"{i:05d}"] for i in range(len(leaves))]
         if int(restored["state"]["step"]) != step:
             raise ValueError(f"checkpoint folder {step} holds step {int(restored['state']['step'])}")
+        return from_named_tree(restored["state"]["state"], like)
+
+    def _restore_flat(self, step: int, like: Any) -> Any:
+        """A checkpoint of the earlier flat layout (``leaves/00000``, no names): by leaf order."""
+        leaves, treedef = jax.tree.flatten(like)
+        target = {"leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)}, "step": np.asarray(0)}
+        try:
+            with ocp.StandardCheckpointer() as reader:  # the manager here is multi-item; that layout is not
+                restored = {"default": reader.restore(self.directory / str(step) / "default", target)}
+        except (KeyError, ValueError) as err:
+            live = describe(like)["paths"]
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory / str(step)} (earlier flat layout) does not hold the {len(leaves)} "
+                f"leaves of this run ({live[:1]} ...): {str(err)[:200]}. Rerun with --force-new to start afresh."
+            ) from None
+        arrays = [restored["default"]["leaves"][f"{i:05d}"] for i in range(len(leaves))]
+        for path, got, want in zip(describe(like)["paths"], arrays, leaves):
+            if np.shape(got) != np.shape(want):
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory / str(step)} (earlier flat layout): leaf {path} has shape "
+                    f"{list(np.shape(got))} on disk but {list(np.shape(want))} now. Rerun with --force-new.")
         return jax.tree.unflatten(treedef, arrays)
 
     def _check_structure(self, step: int, saved: dict, live: dict) -> None:
@@ -138,6 +163,82 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def load_checkpoint(path: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The named arrays of a checkpoint, without the code that trained it.
+
+    Args:
+      path: a stage's checkpoint folder (``RUN/checkpoints/<stage>``) or one step folder in it.
+      step: which step (default: the newest; ignored when ``path`` is a step folder).
+
+    Returns:
+      ``{"step": int, "state": nested mapping of arrays}``; the trainer's own checkpoints hold
+      ``state["train"]["trainable"]`` (the trained parameters by name), ``["opt_state"]`` and
+      ``state["callbacks"]``.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/quickstart/checkpoints/train")
+        >>> ckpt["state"]["train"]["trainable"]["layers"]["0"]["kernel"].shape
+    """
+    path = Path(path).absolute()
+    if path.name.isdigit() and (path / "structure").is_dir():
+        path, step = path.parent, int(path.name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {path}")
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"{path} holds no checkpoints (expected numbered step folders)")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{path} has no checkpoint of step {step}; it has {steps}")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    return {"step": int(restored["state"]["step"]), "state": restored["state"]["state"]}
+
+
+def named_tree(tree: Any) -> dict[str, Any]:
+    """``tree``'s leaves in nested dicts keyed by their key-path components (the on-disk layout)."""
+    named: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = _names(path)
+        node = named
+        for i, name in enumerate(names[:-1]):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"cannot name leaf {jax.tree_util.keystr(path)}: '{'/'.join(names[:i + 1])}' is a leaf")
+        if names[-1] in node:
+            raise ValueError(f"two leaves share the name {'/'.join(names)} (keys 0 and '0' in one mapping?)")
+        node[names[-1]] = leaf
+    return named
+
+
+def from_named_tree(named: dict[str, Any], like: Any) -> Any:
+    """Inverse of :func:`named_tree`: the leaves of ``named`` in the structure of ``like``."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in flat:
+        node = named
+        for name in _names(path):
+            node = node[name]
+        leaves.append(node)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _names(path: tuple) -> list[str]:
+    """Key-path components as strings: dict keys, sequence indices, attribute (NamedTuple field) names."""
+    names = []
+    for entry in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(entry, attribute):
+                names.append(str(getattr(entry, attribute)))
+                break
+        else:
+            names.append(str(entry))
+    return names
 
 
 def describe(tree: Any) -> dict[str, list]:

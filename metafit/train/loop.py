@@ -189,12 +189,13 @@ def fit(
     start, resumed_from = 0, None
     if checkpointer is not None:
         try:
-            restored = checkpointer.restore_latest((state, callback_states))
+            restored = checkpointer.restore_latest({"train": state, "callbacks": callback_states})
         except BaseException:
             checkpointer.close()
             raise
         if restored is not None:
-            start, (state, callback_states) = restored
+            start, saved = restored
+            state, callback_states = saved["train"], saved["callbacks"]
             resumed_from = start
     if start > end:
         raise ValueError(f"stop_at={stop_at} is before the checkpoint restored at step {start}")
@@ -251,7 +252,7 @@ def fit(
                     (config.ckpt_every and step % config.ckpt_every == 0) or final or step == stop_at
                 ):
                     _raise_if_bad(state, checkpointer)
-                    checkpointer.save(step, (state, callback_states))
+                    checkpointer.save(step, {"train": state, "callbacks": callback_states})
         _raise_if_bad(state, checkpointer)
     finally:
         progress_bar.close()

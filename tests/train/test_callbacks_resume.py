@@ -188,3 +188,41 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
 def test_bad_numbers_in_train_config_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**override)
+
+
+def test_checkpoints_are_named_and_readable_without_the_training_code(tmp_path):
+    from metafit.train import load_checkpoint
+
+    cfg = TrainConfig(steps=10, lr=0.05, ckpt_every=5, log_every=5)
+    cb = Callback("sum", sum_of_w, every=5, init=(jnp.zeros(3), jnp.zeros((), jnp.int32)))
+    result = fit(squared_loss, params0(), CountingData(), cfg, key=jax.random.key(0), workdir=tmp_path,
+                 callbacks=[cb], progress=False)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 10
+    np.testing.assert_array_equal(np.asarray(ckpt["state"]["train"]["trainable"]["w"]), np.asarray(result.params["w"]))
+    assert int(ckpt["state"]["callbacks"]["sum"]["1"]) == 2
+    assert set(ckpt["state"]["train"]) == {"step", "trainable", "opt_state", "first_bad_step", "bad_metric"}
+    assert load_checkpoint(tmp_path / "5")["step"] == 5
+
+
+def test_checkpoint_of_the_earlier_flat_layout_still_resumes(tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg = TrainConfig(steps=10, lr=0.05, ckpt_every=5, log_every=5)
+    reference = fit(squared_loss, params0(), CountingData(), cfg, key=jax.random.key(0), progress=False)
+    five = fit(squared_loss, params0(), CountingData(), cfg, key=jax.random.key(0), workdir=tmp_path / "new",
+               stop_at=5, progress=False)
+    from metafit.train import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "new")["state"]["train"]
+    leaves = [state["step"], state["trainable"]["w"], *jax.tree.leaves(state["opt_state"]),
+              state["first_bad_step"], state["bad_metric"]]
+    flat = {"leaves": {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}, "step": np.asarray(5)}
+    manager = ocp.CheckpointManager(tmp_path / "old", options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(5, args=ocp.args.StandardSave(flat))  # what the trainer wrote before names were kept
+    manager.wait_until_finished()
+    manager.close()
+    data = CountingData()
+    resumed = fit(squared_loss, params0(), data, cfg, key=jax.random.key(0), workdir=tmp_path / "old", progress=False)
+    assert five.step == 5 and resumed.resumed_from == 5 and data.steps == list(range(5, 10))
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
