@@ -16,7 +16,8 @@ Example:
     >>> result = fit(loss_fn, jnp.zeros(2), data, TrainConfig(steps=50, lr=0.1), key=jax.random.key(0),
     ...              progress=False)
 """
-from metafit.train.checkpoint import Checkpointer, CheckpointWarning
+from metafit.train.callbacks import Callback, Snapshots, StatefulData, StepInfo, param_snapshots, unstack
+from metafit.train.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning, load_checkpoint
 from metafit.train.config import TrainConfig
 from metafit.train.loop import (
     DeviceSampler,
@@ -33,5 +34,6 @@ from metafit.train.optim import OPTIMIZERS, make_optimizer, make_schedule
 __all__ = [
     "TrainConfig", "fit", "FitResult", "DeviceSampler", "TrainState", "NonFiniteLossError",
     "partition", "combine", "make_optimizer", "make_schedule", "OPTIMIZERS", "Checkpointer",
-    "CheckpointWarning", "MetricsWriter", "Progress",
+    "CheckpointWarning", "CheckpointMismatchError", "load_checkpoint", "MetricsWriter", "Progress", "Callback", "StepInfo",
+    "StatefulData", "Snapshots", "param_snapshots", "unstack",
 ]

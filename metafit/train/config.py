@@ -1,8 +1,11 @@
 """The trainer's configuration (the ``train:`` section of every run config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MAX_COUNT = 10**9  # steps, batch sizes and periods above this are typos, not experiments
 
 
 @dataclass(frozen=True)
@@ -13,9 +16,14 @@ class TrainConfig:
       steps: optimiser steps in total.
       batch_size: examples per step (split into ``grad_accum`` micro-batches).
       lr: peak learning rate.
-      optimizer: a name in :data:`metafit.train.OPTIMIZERS`.
-      weight_decay: decoupled weight decay (adamw) or L2 (others: ignored).
-      momentum: momentum for ``sgd`` (0 = plain SGD).
+      optimizer: an optax optimiser by name (``adamw``, ``sgd``, ``lion``, ``adafactor``, ...) or a name
+        registered in :data:`metafit.train.OPTIMIZERS`.
+      optimizer_args: the optimiser's own keyword arguments (e.g. ``{b1: 0.9, b2: 0.95}``),
+        checked against its signature before any compute.
+      weight_decay: passed as ``weight_decay`` to optimisers that take it (adamw, lamb, lars, ...);
+        a non-zero value for one that does not (adam, sgd) is an error, not silently ignored.
+      momentum: passed as ``momentum`` to optimisers that take it (sgd, rmsprop, lars) when non-zero;
+        non-zero for one that does not is an error.
       schedule: learning-rate schedule after warm-up: constant, cosine or linear decay to 0.
       warmup_steps: linear warm-up from 0 to ``lr``.
       clip_norm: clip gradients to this global norm (0 = no clipping).
@@ -32,6 +40,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adamw"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
     weight_decay: float = 0.0
     momentum: float = 0.0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -45,6 +54,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     steps_per_dispatch: int = 1
 
+    def __hash__(self):  # the trainer caches compiled steps by config; optimizer_args is a dict
+        values = [(f, getattr(self, f)) for f in self.__dataclass_fields__ if f != "optimizer_args"]
+        return hash((tuple(values), _frozen(self.optimizer_args)))
+
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "steps_per_dispatch")
         for name in positive:
@@ -53,9 +66,24 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr < 0:
-            raise ValueError(f"train.lr must be >= 0, got {self.lr}")
+        for name in ("lr", "weight_decay", "momentum", "clip_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {value}")
+        for name in ("steps", "batch_size", "eval_every", "log_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"train.{name}={getattr(self, name)} is above the limit of {MAX_COUNT:.0e}; "
+                                 "is a digit too many?")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
             )
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of YAML values (mappings and lists become sorted/plain tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value

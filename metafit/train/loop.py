@@ -17,9 +17,11 @@ Design notes (why it looks like this):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -30,6 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from metafit.parallel.mesh import batch_sharding, replicated, shard_batch, shard_params, to_global, to_host
+from metafit.train.callbacks import Callback, StatefulData, StepInfo, check_callbacks
 from metafit.train.checkpoint import Checkpointer
 from metafit.train.config import TrainConfig
 from metafit.train.metrics import MetricsWriter, Progress
@@ -37,7 +40,7 @@ from metafit.train.optim import make_optimizer
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
-GUARDED = ("loss", "grad_norm")
+GUARDED = ("loss", "grad_norm", "updated parameters")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,11 +77,18 @@ class FitResult:
 
     Attributes:
       params: final parameters (same structure as the ``params`` given).
-      step: the final step (== ``config.steps``).
+      step: the step reached (``config.steps``, or ``stop_at`` when the run was paused).
       history: logged training metrics, one dict per log step (with ``step``).
       evals: eval results, one dict per eval (with ``step``).
-      eval: the final eval dict (empty without ``eval_fn``).
+      eval: the final eval dict (empty without ``eval_fn`` or when paused).
       resumed_from: the checkpoint step this call resumed from, or None.
+      steps_run: optimiser steps this call executed (0 when it resumed a finished stage).
+      complete: whether the stage reached ``config.steps``.
+      callback_states: each callback's final state, by name.
+      callback_records: each callback's logged metrics (with ``step``), by name.
+      timing: ``seconds`` (wall time of the call), ``first_dispatch_seconds`` (the first chunk,
+        compilation included), ``step_seconds`` (mean wall time per optimiser step after the first
+        chunk, evals/callbacks/checkpoints excluded; NaN when there was no second chunk).
     """
 
     params: Any
@@ -87,6 +97,11 @@ class FitResult:
     evals: list[dict[str, float]]
     eval: dict[str, float]
     resumed_from: int | None = None
+    steps_run: int = 0
+    complete: bool = True
+    callback_states: dict[str, Any] = dataclasses.field(default_factory=dict)
+    callback_records: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def partition(params: Any, mask: Any | None) -> tuple[Any, Any]:
@@ -106,12 +121,14 @@ def combine(trainable: Any, frozen: Any) -> Any:
 def fit(
     loss_fn: LossFn,
     params: Any,
-    data: Callable[[int], Any] | DeviceSampler,
+    data: Callable[[int], Any] | DeviceSampler | StatefulData,
     config: TrainConfig,
     *,
     key: jax.Array,
     workdir: str | Path | None = None,
     eval_fn: Callable[..., dict[str, float]] | None = None,
+    callbacks: tuple[Callback, ...] | list[Callback] = (),
+    stop_at: int | None = None,
     grad_fn: GradFn | None = None,
     trainable: Any | None = None,
     mesh: Mesh | None = None,
@@ -126,13 +143,19 @@ def fit(
       loss_fn: ``(params, batch, key) -> (loss, metrics)``, pure and jittable.
       params: any pytree of arrays (e.g. an ``nnx.State``).
       data: ``batch_at(step) -> batch`` (host numpy pytree, the *global* batch, a
-        pure function of ``step`` so resume is exact), or a :class:`DeviceSampler`.
+        pure function of ``step`` so resume is exact), a :class:`DeviceSampler`, or a
+        :class:`~metafit.train.StatefulData` (host batches that read callback state).
       config: the :class:`TrainConfig`.
       key: base PRNG key; step ``s`` uses ``fold_in(key, s)``.
       workdir: checkpoint folder; when it holds checkpoints, training resumes from
         the newest readable one. ``None`` disables checkpoints.
       eval_fn: ``params -> {name: float}`` or ``(params, step) -> {name: float}``, run every
         ``config.eval_every`` steps and at the end (``step`` = steps completed).
+      callbacks: :class:`~metafit.train.Callback` hooks run at their ``every`` steps and at the
+        end; their states are checkpointed with the run (see :mod:`metafit.train.callbacks`).
+      stop_at: pause after this many steps (checkpointing there); a later call with the same
+        config resumes to ``config.steps`` on the same schedule, ending where an uninterrupted
+        run ends. Outside the config on purpose: pausing must not change the run's identity.
       grad_fn: optional ``(params, batch, key) -> ((loss, metrics), grads)`` replacing
         ``jax.value_and_grad(loss_fn, has_aux=True)`` (custom update rules).
       trainable: optional pytree of bools like ``params``; only True leaves are
@@ -148,11 +171,110 @@ def fit(
 
     Raises:
       NonFiniteLossError: naming the step and quantity that became non-finite.
+      CheckpointMismatchError: ``workdir`` holds a checkpoint of another state structure.
     """
-    optimizer = make_optimizer(config)
+    callbacks = tuple(callbacks)
+    check_callbacks(callbacks)
+    if stop_at is not None and not 0 < stop_at <= config.steps:
+        raise ValueError(f"stop_at must be in [1, train.steps={config.steps}], got {stop_at}")
+    end = config.steps if stop_at is None else stop_at
+    wall_start = time.perf_counter()
     if mesh is not None:
         params = shard_params(params, mesh, param_rules)
     trainable_params, frozen = partition(params, trainable)
+    state = _initial_state(trainable_params, config, mesh)
+    callback_states = {c.name: c.init for c in callbacks}
+
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints) if workdir is not None else None
+    start, resumed_from = 0, None
+    if checkpointer is not None:
+        try:
+            restored = checkpointer.restore_latest({"train": state, "callbacks": callback_states})
+        except BaseException:
+            checkpointer.close()
+            raise
+        if restored is not None:
+            start, saved = restored
+            state, callback_states = saved["train"], saved["callbacks"]
+            resumed_from = start
+    if start > end:
+        raise ValueError(f"stop_at={stop_at} is before the checkpoint restored at step {start}")
+    history, evals, callback_records = [], [], {c.name: [] for c in callbacks}
+    if log is not None:
+        log.truncate(name, start)
+        history, evals, callback_records = _previous_records(log, name, callbacks)
+
+    sampler = batches_of = None
+    if isinstance(data, DeviceSampler):
+        sampler = (data.fn, data.data is not None)
+        sampler_data = _sampler_data(data, mesh)
+        batches_of = lambda step, n: sampler_data
+    elif isinstance(data, StatefulData):
+        batches_of = lambda step, n: _host_batches(lambda s: data.fn(s, callback_states), step, n, mesh)
+    else:
+        batches_of = lambda step, n: _host_batches(data, step, n, mesh)
+    run_chunk = _compiled_chunk(loss_fn, grad_fn, config, sampler, mesh)
+    progress_bar = Progress(config.steps, name, start=start, enabled=progress)
+    clock = _Clock()
+    pending = []
+    step = start
+    try:
+        while step < end:
+            n = _chunk_length(step, config, callbacks, stop_at)
+            state, metrics = run_chunk(state, frozen, batches_of(step, n), key, n)
+            clock.chunk_dispatched(state, n)
+            pending.append(metrics)
+            step += n
+            final = step == config.steps
+            record = {}
+            if step % config.log_every == 0 or final:
+                _raise_if_bad(state, checkpointer)
+                record = {"step": step, **_mean_metrics(pending)}
+                pending = []
+                history.append(record)
+                progress_bar.update(step, record)
+                if log is not None:
+                    log.write({"stage": name, "split": "train", **record})
+            with clock.paused(state):
+                if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and not final:
+                    evals.append(_evaluate(eval_fn, combine(state.trainable, frozen), step, name, log))
+                due = [c for c in callbacks if c.due(step, final)]
+                if due:
+                    _raise_if_bad(state, checkpointer)
+                    info = StepInfo(step, combine(state.trainable, frozen), state.opt_state,
+                                    {k: v for k, v in record.items() if k != "step"}, final, name)
+                    for callback in due:
+                        callback_states[callback.name], cb_metrics = callback.fn(info, callback_states[callback.name])
+                        if cb_metrics:
+                            callback_records[callback.name].append(
+                                _log_record(cb_metrics, step, name, callback.name, log))
+                if checkpointer is not None and (
+                    (config.ckpt_every and step % config.ckpt_every == 0) or final or step == stop_at
+                ):
+                    _raise_if_bad(state, checkpointer)
+                    checkpointer.save(step, {"train": state, "callbacks": callback_states})
+        _raise_if_bad(state, checkpointer)
+    finally:
+        progress_bar.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    final_params = combine(state.trainable, frozen)
+    final_eval = {}
+    complete = step == config.steps
+    if not complete:
+        pass  # paused: the final eval belongs to the call that finishes the stage
+    elif evals and evals[-1]["step"] == step:  # resumed a finished stage: its final eval is logged already
+        final_eval = evals[-1]
+    elif eval_fn is not None:
+        final_eval = _evaluate(eval_fn, final_params, step, name, log)
+        evals.append(final_eval)
+    timing = clock.summary(time.perf_counter() - wall_start)
+    return FitResult(final_params, step, history, evals, final_eval, resumed_from, step - start, complete,
+                     dict(callback_states), callback_records, timing)
+
+
+def _initial_state(trainable_params: Any, config: TrainConfig, mesh: Mesh | None) -> TrainState:
+    optimizer = make_optimizer(config)
     # A copy, because donation must not consume the caller's arrays; an explicit dtype drops weak types,
     # which would otherwise make every call with Python-scalar-built params compile anew.
     trainable_params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype, copy=True), trainable_params)
@@ -163,68 +285,53 @@ def fit(
         first_bad_step=jnp.asarray(-1, jnp.int32),
         bad_metric=jnp.asarray(-1, jnp.int32),
     )
-    if mesh is not None:
-        state = state._replace(
-            opt_state=_replicate_unplaced(state.opt_state, mesh),
-            step=to_global(np.int32(0), replicated(mesh)),
-            first_bad_step=to_global(np.int32(-1), replicated(mesh)),
-            bad_metric=to_global(np.int32(-1), replicated(mesh)),
-        )
+    if mesh is None:
+        return state
+    return state._replace(
+        opt_state=_replicate_unplaced(state.opt_state, mesh),
+        step=to_global(np.int32(0), replicated(mesh)),
+        first_bad_step=to_global(np.int32(-1), replicated(mesh)),
+        bad_metric=to_global(np.int32(-1), replicated(mesh)),
+    )
 
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints) if workdir is not None else None
-    start, resumed_from = 0, None
-    if checkpointer is not None:
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            start, state = restored
-            resumed_from = start
-    history, evals = [], []
-    if log is not None:
-        log.truncate(name, start)
-        history, evals = _previous_records(log, name)
 
-    sampler = sampler_data = None
-    if isinstance(data, DeviceSampler):
-        sampler, sampler_data = (data.fn, data.data is not None), _sampler_data(data, mesh)
-    run_chunk = _compiled_chunk(loss_fn, grad_fn, config, sampler, mesh)
-    progress_bar = Progress(config.steps, name, start=start, enabled=progress)
-    pending = []
-    step = start
-    try:
-        while step < config.steps:
-            n = _chunk_length(step, config)
-            batches = sampler_data if sampler is not None else _host_batches(data, step, n, config, mesh)
-            state, metrics = run_chunk(state, frozen, batches, key, n)
-            pending.append(metrics)
-            step += n
-            if step % config.log_every == 0 or step == config.steps:
-                _raise_if_bad(state)
-                record = {"step": step, **_mean_metrics(pending)}
-                pending = []
-                history.append(record)
-                progress_bar.update(step, record)
-                if log is not None:
-                    log.write({"stage": name, "split": "train", **record})
-            if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                evals.append(_evaluate(eval_fn, combine(state.trainable, frozen), step, name, log))
-            if checkpointer is not None and (
-                (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps
-            ):
-                _raise_if_bad(state)
-                checkpointer.save(step, state)
-        _raise_if_bad(state)
-    finally:
-        progress_bar.close()
-        if checkpointer is not None:
-            checkpointer.close()
-    final_params = combine(state.trainable, frozen)
-    final_eval = {}
-    if evals and evals[-1]["step"] == step:  # resumed a finished stage: its final eval is logged already
-        final_eval = evals[-1]
-    elif eval_fn is not None:
-        final_eval = _evaluate(eval_fn, final_params, step, name, log)
-        evals.append(final_eval)
-    return FitResult(final_params, step, history, evals, final_eval, resumed_from)
+class _Clock:
+    """Wall time per optimiser step, without a host sync per step.
+
+    The first chunk (compilation included) is timed on its own with one extra sync; after it,
+    time spent in evals, callbacks and checkpoints (each starts by waiting for the pending
+    chunk) is subtracted, so ``step_seconds`` is the training compute alone.
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = None
+        self.excluded = 0.0
+        self.steps_after_first = 0
+        self.last_sync = None
+
+    def chunk_dispatched(self, state, n: int) -> None:
+        if self.first is None:
+            jax.block_until_ready(state.step)
+            self.first = time.perf_counter() - self.start
+            self.last_sync = time.perf_counter()
+        else:
+            self.steps_after_first += n
+
+    @contextlib.contextmanager
+    def paused(self, state):
+        jax.block_until_ready(state.step)  # the chunk's compute belongs to training, not to what follows
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - begin
+
+    def summary(self, seconds: float) -> dict[str, float]:
+        trained = (time.perf_counter() - self.last_sync - self.excluded) if self.last_sync else float("nan")
+        per_step = trained / self.steps_after_first if self.steps_after_first else float("nan")
+        return {"seconds": seconds, "first_dispatch_seconds": self.first if self.first is not None else float("nan"),
+                "step_seconds": per_step}
 
 
 def _replicate_unplaced(tree: Any, mesh: Mesh) -> Any:
@@ -237,10 +344,14 @@ def _replicate_unplaced(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: x if placed(x) else to_global(np.asarray(x), replicated(mesh)), tree)
 
 
-def _chunk_length(step: int, config: TrainConfig) -> int:
-    """Steps until the next boundary (a multiple of any period, or the end)."""
+def _chunk_length(step: int, config: TrainConfig, callbacks: tuple[Callback, ...] = (),
+                  stop_at: int | None = None) -> int:
+    """Steps until the next boundary (a multiple of any period, a pause, or the end)."""
     periods = [config.steps_per_dispatch, config.log_every, config.eval_every, config.ckpt_every]
+    periods += [c.every for c in callbacks]
     next_stops = [(step // p + 1) * p for p in periods if p] + [config.steps]
+    if stop_at is not None and stop_at > step:
+        next_stops.append(stop_at)
     return min(next_stops) - step
 
 
@@ -253,7 +364,7 @@ def _sampler_data(data: DeviceSampler, mesh: Mesh | None):
     return _replicate_unplaced(data.data, mesh)
 
 
-def _host_batches(data, step: int, n: int, config: TrainConfig, mesh: Mesh | None):
+def _host_batches(data, step: int, n: int, mesh: Mesh | None):
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *[data(s) for s in range(step, step + n)])
     if mesh is not None:
         return shard_batch(stacked, mesh, leading=1)
@@ -317,7 +428,10 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
-        finite = jnp.array([jnp.isfinite(loss), jnp.isfinite(grad_norm)])
+        # The parameters too: a finite loss and gradient can still give non-finite parameters (an
+        # overflowing update), and a checkpoint of them must never be called good.
+        finite = jnp.array([jnp.isfinite(loss), jnp.isfinite(grad_norm),
+                            jnp.isfinite(optax.global_norm(new_trainable))])
         ok = finite.all()
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         first_bad = jnp.where((state.first_bad_step < 0) & ~ok, state.step + 1, state.first_bad_step)
@@ -345,23 +459,38 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in stacked.items()}
 
 
-def _raise_if_bad(state: TrainState) -> None:
+def _raise_if_bad(state: TrainState, checkpointer: Checkpointer | None = None) -> None:
     first_bad = int(to_host(state.first_bad_step))
     if first_bad >= 0:
         metric = GUARDED[int(to_host(state.bad_metric))]
+        if checkpointer is not None:
+            checkpointer.wait()  # a save still in flight counts once it is complete
+        steps = checkpointer.steps() if checkpointer is not None else []
+        if steps:
+            resumable = (f"The last checkpoint (step {steps[-1]}) was written before it and is resumable: fix "
+                         "the cause and rerun the same command.")
+        else:
+            resumable = "No checkpoint was written before it, so the run restarts from step 0 when rerun."
         raise NonFiniteLossError(
             f"non-finite {metric} at step {first_bad}; training stopped. Parameters were not updated from "
-            f"that step on and no checkpoint was written after it, so the last good checkpoint is intact "
-            f"and resumable. Lower the learning rate, enable train.clip_norm, or check the data."
+            f"that step on and no checkpoint was written after it. {resumable} Lower the learning rate, "
+            f"enable train.clip_norm, or check the data."
         )
 
 
-def _previous_records(log: MetricsWriter, name: str) -> tuple[list[dict], list[dict]]:
-    """Train and eval lines already logged for this stage (a resumed run continues its history)."""
+def _previous_records(log: MetricsWriter, name: str, callbacks: tuple[Callback, ...]):
+    """Train, eval and callback lines already logged for this stage (a resumed run continues its history)."""
     strip = lambda r: {k: v for k, v in r.items() if k not in ("stage", "split")}
     records = log.read(name)
-    return ([strip(r) for r in records if r.get("split") == "train"],
-            [strip(r) for r in records if r.get("split") == "eval"])
+    of_split = lambda split: [strip(r) for r in records if r.get("split") == split]
+    return of_split("train"), of_split("eval"), {c.name: of_split(c.name) for c in callbacks}
+
+
+def _log_record(metrics, step: int, name: str, split: str, log: MetricsWriter | None) -> dict[str, float]:
+    record = {"step": step, **{k: float(v) for k, v in dict(metrics).items()}}
+    if log is not None:
+        log.write({"stage": name, "split": split, **record})
+    return record
 
 
 def _takes_step(eval_fn) -> bool:

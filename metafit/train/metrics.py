@@ -5,6 +5,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,37 @@ class MetricsWriter:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
     def truncate(self, stage: str, after_step: int) -> None:
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and not _is_after(json.loads(line), stage, after_step)
-        ]
+        kept = [json.dumps(r) for r in self._records() if not _is_after(r, stage, after_step)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
 
     def read(self, stage: str | None = None) -> list[dict[str, Any]]:
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [r for r in records if stage is None or r.get("stage") == stage]
+        return [r for r in self._records() if stage is None or r.get("stage") == stage]
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The parsed lines; a torn last line (a kill mid-write) is dropped with a warning.
+
+        A malformed line anywhere else is not a kill artefact: it is an error naming the line.
+        """
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                if number == len(lines):
+                    warnings.warn(f"{self.path}: dropping a torn last line (the run was killed mid-write): "
+                                  f"{line[:80]!r}", RuntimeWarning, stacklevel=3)
+                    continue
+                raise ValueError(f"{self.path}, line {number}: not a JSON object ({line[:80]!r}); the metrics "
+                                 "file was edited or damaged. Fix or delete that line, then rerun.")
+            records.append(record)
+        return records
 
 
 def _is_after(record: dict[str, Any], stage: str, step: int) -> bool:
