@@ -190,22 +190,37 @@ def _print_results(results: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from metafit.runs import _fmt
-
-    table = Table(title=title)
+    table = Table(title=_cell(title))
     if "methods" in results:
         columns = list(dict.fromkeys(k for row in results["methods"].values() for k in row))
-        table.add_column("method")
+        table.add_column(_cell("method"))
         for column in columns:
-            table.add_column(column, justify="right")
+            table.add_column(_cell(column), justify="right")
         for method, row in results["methods"].items():
-            table.add_row(method, *(_fmt(row.get(c, "")) for c in columns))
+            table.add_row(_cell(method), *(_cell(row.get(c, "")) for c in columns))
     else:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in results.get("metrics", {}).items():
-            table.add_row(key, _fmt(value))
+            table.add_row(_cell(key), _cell(value))
     Console().print(table)
+
+
+def _cell(value):
+    """Results text as inert terminal text: no Rich markup, control characters shown escaped.
+
+    ``results.json`` may come from anyone (a shared run folder); printing it raw would let it
+    move the cursor, retitle the terminal or hide lines.
+    """
+    import unicodedata
+
+    from rich.text import Text
+
+    from metafit.runs import _fmt
+
+    text = _fmt(value)
+    shown = "".join(ch if unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text)
+    return Text(shown)  # a Text is never parsed as markup
 
 
 if __name__ == "__main__":

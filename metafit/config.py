@@ -37,13 +37,90 @@ class ConfigError(ValueError):
     """A configuration is invalid; the message names the key and what to do."""
 
 
+MAX_YAML_NODES = 100_000  # scalars + collections after alias expansion; real configs have a few hundred
+MAX_YAML_DEPTH = 64
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.source}: duplicate key '{key}' at line {key_node.start_mark.line + 1} "
+                                  f"(first at line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_yaml(text: str, source: str = "config") -> Any:
+    """Parses YAML text safely: no tags beyond the safe ones, no duplicate keys, bounded size.
+
+    Aliases make a few hundred bytes expand to gigabytes (an "alias bomb") once the result is
+    copied or walked, so the composed node graph is measured with aliases expanded *before*
+    anything is constructed, and deep nesting is refused before it meets Python's recursion limit.
+
+    Raises:
+      ConfigError: naming ``source`` and the problem; ``yaml.YAMLError`` for syntax errors.
+    """
+    loader = _StrictLoader(text)
+    loader.source = source
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: nested more than Python can parse; flatten the config") from None
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_size(root, source: str) -> None:
+    """Counts nodes with aliases expanded (memoised per node) and the depth, without recursion."""
+    sizes: dict[int, int] = {}
+    stack = [(root, 1, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, children_done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; flatten the config")
+        children = _children(node)
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: expands to more than {MAX_YAML_NODES:,} values (aliases repeated "
+                                  "inside aliases?); configs that large are refused")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in on_path:
+            raise ConfigError(f"{source}: an alias refers to a node that contains it (a recursive alias)")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((child, depth + 1, False) for child in children if id(child) not in sizes)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping from ``path`` with errors that name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; configs live under configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -64,7 +141,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set has an empty key in '{text}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         quoted = '"' + raw.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -12,11 +12,27 @@ A run folder holds::
 Re-running the same config on the same folder resumes; a folder that holds a run
 of a *different* config is refused unless ``force_new`` is set, in which case the
 old folder is renamed (``DIR.old-1``, ...) so nothing is lost.
+
+Two guards keep runs from destroying each other's files:
+
+* a marker, ``.metafit-run`` (JSON: the SHA-256 of the resolved config), written when metafit
+  creates the folder. Only marked folders are resumed or moved aside by ``force_new``: a plain
+  folder (a project root, ``--workdir .``) is never renamed or written into unless it is empty,
+  and deleting ``config.yaml`` does not let another config resume the old checkpoints. Folders
+  written by earlier versions (``config.yaml`` + ``checkpoints/`` or ``metrics.jsonl``, no marker)
+  are recognised and get the marker on their first resume;
+* an exclusive lock (``fcntl.flock`` on ``.lock``) held for the life of the run: a second
+  ``metafit run`` on the same folder, or ``force_new`` against a live run, fails naming the
+  holder's PID. The kernel drops the lock when its process exits, however it exits, so a killed
+  run never leaves a stale lock behind.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,35 +43,55 @@ class RunDirError(RuntimeError):
     """The run folder cannot be used (different config, not writable, ...)."""
 
 
-class RunDir:
-    """A run folder (see the module docstring). Create with :meth:`open`."""
+MARKER = ".metafit-run"
+LOCK = ".lock"
 
-    def __init__(self, path: Path):
+
+class RunDir:
+    """A run folder (see the module docstring). Create with :meth:`open`; :meth:`close` releases its lock."""
+
+    def __init__(self, path: Path, lock_fd: int | None = None):
         self.path = path
         self.metrics = MetricsWriter(path / "metrics.jsonl")
+        self._lock_fd = lock_fd
 
     @classmethod
     def open(cls, path: str | Path, config_text: str, *, force_new: bool = False) -> "RunDir":
-        """Creates or reopens the run folder ``path`` for the resolved config ``config_text``."""
-        path = Path(path)
-        saved = path / "config.yaml"
-        if saved.exists() and saved.read_text() != config_text:
-            if not force_new:
-                raise RunDirError(
-                    f"{path} holds a run of a different config (see {saved}); refusing to resume into it. "
-                    "Use another --workdir, or pass --force-new to move the old run aside and start fresh."
-                )
-            path.rename(_free_sibling(path))
+        """Creates or reopens the run folder ``path`` for the resolved config ``config_text``, locked.
+
+        Raises:
+          RunDirError: the folder is in use by another run, holds a run of another config (without
+            ``force_new``), is not a run folder and not empty, or is not writable.
+        """
+        path = Path(os.path.abspath(path))
+        lock_fd = _lock(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise RunDirError(f"cannot write to run folder {path}: {err.strerror}; choose a writable --workdir") from None
-        if not saved.exists():
-            _atomic_write(saved, config_text)
-        return cls(path)
+            if _holds_other_run(path, config_text):
+                if not force_new:
+                    raise RunDirError(
+                        f"{path} holds a run of a different config (see {path / 'config.yaml'}); refusing to resume "
+                        "into it. Use another --workdir, or pass --force-new to move the old run aside and start fresh."
+                    )
+                _move_aside(path)
+                os.close(lock_fd)  # the lock moved with the old run; take one on the new folder
+                lock_fd = _lock(path)
+            _write_marker(path, config_text)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, lock_fd)
+
+    def close(self) -> None:
+        """Releases the run's lock (the process exiting releases it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def subdir(self, name: str) -> Path:
         """A folder inside the run (e.g. checkpoints of one stage); created on demand."""
@@ -84,7 +120,10 @@ def validate_results(results: Mapping[str, Any]) -> None:
     """Checks the ``{"metrics": ...}`` / ``{"methods": ...}`` shape of an experiment's return value."""
     if not isinstance(results, Mapping) or not ({"metrics", "methods"} & set(results)):
         raise ValueError('an experiment must return {"metrics": {...}} or {"methods": {method: {...}}}')
-    if "methods" in results and not all(isinstance(v, Mapping) for v in results["methods"].values()):
+    if "metrics" in results and not isinstance(results["metrics"], Mapping):
+        raise ValueError('results["metrics"] must be a {metric: value} mapping')
+    methods = results.get("methods", {})
+    if not isinstance(methods, Mapping) or not all(isinstance(v, Mapping) for v in methods.values()):
         raise ValueError('results["methods"] must map each method to a {metric: value} mapping')
 
 
@@ -111,7 +150,13 @@ def load_results(path: str | Path) -> dict[str, Any]:
     file = Path(path) / "results.json"
     if not file.exists():
         raise RunDirError(f"{path} has no results.json: the run has not finished (rerun it to resume)")
-    return json.loads(file.read_text())
+    try:
+        results = json.loads(file.read_text())
+        validate_results(results)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise RunDirError(f"{file} is not a metafit results file ({str(err)[:200]}); rerun the experiment to "
+                          "rewrite it") from None
+    return results
 
 
 def plot_curves(path: str | Path, series: Mapping[str, tuple[Any, Any]], *, xlabel: str, ylabel: str,
@@ -151,6 +196,67 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _lock(path: Path) -> int:
+    """Creates ``path`` if needed and takes its exclusive lock; the descriptor holds it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunDirError(f"cannot write to run folder {path}: {err.strerror}; choose a writable --workdir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{path} is in use by another metafit run (PID {holder}); wait for it to finish, "
+                          "stop it, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _config_hash(config_text: str) -> str:
+    return hashlib.sha256(config_text.encode()).hexdigest()
+
+
+def _holds_other_run(path: Path, config_text: str) -> bool:
+    """Whether ``path`` holds a run of another config; raises if it is a foreign, non-empty folder."""
+    marker, saved = path / MARKER, path / "config.yaml"
+    if marker.exists():
+        try:
+            recorded = json.loads(marker.read_text())["config_sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise RunDirError(f"{marker} is damaged; this run folder cannot be identified. Use another --workdir "
+                              "(or delete the folder yourself if it is yours)") from None
+        return recorded != _config_hash(config_text) or (saved.exists() and saved.read_text() != config_text)
+    if saved.exists() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()):
+        return saved.read_text() != config_text  # written by an earlier metafit, before markers
+    foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK)
+    if foreign:
+        raise RunDirError(
+            f"{path} is not a metafit run folder (no {MARKER}) and is not empty ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); refusing to write into it or move it. "
+            "Choose a new or empty --workdir."
+        )
+    return False
+
+
+def _move_aside(path: Path) -> None:
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise RunDirError(f"--force-new would move {path}, which holds the current directory; run from elsewhere")
+    path.rename(_free_sibling(path))
+
+
+def _write_marker(path: Path, config_text: str) -> None:
+    try:
+        if not (path / MARKER).exists():
+            _atomic_write(path / MARKER, json.dumps({"config_sha256": _config_hash(config_text)}) + "\n")
+        if not (path / "config.yaml").exists():
+            _atomic_write(path / "config.yaml", config_text)
+    except OSError as err:
+        raise RunDirError(f"cannot write to run folder {path}: {err.strerror}; choose a writable --workdir") from None
 
 
 def _free_sibling(path: Path) -> Path:

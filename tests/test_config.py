@@ -144,3 +144,38 @@ def test_field_docs_when_the_docstring_starts_with_attributes():
         n: int = 1
 
     assert field_docs(Short) == {"n": "how many (continued)."}
+
+
+def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path):
+    import time
+
+    from metafit.config import load_yaml
+
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for level in "bcdefghij":
+        previous = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="bomb.yaml: expands to more than 100,000 values"):
+        load_yaml(bomb)
+    assert time.perf_counter() - start < 2.0
+    fine = tmp_path / "fine.yaml"  # aliases themselves are fine
+    fine.write_text("base: &base {lr: 0.1}\ntrain: *base\n")
+    assert load_yaml(fine) == {"base": {"lr": 0.1}, "train": {"lr": 0.1}}
+
+
+def test_yaml_duplicate_keys_deep_nesting_and_recursive_aliases_are_refused(tmp_path):
+    from metafit.config import load_yaml
+
+    cases = {
+        "dup.yaml": ("seed: 0\ntrain: {steps: 1}\nseed: 1\n", "duplicate key 'seed' at line 3 \\(first at line 1\\)"),
+        "deep.yaml": ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+        "deep2.yaml": ("a: " + "[" * 100 + "]" * 100 + "\n", "deeper than 64 levels"),
+        "rec.yaml": ("a: &a [*a]\n", "recursive alias|refers to a node"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_yaml(tmp_path / name)

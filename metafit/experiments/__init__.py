@@ -54,7 +54,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from metafit.config import ConfigError, apply_overrides, dump_yaml, dump_yaml_documented, from_dict, load_yaml
 from metafit.parallel.mesh import MeshConfig, mesh_axis_sizes
 from metafit.registry import Registry, UnknownNameError, did_you_mean
-from metafit.runs import RunDir, plot_curves
+from metafit.runs import LOCK, MARKER, RunDir, plot_curves
 from metafit.train.config import TrainConfig
 
 ExperimentFn = Callable[["RunConfig", RunDir], Mapping[str, Any]]
@@ -423,15 +423,18 @@ def run_experiment(
         if not existed and _holds_nothing(run.path):
             shutil.rmtree(run.path, ignore_errors=True)  # failed before writing anything: leave no trace
         raise
+    finally:
+        run.close()
     return run, results
 
 
 def _holds_nothing(path: Path) -> bool:
     """True if the run folder holds only its config and empty files or folders (nothing a rerun could resume)."""
+    bookkeeping = {path / "config.yaml", path / MARKER, path / LOCK}
     for root, _, files in os.walk(path):
         for name in files:
             file = Path(root) / name
-            if file != path / "config.yaml" and file.stat().st_size > 0:
+            if file not in bookkeeping and file.stat().st_size > 0:
                 return False
     return True
 
