@@ -106,7 +106,7 @@ def test_builtin_names_cannot_be_taken_by_another_module():
     ("mesh.data=0", "mesh.data"),
     ("mesh.fsdp=-2", "mesh.fsdp"),
     (f"mesh.data={jax.device_count() + 1}", "mesh"),
-    ("seed=-1", "seed must be >= 0"),
+    ("seed=-1", "seed must be in [0, 2**32)"), ("seed=100000000000000000000000", "seed must be in"),
     ("train.steps=0", "train.steps"),
     ("args.test_fraction=2", "args.test_fraction"),
     ("args.hidden=[16", "args.hidden"),  # an override that does not parse as YAML

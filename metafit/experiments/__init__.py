@@ -85,7 +85,7 @@ class RunConfig:
 
     Attributes:
       experiment: a registered experiment (``metafit list``) or ``package.module:function``.
-      seed: every random choice of the run derives from this seed (>= 0).
+      seed: every random choice of the run derives from this seed (0 <= seed < 2**32).
       train: the trainer (``metafit.train.TrainConfig``).
       mesh: device mesh axis sizes (``metafit.parallel.MeshConfig``); -1 = all remaining devices.
       args: the experiment's own options (its registered dataclass).
@@ -98,8 +98,8 @@ class RunConfig:
     args: Any = NoArgs()
 
     def __post_init__(self):
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed} (jax.random keys and numpy generators need it)")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed} (jax.random.key takes a 32-bit seed)")
 
 
 class Experiment(NamedTuple):
