@@ -4,6 +4,7 @@ A run folder holds::
 
     config.yaml      the resolved config (defaults filled in, overrides applied)
     metrics.jsonl    one JSON object per log/eval line, per stage
+    tensorboard/     the same scalars (and the plots) as TensorBoard event files, one folder per stage
     checkpoints/     Orbax checkpoints, one sub-folder per training stage
     results.json     {"metrics": {name: value}} or {"methods": {method: {name: value}}}
     results.md       the same as a Markdown table
@@ -52,7 +53,7 @@ class RunDir:
 
     def __init__(self, path: Path, lock_fd: int | None = None):
         self.path = path
-        self.metrics = MetricsWriter(path / "metrics.jsonl")
+        self.metrics = MetricsWriter(path / "metrics.jsonl", tensorboard=path / "tensorboard")
         self._lock_fd = lock_fd
 
     @classmethod
@@ -82,7 +83,8 @@ class RunDir:
         return cls(path, lock_fd)
 
     def close(self) -> None:
-        """Releases the run's lock (the process exiting releases it too)."""
+        """Flushes TensorBoard and releases the run's lock (the process exiting releases it too)."""
+        self.metrics.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -112,6 +114,8 @@ class RunDir:
     def write_results(self, results: Mapping[str, Any], title: str = "") -> None:
         """Writes ``results.json`` and ``results.md`` (validated shape, atomic writes)."""
         validate_results(results)
+        for plot in sorted(self.path.glob("*.png")):  # the run's plots beside its scalars
+            self.metrics.tensorboard.add_image(plot.stem, plot)
         _atomic_write(self.path / "results.json", json.dumps(results, indent=2, default=_float) + "\n")
         _atomic_write(self.path / "results.md", results_markdown(results, title))
 

@@ -1,4 +1,11 @@
-"""Metrics to ``metrics.jsonl`` and progress to the terminal (rich) or plain lines (CI, pipes)."""
+"""Metrics to ``metrics.jsonl`` (and TensorBoard), progress to the terminal (rich) or plain lines (CI, pipes).
+
+TensorBoard event files (written with ``tensorboardX``: no TensorFlow) sit beside the JSONL file,
+one folder per stage (``tensorboard/<stage>/``), scalars tagged ``<split>/<metric>``. A resumed
+stage reopens its writer with ``purge_step`` = the restored step + 1, so TensorBoard hides the
+points a killed run wrote after its last checkpoint, as :meth:`MetricsWriter.truncate` drops them
+from the JSONL file.
+"""
 from __future__ import annotations
 
 import json
@@ -17,20 +24,29 @@ class MetricsWriter:
     step, so the file of a resumed run equals that of an uninterrupted one.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, tensorboard: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch(exist_ok=True)
+        self.tensorboard = TensorBoardWriter(tensorboard) if tensorboard is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def truncate(self, stage: str, after_step: int) -> None:
         kept = [json.dumps(r) for r in self._records() if not _is_after(r, stage, after_step)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
+        if self.tensorboard is not None:
+            self.tensorboard.purge_after(stage, after_step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def read(self, stage: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self._records() if stage is None or r.get("stage") == stage]
@@ -58,6 +74,64 @@ class MetricsWriter:
                                  "file was edited or damaged. Fix or delete that line, then rerun.")
             records.append(record)
         return records
+
+
+class TensorBoardWriter:
+    """Scalars of metric records (and images) as TensorBoard event files, one folder per stage.
+
+    Args:
+      directory: the folder holding ``<stage>/`` event folders (created on the first write).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._writers: dict[str, Any] = {}
+        self._purge: dict[str, int] = {}
+
+    def _writer(self, stage: str):
+        if stage not in self._writers:
+            from tensorboardX import SummaryWriter
+
+            self._writers[stage] = SummaryWriter(str(self.directory / _safe_name(stage)),
+                                                 purge_step=self._purge.pop(stage, None), flush_secs=10)
+        return self._writers[stage]
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if not isinstance(step, int):
+            return
+        writer = self._writer(str(record.get("stage", "run")))
+        split = record.get("split", "train")
+        for name, value in record.items():
+            if name in ("stage", "split", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            writer.add_scalar(f"{split}/{name}", value, step)
+        writer.flush()
+
+    def purge_after(self, stage: str, step: int) -> None:
+        """Points of ``stage`` after ``step`` are hidden from TensorBoard (a resumed stage rewrites them)."""
+        if stage in self._writers:
+            self._writers.pop(stage).close()
+        self._purge[stage] = step + 1
+
+    def add_image(self, tag: str, png: str | Path, step: int = 0, stage: str = "plots") -> None:
+        """Adds a PNG file (a run's plot) as an image."""
+        import matplotlib.image
+
+        image = matplotlib.image.imread(str(png))[..., :3]
+        self._writer(stage).add_image(tag, image, step, dataformats="HWC")
+        self._writers[stage].flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+def _safe_name(stage: str) -> str:
+    """A stage name as one folder name (no separators, no parent references)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stage).strip(".")
+    return cleaned or "stage"
 
 
 def _is_after(record: dict[str, Any], stage: str, step: int) -> bool:
