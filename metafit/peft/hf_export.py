@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from metafit.peft.bitfit import BitFitBias
-from metafit.peft.core import PeftModule, iter_modules, path_str
+from metafit.peft.core import PeftModule, iter_modules, kernel_of, path_str
 from metafit.peft.ia3 import IA3Linear
 from metafit.peft.lora import LoRALinear
 from metafit.peft.prefix import KVPrefix, attention_shape
@@ -66,52 +66,52 @@ NO_PEFT_FORMAT = {
 
 
 class TensorLayout(NamedTuple):
-    """One adapter tensor: metafit variable ``attr`` <-> peft tensor ``<module>.<suffix>``.
+    """One adapter tensor: the metafit wrapper's variable ``attr`` <-> peft's ``<module>.<suffix>``.
 
-    ``torch_shape(wrapper)`` is peft's shape; ``transpose`` says the torch tensor is the transpose
-    (``[out, in]`` Linear layout), otherwise it is a reshape of the metafit vector.
+    ``transpose``: torch holds the transpose (``[out, in]`` Linear layout); otherwise the torch tensor
+    is a reshape of the metafit vector (``[n]`` <-> ``[n, 1]`` / ``[1, n]``).
     """
 
-    suffix: str
     attr: str
     transpose: bool
-    torch_shape: Callable[[nnx.Module], tuple[int, ...]] | None = None
 
-    def shape_in_torch(self, wrapper) -> tuple[int, ...]:
-        shape = getattr(wrapper, self.attr).get_value().shape
-        return tuple(reversed(shape)) if self.transpose else self.torch_shape(wrapper)
+    def to_torch(self, value, shape: tuple[int, ...]) -> np.ndarray:
+        value = np.asarray(value, dtype=np.float32)
+        return np.ascontiguousarray((value.T if self.transpose else value).reshape(shape))
 
-    def to_torch(self, wrapper) -> np.ndarray:
-        value = np.asarray(getattr(wrapper, self.attr).get_value(), dtype=np.float32)
-        value = value.T if self.transpose else value.reshape(self.torch_shape(wrapper))
-        return np.ascontiguousarray(value)
-
-    def from_torch(self, wrapper, tensor: np.ndarray) -> jnp.ndarray:
-        variable = getattr(wrapper, self.attr)
-        value = np.asarray(tensor)
-        value = value.T if self.transpose else value.reshape(variable.get_value().shape)
-        return jnp.asarray(value, variable.get_value().dtype)
+    def from_torch(self, tensor) -> np.ndarray:
+        tensor = np.asarray(tensor)
+        return tensor.T if self.transpose else tensor.reshape(-1)
 
 
-def _ia3_shape(m: IA3Linear) -> tuple[int, int]:
-    # [1, in] rescales a feed-forward input, [out, 1] an output (also for Conv1D)
-    size = m.ia3_l.get_value().shape[0]
-    return (1, size) if m.feedforward else (size, 1)
-
-
-# peft type -> the tensors of one wrapped module (DoRA's magnitude only when use_dora)
+# peft type -> {peft tensor suffix: layout}; torch_shapes says which of them a module has, and their shapes
 TENSORS = {
-    "LORA": (TensorLayout("lora_A.weight", "lora_A", True), TensorLayout("lora_B.weight", "lora_B", True),
-             TensorLayout("lora_magnitude_vector", "lora_magnitude_vector", False,
-                          lambda m: m.lora_magnitude_vector.get_value().shape)),
-    "IA3": (TensorLayout("ia3_l", "ia3_l", False, _ia3_shape),),
-    "BEFT": (TensorLayout("beft_bias", "bias_delta", False, lambda m: (1,) + m.bias_delta.get_value().shape),),
+    "LORA": {"lora_A.weight": TensorLayout("lora_A", True), "lora_B.weight": TensorLayout("lora_B", True),
+             "lora_magnitude_vector": TensorLayout("lora_magnitude_vector", False)},
+    "IA3": {"ia3_l": TensorLayout("ia3_l", False)},
+    "BEFT": {"beft_bias": TensorLayout("bias_delta", False)},
 }
 
 
-def layouts_of(peft_type: str, wrapper: nnx.Module) -> tuple[TensorLayout, ...]:
-    """The tensors ``wrapper`` has in peft's format (LoRA without DoRA has no magnitude)."""
-    return tuple(t for t in TENSORS[peft_type] if getattr(wrapper, t.attr, None) is not None)
+def torch_shapes(peft_type: str, d_in: int, d_out: int, *, rank: int = 0, use_dora: bool = False,
+                 feedforward: bool = False) -> dict[str, tuple[int, ...]]:
+    """peft's tensors (suffix -> torch shape) for one module around a Linear layer ``[d_in, d_out]``."""
+    if peft_type == "LORA":
+        shapes = {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank)}
+        return {**shapes, "lora_magnitude_vector": (d_out,)} if use_dora else shapes
+    if peft_type == "IA3":  # [1, in] rescales a feed-forward input, [out, 1] an output (also for Conv1D)
+        return {"ia3_l": (1, d_in) if feedforward else (d_out, 1)}
+    return {"beft_bias": (1, d_out)}
+
+
+def wrapper_tensors(peft_type: str, wrapper: nnx.Module) -> dict[str, np.ndarray]:
+    """The wrapper's weights as peft's tensors (suffix -> torch-layout array)."""
+    d_in, d_out = kernel_of(wrapper.base_layer).get_value().shape
+    shapes = torch_shapes(peft_type, d_in, d_out, rank=getattr(wrapper, "rank", 0),
+                          use_dora=getattr(wrapper, "use_dora", False),
+                          feedforward=getattr(wrapper, "feedforward", False))
+    layouts = TENSORS[peft_type]
+    return {s: layouts[s].to_torch(getattr(wrapper, layouts[s].attr).get_value(), shape) for s, shape in shapes.items()}
 
 
 def default_module_name(model: nnx.Module) -> Callable[[str], str]:
@@ -138,8 +138,8 @@ def _module_tensors(peft_type, modules, name_of):
     for path, m in modules:
         name = name_of(path_str(path))
         _check_gate(name, m)
-        for layout in layouts_of(peft_type, m):
-            tensors[f"{KEY_PREFIX}{name}.{layout.suffix}"] = layout.to_torch(m)
+        for suffix, tensor in wrapper_tensors(peft_type, m).items():
+            tensors[f"{KEY_PREFIX}{name}.{suffix}"] = tensor
         names.append(name)
     return tensors, names
 
@@ -241,6 +241,7 @@ def prefix_geometry(model: nnx.Module):
 
 
 def _prefix_entries(prefixes, name_of, model):
+    rope_of(model)  # the format exists only for rotary models: say so before looking at values
     layers, heads, head_dim = prefix_geometry(model)
     missing = [path_str(p) for p, m in layers if not isinstance(m.kv_prefix, KVPrefix)]
     if missing:

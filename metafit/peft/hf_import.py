@@ -55,8 +55,8 @@ from flax import nnx
 from metafit.peft.bitfit import BitFitBias
 from metafit.peft.config import BitFitConfig, IA3Config, LoraConfig, PrefixConfig
 from metafit.peft.core import PeftModule, iter_modules, path_str, set_at
-from metafit.peft.hf_export import (KEY_PREFIX, TENSORS, default_module_name, layouts_of, prefix_geometry,
-                                    rope_of, rotate_prefix_keys)
+from metafit.peft.hf_export import (KEY_PREFIX, TENSORS, default_module_name, prefix_geometry,
+                                    rope_of, rotate_prefix_keys, torch_shapes)
 from metafit.peft.ia3 import IA3Linear
 from metafit.peft.lora import LoRALinear
 from metafit.peft.prefix import KVPrefix
@@ -173,7 +173,7 @@ def check_fields(config: Mapping[str, Any], peft_type: str, *, loading: bool) ->
             raise ValueError(f"{peft_type} field {field}={value!r} cannot be honoured by metafit: {rule.why} "
                              f"(accepted: {' or '.join(map(repr, rule.allowed))})")
     init = config.get("init_lora_weights", True)
-    if peft_type == "LORA" and init not in (_LORA_INITS_LOADABLE if loading else _LORA_INITS):
+    if peft_type == "LORA" and init not in (_LORA_INITS_LOADABLE if loading else tuple(_LORA_INITS)):
         raise ValueError(
             f"LORA field init_lora_weights={init!r} cannot be honoured by metafit: "
             + ("this initialisation changes the base weights or the forward pass, so the adapter fits only "
@@ -383,7 +383,7 @@ def _module_index(model: nnx.Module, name_of: Callable[[str], str]) -> dict[str,
 
 
 def _group_by_module(tensors: Mapping[str, np.ndarray], peft_type: str) -> dict[str, dict[str, np.ndarray]]:
-    suffixes = [t.suffix for t in TENSORS[peft_type]]
+    suffixes = list(TENSORS[peft_type])
     groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
         name = key.removesuffix(".weight") if key.endswith(".lora_magnitude_vector.weight") else key  # peft < 0.12
@@ -395,33 +395,37 @@ def _group_by_module(tensors: Mapping[str, np.ndarray], peft_type: str) -> dict[
     return groups
 
 
-def _wrapper(peft_type: str, config: Mapping[str, Any], name: str, layer: nnx.Module,
-             found: Mapping[str, np.ndarray], rngs: nnx.Rngs) -> nnx.Module:
+def _options(peft_type: str, config: Mapping[str, Any], name: str, found: Mapping[str, np.ndarray]) -> dict:
+    """The per-module settings (rank, alpha, DoRA, feed-forward, ...) the config gives module ``name``."""
     if peft_type == "IA3":
-        return IA3Linear(layer, feedforward=_peft_feedforward(config.get("feedforward_modules"), name))
-    if peft_type == "BEFT":
-        return BitFitBias(layer)
-    if "lora_A.weight" not in found:
-        raise ValueError(f"{name}: the adapter has {sorted(found)} but no lora_A.weight")
-    rank = int(found["lora_A.weight"].shape[0])
-    configured = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
-    if rank != configured:
-        raise ValueError(f"{name}: lora_A.weight has rank {rank}, but the config gives r={configured}")
-    return LoRALinear(layer, rank=rank, alpha=float(_pattern_value(config.get("alpha_pattern") or {}, name,
-                                                                   config.get("lora_alpha", 8))),
-                      dropout=float(config.get("lora_dropout", 0.0)), use_dora=bool(config.get("use_dora", False)),
-                      use_rslora=bool(config.get("use_rslora", False)), rngs=rngs)
+        return {"feedforward": _peft_feedforward(config.get("feedforward_modules"), name)}
+    if peft_type != "LORA":
+        return {}
+    rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+    if "lora_A.weight" in found and found["lora_A.weight"].shape[0] != rank:
+        raise ValueError(f"{name}: lora_A.weight has rank {found['lora_A.weight'].shape[0]}, but the config "
+                         f"gives r={rank}")
+    return {"rank": rank, "alpha": float(_pattern_value(config.get("alpha_pattern") or {}, name,
+                                                        config.get("lora_alpha", 8))),
+            "dropout": float(config.get("lora_dropout", 0.0)), "use_dora": bool(config.get("use_dora", False)),
+            "use_rslora": bool(config.get("use_rslora", False))}
 
 
-def _layer_shape(layer: nnx.Module) -> str:
-    d_in, d_out = layer.kernel.get_value().shape
-    return f"{type(layer).__name__} [in={d_in}, out={d_out}]"
+def _wrapper(peft_type: str, layer: nnx.Module, options: dict, weights: dict, rngs: nnx.Rngs) -> nnx.Module:
+    if peft_type == "LORA":  # built from the weights: no random init, no compiles
+        return LoRALinear(layer, **options, rngs=rngs, weights=weights)
+    wrapper = IA3Linear(layer, **options) if peft_type == "IA3" else BitFitBias(layer)
+    for attr, value in weights.items():
+        variable = getattr(wrapper, attr)
+        variable.set_value(np.asarray(value, variable.get_value().dtype))
+    return wrapper
 
 
 def _plan_modules(model, peft_type, config, tensors, name_of, rngs) -> tuple[list[Callable[[], None]], list[str]]:
     """Checked wrappers for LoRA/IA3/BEFT tensors, as assignments still to run, and the problems found."""
     index = _module_index(model, name_of)
     groups = _group_by_module(tensors, peft_type)
+    layouts = TENSORS[peft_type]
     edits, problems = [], []
     for name, found in sorted(groups.items()):
         if name not in index:
@@ -430,25 +434,26 @@ def _plan_modules(model, peft_type, config, tensors, name_of, rngs) -> tuple[lis
             continue
         path, layer = index[name]
         try:
-            wrapper = _wrapper(peft_type, config, name, layer, found, rngs)
+            options = _options(peft_type, config, name, found)
         except ValueError as err:
             problems.append(str(err))
             continue
-        expected = {t.suffix: t for t in layouts_of(peft_type, wrapper)}
+        d_in, d_out = layer.kernel.get_value().shape
+        expected = torch_shapes(peft_type, d_in, d_out, **{k: v for k, v in options.items()
+                                                           if k in ("rank", "use_dora", "feedforward")})
         if set(found) != set(expected):
-            problems.append(f"{name}: the adapter has {sorted(found)}, but its config "
-                            f"({'use_dora=' + str(config.get('use_dora', False)) if peft_type == 'LORA' else peft_type}) "
+            problems.append(f"{name}: the adapter has {sorted(found)}, but "
+                            f"{'use_dora=' + str(options['use_dora']) if peft_type == 'LORA' else peft_type} "
                             f"needs {sorted(expected)}")
             continue
-        wrong = [f"{s} has shape {tuple(found[s].shape)}, but this model's {_layer_shape(layer)} needs "
-                 f"{t.shape_in_torch(wrapper)}" for s, t in expected.items()
-                 if tuple(found[s].shape) != t.shape_in_torch(wrapper)]
+        wrong = [f"{s} has shape {tuple(found[s].shape)}, but this model's {type(layer).__name__} "
+                 f"[in={d_in}, out={d_out}] needs {shape}" for s, shape in expected.items()
+                 if tuple(found[s].shape) != shape]
         if wrong:
             problems.append(f"{name}: " + "; ".join(wrong))
             continue
-        for suffix, layout in expected.items():
-            getattr(wrapper, layout.attr).set_value(layout.from_torch(wrapper, found[suffix]))
-        edits.append(functools.partial(set_at, model, path, wrapper))
+        weights = {layouts[s].attr: layouts[s].from_torch(found[s]) for s in expected}
+        edits.append(functools.partial(set_at, model, path, _wrapper(peft_type, layer, options, weights, rngs)))
     spec = config.get("target_modules")
     if spec is not None and spec != "all-linear":
         unmatched = [n for n in sorted(index) if n not in groups and _peft_selects(spec, n)
@@ -483,12 +488,11 @@ def _plan_prefix(model, peft_type, config, tensors, name_of, rngs) -> tuple[list
         problems.append(f"these attention modules already have a prefix (metafit.peft.remove_peft first): {taken}")
     if problems:
         return [], problems
-    values = table.reshape(num_prefix, len(layers), 2, heads, head_dim)
+    values = table.reshape(num_prefix, len(layers), 2, heads, head_dim).astype(np.float32)
     edits = []
     for i, (_, attention) in enumerate(layers):
-        prefix = KVPrefix(num_prefix, heads, head_dim, rngs=rngs)
-        prefix.prefix_k.set_value(rotate_prefix_keys(model, values[:, i, 0].astype(np.float32), -num_prefix))
-        prefix.prefix_v.set_value(np.asarray(values[:, i, 1], np.float32))
+        prefix = KVPrefix(num_prefix, heads, head_dim, weights={
+            "prefix_k": rotate_prefix_keys(model, values[:, i, 0], -num_prefix), "prefix_v": values[:, i, 1]})
         edits.append(functools.partial(_set_prefix, attention, prefix))
     return edits, problems
 
