@@ -80,7 +80,11 @@ def hf_class(kind):
 
 
 def save_with_peft(base_folder, kind, config, out, *, safe=True):
-    model = hf_peft.get_peft_model(hf_class(kind).from_pretrained(base_folder), config)
+    """Saves a peft adapter; returns ``(folder, peft's logits)`` after checking the adapter changes the logits."""
+    model = hf_class(kind).from_pretrained(base_folder).eval()
+    with torch.no_grad():
+        base_logits = model(torch.tensor(IDS)).logits.numpy()
+    model = hf_peft.get_peft_model(model, config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained adapter: every adapter weight away from its identity init
         for _, param in sorted(model.named_parameters()):
@@ -88,7 +92,9 @@ def save_with_peft(base_folder, kind, config, out, *, safe=True):
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(out, safe_serialization=safe)
     with torch.no_grad():
-        return out, model.eval()(torch.tensor(IDS)).logits.numpy()
+        adapted = model.eval()(torch.tensor(IDS)).logits.numpy()
+    assert np.abs(adapted - base_logits).max() > 100 * TOL  # parity below is not vacuous
+    return out, adapted
 
 
 def peft_logits(base_folder, kind, adapter):
