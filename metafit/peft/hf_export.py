@@ -216,7 +216,7 @@ def rope_of(model: nnx.Module):
 def rotate_prefix_keys(model: nnx.Module, keys: np.ndarray, positions: int) -> np.ndarray:
     """Keys ``[P, kv_heads, head_dim]`` rotated by RoPE over ``positions`` (negative undoes it).
 
-    A pure rotation: YaRN's attention factor scales queries and keys alike in both conventions.
+    A pure rotation: YaRN's attention factor scales the queries alike in both conventions.
     """
     from metafit.models.rope import inv_frequencies, rotate_half
 

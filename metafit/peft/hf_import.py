@@ -49,6 +49,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -304,7 +305,7 @@ def _peft_type(config: Mapping[str, Any], expected: str | None = None) -> str:
                          "(bottleneck adapters have no peft type: see metafit.peft.hf_export)")
     if expected is not None and given != expected:
         cls = next(c for c, t in _TYPE_OF_CONFIG.items() if t == given)
-        raise ValueError(f"this is a {given} config, not {expected}: use metafit.peft.{cls.__name__}.from_hf")
+        raise ValueError(f"peft_type is {given}, not {expected}: use metafit.peft.{cls.__name__}.from_hf")
     return given
 
 
@@ -401,14 +402,13 @@ def _options(peft_type: str, config: Mapping[str, Any], name: str, found: Mappin
         return {"feedforward": _peft_feedforward(config.get("feedforward_modules"), name)}
     if peft_type != "LORA":
         return {}
-    rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+    rank = _pattern_value(config.get("rank_pattern") or {}, name, _get(config, "r", int, 8))
     if "lora_A.weight" in found and found["lora_A.weight"].shape[0] != rank:
         raise ValueError(f"{name}: lora_A.weight has rank {found['lora_A.weight'].shape[0]}, but the config "
                          f"gives r={rank}")
-    return {"rank": rank, "alpha": float(_pattern_value(config.get("alpha_pattern") or {}, name,
-                                                        config.get("lora_alpha", 8))),
-            "dropout": float(config.get("lora_dropout", 0.0)), "use_dora": bool(config.get("use_dora", False)),
-            "use_rslora": bool(config.get("use_rslora", False))}
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, _get(config, "lora_alpha", (int, float), 8))
+    return {"rank": rank, "alpha": float(alpha), "dropout": float(_get(config, "lora_dropout", (int, float), 0.0)),
+            "use_dora": _get(config, "use_dora", bool, False), "use_rslora": _get(config, "use_rslora", bool, False)}
 
 
 def _wrapper(peft_type: str, layer: nnx.Module, options: dict, weights: dict, rngs: nnx.Rngs) -> nnx.Module:
@@ -417,7 +417,7 @@ def _wrapper(peft_type: str, layer: nnx.Module, options: dict, weights: dict, rn
     wrapper = IA3Linear(layer, **options) if peft_type == "IA3" else BitFitBias(layer)
     for attr, value in weights.items():
         variable = getattr(wrapper, attr)
-        variable.set_value(np.asarray(value, variable.get_value().dtype))
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
     return wrapper
 
 
@@ -534,6 +534,7 @@ def load_hf_peft(model: nnx.Module, folder, *, allow_pickle: bool = False,
         raise ValueError(f"{folder / WEIGHTS_FILE} holds no tensors")
     edits, problems = _PLANS[peft_type](model, peft_type, config, tensors,
                                         module_name or default_module_name(model), rngs or nnx.Rngs(0))
+    problems = list(dict.fromkeys(problems))  # e.g. one bad config value, reported once not per module
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(f"the {peft_type} adapter in {folder} does not fit this {type(model).__name__} (saved for "

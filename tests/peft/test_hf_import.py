@@ -303,7 +303,7 @@ def test_from_hf_selects_the_modules_peft_selects(base, target_modules):
     ({"init_lora_weights": "olora"}, r"init_lora_weights='olora' cannot be honoured"),
     ({"eva_config": {"rho": 2.0}}, r"eva_config=.* cannot be honoured"),
     ({"r": "8"}, r"peft field r='8': expected int"),
-    ({"peft_type": "IA3"}, r"this is a IA3 config, not LORA: use metafit.peft.IA3Config.from_hf"),
+    ({"peft_type": "IA3"}, r"peft_type is IA3, not LORA: use metafit.peft.IA3Config.from_hf"),
 ])
 def test_lora_config_from_hf_errors_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
