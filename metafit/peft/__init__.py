@@ -10,6 +10,8 @@ Quick tour::
     peft.set_gates(model, gates)                               # [count_gated_modules(model), batch]
     peft.merge_lora(model)                                     # fold LoRA into the base kernels
     peft.export_hf_peft(model, "out/adapter", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    peft.load_hf_peft(model, "adapter-saved-by-peft/")          # LoRA/DoRA, IA3, BEFT, prefix tuning
+    cfg = peft.LoraConfig.from_hf(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])  # peft's names
 
 Every PEFT module is gated (:mod:`metafit.peft.gates`): gate 1 = plain PEFT, gate 0 = base model.
 """
@@ -23,6 +25,7 @@ from metafit.peft.core import (AdapterParam, BitFitParam, DoRAMagnitude, Gate, I
 from metafit.peft.gates import (bernoulli_gates, count_gated_modules, gated_paths, get_gates, reset_gates,
                                 set_gates)
 from metafit.peft.hf_export import export_hf_peft
+from metafit.peft.hf_import import load_hf_peft
 from metafit.peft.ia3 import IA3Linear
 from metafit.peft.lora import LoRALinear
 from metafit.peft.memory import memory_report, num_params, optimizer_state_bytes, tree_bytes
@@ -33,6 +36,6 @@ __all__ = [
     "BottleneckAdapter", "DoRAMagnitude", "Gate", "IA3Config", "IA3Linear", "IA3Param", "KVPrefix",
     "LoRALinear", "LoraConfig", "PeftConfig", "PeftModule", "PeftParam", "PeftWrapper", "PrefixConfig",
     "PrefixParam", "apply", "as_peft_config", "bernoulli_gates", "count_gated_modules", "export_hf_peft",
-    "gated_paths", "get_gates", "memory_report", "merge_all", "merge_lora", "num_params", "optimizer_state_bytes",
+    "gated_paths", "get_gates", "load_hf_peft", "memory_report", "merge_all", "merge_lora", "num_params", "optimizer_state_bytes",
     "remove_peft", "reset_gates", "set_gates", "split", "trainable_filter", "trainable_mask", "tree_bytes",
 ]

@@ -63,6 +63,22 @@ class LoraConfig:
     use_rslora: bool = False
     init: Literal["default", "gaussian", "random"] = "default"
 
+    @classmethod
+    def from_hf(cls, source=None, /, **fields) -> "LoraConfig":
+        """From peft's ``LORA`` fields: a dict, an adapter folder, a peft config object, or keywords.
+
+        ``r -> rank``, ``lora_alpha -> alpha``, ``lora_dropout -> dropout``, ``target_modules -> targets``,
+        ``exclude_modules -> exclude``, ``use_dora``, ``use_rslora``, ``init_lora_weights`` (True -> default,
+        "gaussian", False -> random); missing fields take peft's defaults (``r=8, lora_alpha=8``).
+        Example: ``LoraConfig.from_hf(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])``.
+
+        Unknown fields and fields metafit cannot honour raise, naming the field; see
+        :func:`metafit.peft.hf_import.config_from_hf`.
+        """
+        from metafit.peft.hf_import import config_from_hf
+
+        return config_from_hf(cls, source, **fields)
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
@@ -95,6 +111,19 @@ class PrefixConfig:
     targets: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
+    @classmethod
+    def from_hf(cls, source=None, /, **fields) -> "PrefixConfig":
+        """From peft's ``PREFIX_TUNING`` fields: a dict, an adapter folder, a peft config object, or keywords.
+
+        ``num_virtual_tokens -> num_prefix``; the shape fields follow from the model.
+
+        Unknown fields and fields metafit cannot honour raise, naming the field; see
+        :func:`metafit.peft.hf_import.config_from_hf`.
+        """
+        from metafit.peft.hf_import import config_from_hf
+
+        return config_from_hf(cls, source, **fields)
+
 
 @dataclasses.dataclass(frozen=True)
 class BitFitConfig:
@@ -109,6 +138,20 @@ class BitFitConfig:
     exclude: tuple[str, ...] = ()
     add_missing_bias: bool = False
 
+    @classmethod
+    def from_hf(cls, source=None, /, **fields) -> "BitFitConfig":
+        """From peft's ``BEFT`` fields: a dict, an adapter folder, a peft config object, or keywords.
+
+        peft's BEFT is BitFit on Linear layers as a bias offset: ``target_modules -> targets``,
+        ``target_types=("Linear",)``, ``add_missing_bias=True``.
+
+        Unknown fields and fields metafit cannot honour raise, naming the field; see
+        :func:`metafit.peft.hf_import.config_from_hf`.
+        """
+        from metafit.peft.hf_import import config_from_hf
+
+        return config_from_hf(cls, source, **fields)
+
 
 @dataclasses.dataclass(frozen=True)
 class IA3Config:
@@ -122,6 +165,20 @@ class IA3Config:
     feedforward: tuple[str, ...] = ("down_proj",)
     target_types: tuple[str, ...] = ("Linear",)
     exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hf(cls, source=None, /, **fields) -> "IA3Config":
+        """From peft's ``IA3`` fields: a dict, an adapter folder, a peft config object, or keywords.
+
+        ``target_modules -> targets``, ``feedforward_modules -> feedforward`` (both required),
+        ``exclude_modules -> exclude``.
+
+        Unknown fields and fields metafit cannot honour raise, naming the field; see
+        :func:`metafit.peft.hf_import.config_from_hf`.
+        """
+        from metafit.peft.hf_import import config_from_hf
+
+        return config_from_hf(cls, source, **fields)
 
 
 @dataclasses.dataclass(frozen=True)

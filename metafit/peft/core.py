@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
@@ -53,6 +53,18 @@ class Gate(nnx.Variable):
     Shape ``()`` (one gate for the batch) or ``[batch]`` / ``[batch, seq]`` (per sample / token);
     broadcast against the contribution from the left (see :func:`broadcast_gate`).
     """
+
+
+def check_weights(weights: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], dtype,
+                  what: str) -> dict[str, jnp.ndarray]:
+    """Given adapter weights as arrays of ``dtype``, after checking their names and shapes against ``shapes``."""
+    if set(weights) != set(shapes):
+        raise ValueError(f"{what} takes weights {sorted(shapes)}, got {sorted(weights)}")
+    wrong = {k: tuple(jnp.shape(v)) for k, v in weights.items() if tuple(jnp.shape(v)) != tuple(shapes[k])}
+    if wrong:
+        raise ValueError(f"{what}: " + ", ".join(f"{k} has shape {s}, expected {tuple(shapes[k])}"
+                                                 for k, s in wrong.items()))
+    return {k: jnp.asarray(v, dtype) for k, v in weights.items()}
 
 
 def new_gate() -> Gate:

@@ -21,12 +21,13 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import DoRAMagnitude, PeftWrapper, bias_of, kernel_of, new_gate
+from metafit.peft.core import DoRAMagnitude, PeftWrapper, bias_of, check_weights, kernel_of, new_gate
 
 
 def _column_norm(weight: jnp.ndarray) -> jnp.ndarray:
@@ -41,11 +42,14 @@ class LoRALinear(PeftWrapper):
       base_layer: a Linear-like module with ``kernel [in, out]``.
       rank, alpha, dropout, use_dora, use_rslora, init: see :class:`metafit.peft.LoraConfig`.
       rngs: ``params`` stream initialises A (and B for ``init="random"``); ``dropout`` stream if dropout > 0.
+      weights: start from these values instead of ``init`` (a saved adapter): ``lora_A [in, r]``,
+        ``lora_B [r, out]`` and, with ``use_dora``, ``lora_magnitude_vector [out]``; shapes are checked.
+        Nothing random is drawn, so no XLA program is compiled for the initialisation.
     """
 
     def __init__(self, base_layer: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                  use_dora: bool = False, use_rslora: bool = False, init: str = "default",
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, weights: Mapping[str, Any] | None = None):
         kernel = kernel_of(base_layer).get_value()
         d_in, d_out = kernel.shape
         if rank <= 0:
@@ -56,27 +60,41 @@ class LoRALinear(PeftWrapper):
         self.use_rslora = use_rslora
         self.dropout_rate = dropout
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-        key_a, key_b = rngs.params(), rngs.params()
-        if init == "gaussian":
-            a = jax.random.normal(key_a, (d_in, rank), kernel.dtype) / rank
-        else:  # torch kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(key_a, (d_in, rank), kernel.dtype, -bound, bound)
-        if init == "random":
-            bound = 1.0 / math.sqrt(rank)
-            b = jax.random.uniform(key_b, (rank, d_out), kernel.dtype, -bound, bound)
-        elif init in ("default", "gaussian"):
-            b = jnp.zeros((rank, d_out), kernel.dtype)
+        if weights is None:
+            a, b = self._initial_weights(init, d_in, d_out, kernel.dtype, rngs)
         else:
-            raise ValueError(f"unknown LoRA init '{init}'; valid: default, gaussian, random")
+            shapes = {"lora_A": (d_in, rank), "lora_B": (rank, d_out)}
+            if use_dora:
+                shapes["lora_magnitude_vector"] = (d_out,)
+            weights = check_weights(weights, shapes, kernel.dtype, f"LoRA on a [{d_in}, {d_out}] kernel")
+            a, b = weights["lora_A"], weights["lora_B"]
         self.lora_A = nnx.LoRAParam(a)
         self.lora_B = nnx.LoRAParam(b)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.use_dora = use_dora
-        self.lora_magnitude_vector = (
-            DoRAMagnitude(_column_norm(kernel + self.scaling * a @ b)) if use_dora else None
-        )
+        if not use_dora:
+            self.lora_magnitude_vector = None
+        elif weights is not None:
+            self.lora_magnitude_vector = DoRAMagnitude(weights["lora_magnitude_vector"])
+        else:
+            self.lora_magnitude_vector = DoRAMagnitude(_column_norm(kernel + self.scaling * a @ b))
         self.gate = new_gate()
+
+    def _initial_weights(self, init, d_in, d_out, dtype, rngs):
+        key_a, key_b = rngs.params(), rngs.params()
+        if init == "gaussian":
+            a = jax.random.normal(key_a, (d_in, self.rank), dtype) / self.rank
+        else:  # torch kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key_a, (d_in, self.rank), dtype, -bound, bound)
+        if init == "random":
+            bound = 1.0 / math.sqrt(self.rank)
+            b = jax.random.uniform(key_b, (self.rank, d_out), dtype, -bound, bound)
+        elif init in ("default", "gaussian"):
+            b = jnp.zeros((self.rank, d_out), dtype)
+        else:
+            raise ValueError(f"unknown LoRA init '{init}'; valid: default, gaussian, random")
+        return a, b
 
     def lora_weight(self) -> jnp.ndarray:
         """The low-rank update ``s * A B`` as an ``[in, out]`` matrix."""

@@ -29,11 +29,13 @@ Reference:
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import PeftModule, PrefixParam, new_gate
+from metafit.peft.core import PeftModule, PrefixParam, check_weights, new_gate
 
 # key/value head counts first: "heads" in a GQA module counts query heads
 _HEAD_ATTRS = ("num_kv_heads", "kv_heads", "num_key_value_heads", "n_kv_heads", "num_heads", "heads",
@@ -68,10 +70,19 @@ class KVPrefix(PeftModule):
     """Learned prefix keys/values ``[num_prefix, num_kv_heads, head_dim]`` for one attention module."""
 
     def __init__(self, num_prefix: int, num_kv_heads: int, head_dim: int, *, init_scale: float = 0.02,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None, weights: Mapping[str, Any] | None = None):
+        """``rngs`` draws N(0, init_scale^2) values; or ``weights`` gives ``prefix_k``/``prefix_v`` (checked shapes)."""
         shape = (num_prefix, num_kv_heads, head_dim)
-        self.prefix_k = PrefixParam(init_scale * jax.random.normal(rngs.params(), shape, dtype))
-        self.prefix_v = PrefixParam(init_scale * jax.random.normal(rngs.params(), shape, dtype))
+        if weights is not None:
+            weights = check_weights(weights, {"prefix_k": shape, "prefix_v": shape}, dtype, "KVPrefix")
+            keys, values = weights["prefix_k"], weights["prefix_v"]
+        elif rngs is None:
+            raise ValueError("KVPrefix needs rngs (random init) or weights")
+        else:
+            keys = init_scale * jax.random.normal(rngs.params(), shape, dtype)
+            values = init_scale * jax.random.normal(rngs.params(), shape, dtype)
+        self.prefix_k = PrefixParam(keys)
+        self.prefix_v = PrefixParam(values)
         self.gate = new_gate()
 
     def __call__(self, k, v, allowed=None, bias=None, *, seq_axis: int = 1, head_axis: int = 2):
