@@ -18,6 +18,16 @@ Public API::
     ids = metafit.models.generate(model, prompt_ids, max_new_tokens=32)
     metafit.models.save(model, "out/", tokenizer)      # transformers loads it back
 
+Untrusted files
+---------------
+Model folders and GGUF files are read as untrusted input (:mod:`metafit.models.model_files`):
+weights and index entries must be regular files inside the folder, a config or tokenizer config
+with ``auto_map`` is refused (the folder's own code never runs), safetensors headers and GGUF
+tables are validated before use, and tensor names and shapes are checked against the config
+before the model is built. Every bad file raises :class:`MalformedWeightsError` (a
+``ValueError``; :class:`CheckpointMismatch` is its subclass for tensors that do not fit the
+config) naming the file, the tensor, entry or field, and what is wrong.
+
 Parameter naming (what PEFT and sharding rules rely on)
 -------------------------------------------------------
 Attribute paths mirror HF parameter names exactly, so the HF name of every parameter is its
@@ -59,7 +69,7 @@ Conventions
 from . import bert, gpt2, llama  # noqa: F401  (registers the families)
 from .base import MODELS, DecoderOutput, EncoderOutput, Family, family_of
 from .bert import BertConfig, BertForSequenceClassification, BertModel, mean_pool
-from .convert import CheckpointMismatch, hf_layout, to_hf_tensors
+from .convert import CheckpointMismatch, MalformedWeightsError, hf_layout, to_hf_tensors
 from .generate import filter_logits, generate
 from .gpt2 import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from .layers import Conv1D, KVCache
@@ -84,6 +94,7 @@ __all__ = [
     "KVCache",
     "Conv1D",
     "CheckpointMismatch",
+    "MalformedWeightsError",
     "hf_layout",
     "to_hf_tensors",
     "RopeConfig",

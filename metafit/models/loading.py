@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -20,7 +19,8 @@ from flax import nnx
 from metafit.registry import Registry, did_you_mean
 
 from .base import family_of
-from .convert import CheckpointMismatch, load_hf_tensors, to_hf_tensors
+from .convert import CheckpointMismatch, MalformedWeightsError, check_checkpoint_layout, load_hf_tensors, to_hf_tensors
+from .model_files import file_in_folder, present, read_hf_config, read_index, read_safetensors_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
@@ -94,15 +94,37 @@ def resolve(path_or_name: str | Path) -> Path:
 
 
 class _SafetensorsCheckpoint:
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
+    """safetensors files whose headers were validated (:mod:`metafit.models.model_files`) before
+    the safetensors package opens them; ``shapes`` comes from the headers, no tensor is read."""
 
-        self._handles = [safe_open(str(f), framework="numpy") for f in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}
-        self.names = set(self._where)
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None):
+        from safetensors import SafetensorError, safe_open
+
+        self._error = SafetensorError
+        self.shapes, self._file = {}, {}
+        for file in files:
+            for name, entry in read_safetensors_header(file).tensors.items():
+                if name in self._file:
+                    raise MalformedWeightsError(f"tensor '{name}' is stored twice: in {self._file[name]} and in {file}")
+                self._file[name], self.shapes[name] = file, entry.shape
+        for name, file in (weight_map or {}).items():
+            if self._file.get(name, file) != file:
+                raise MalformedWeightsError(
+                    f"the weights index puts tensor '{name}' in {file.name}, but it is in {self._file[name].name}"
+                )
+        self.names = set(self.shapes)
+        self._handles = {}
+        for file in files:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except SafetensorError as err:
+                raise MalformedWeightsError(f"{file}: {err}") from err
 
     def get_tensor(self, name: str) -> np.ndarray:
-        return self._where[name].get_tensor(name)
+        try:
+            return self._handles[self._file[name]].get_tensor(name)
+        except self._error as err:
+            raise MalformedWeightsError(f"{self._file[name]}: tensor '{name}': {err}") from err
 
 
 class _TorchCheckpoint:
@@ -119,6 +141,7 @@ class _TorchCheckpoint:
                 value = value.detach()
                 self._tensors[name] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
         self.names = set(self._tensors)
+        self.shapes = {name: tuple(value.shape) for name, value in self._tensors.items()}
 
     def get_tensor(self, name: str) -> np.ndarray:
         return self._tensors[name]
@@ -133,25 +156,25 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
 
 
 def _weight_files(folder: Path, allow_pickle: bool):
-    if (folder / "model.safetensors").exists():
-        return _SafetensorsCheckpoint([folder / "model.safetensors"])
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return _SafetensorsCheckpoint([folder / s for s in shards])
+    # Every weights file must be a regular file inside the folder (model_files.file_in_folder):
+    # index entries and links leading elsewhere, FIFOs and devices are refused, naming the entry.
+    if present(folder, "model.safetensors"):
+        return _SafetensorsCheckpoint([file_in_folder(folder, "model.safetensors", "weights file")])
+    if present(folder, "model.safetensors.index.json"):
+        weight_map = read_index(folder, "model.safetensors.index.json")
+        return _SafetensorsCheckpoint(sorted(set(weight_map.values())), weight_map)
     single = sorted(folder.glob("*.safetensors"))
     if len(single) == 1:
-        return _SafetensorsCheckpoint(single)
-    pickle_index = folder / "pytorch_model.bin.index.json"
-    if pickle_index.exists():
-        _refuse_pickle(pickle_index, allow_pickle)
-        shards = sorted(set(json.loads(pickle_index.read_text())["weight_map"].values()))
-        return _TorchCheckpoint([folder / s for s in shards])
+        return _SafetensorsCheckpoint([file_in_folder(folder, single[0].name, "weights file")])
+    if present(folder, "pytorch_model.bin.index.json"):
+        _refuse_pickle(folder / "pytorch_model.bin.index.json", allow_pickle)
+        shards = sorted(set(read_index(folder, "pytorch_model.bin.index.json").values()))
+        return _TorchCheckpoint(shards)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        chosen = folder / "pytorch_model.bin" if (folder / "pytorch_model.bin").exists() else pickles[0]
-        _refuse_pickle(chosen, allow_pickle)
-        return _TorchCheckpoint([chosen])
+        chosen = "pytorch_model.bin" if present(folder, "pytorch_model.bin") else pickles[0].name
+        _refuse_pickle(folder / chosen, allow_pickle)
+        return _TorchCheckpoint([file_in_folder(folder, chosen, "weights file")])
     raise FileNotFoundError(
         f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json; "
         f"found {sorted(p.name for p in folder.iterdir())}"
@@ -170,11 +193,16 @@ def build_model(
     dtype=jnp.float32,
     architecture: str | None = None,
     source: str = "checkpoint",
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    layers_field: str = "num_hidden_layers",
 ):
     """An NNX model for ``hf_config`` with weights read from an HF-named tensor source.
 
-    The module tree is built abstractly (``nnx.eval_shape``), so no random initialisation of
-    the full model is paid before the weights arrive.
+    With ``shapes`` (tensor name -> shape, from the files' headers), names and shapes are checked
+    against the config before the model is built (:func:`~metafit.models.convert.check_checkpoint_layout`),
+    so a config claiming thousands of layers fails at once. The module tree is built abstractly
+    (``nnx.eval_shape``), so no random initialisation of the full model is paid before the
+    weights arrive. ``layers_field`` names the config's layer count in errors.
     """
     family = family_of(hf_config.model_type)
     architectures = getattr(hf_config, "architectures", None) or [None]
@@ -184,6 +212,12 @@ def build_model(
         # A pooler-less encoder checkpoint (common for sentence encoders) builds without one.
         has_pooler = any(n.endswith("pooler.dense.weight") for n in names)
         config = dataclasses.replace(config, add_pooling_layer=has_pooler)
+    if shapes is not None:
+        layers_key = "n_layer" if hasattr(config, "n_layer") else "num_hidden_layers"
+        one_layer = dataclasses.replace(config, **{layers_key: 1})
+        template = nnx.eval_shape(lambda: cls(one_layer, rngs=nnx.Rngs(0)))
+        check_checkpoint_layout(template, getattr(config, layers_key), shapes, base_prefix=family.base_prefix,
+                                source=source, layers_field=layers_field)
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     return load_hf_tensors(model, get_tensor, names, base_prefix=family.base_prefix, source=source)
 
@@ -216,7 +250,11 @@ def load(
       FileNotFoundError: the path does not exist / an embedded model's package is missing
         (the message has the install command).
       ValueError: a pickle checkpoint without ``allow_pickle``; unsupported architecture.
-      CheckpointMismatch: a tensor is missing or has the wrong shape (names both shapes).
+      MalformedWeightsError: a malformed or truncated weights file, an index entry or link that
+        leaves the folder or is not a regular file, a config with ``auto_map`` (the folder's own
+        code, never run), an invalid config (see :mod:`metafit.models.model_files`).
+      CheckpointMismatch: (a MalformedWeightsError) the first tensor that is missing, extra or
+        mis-shaped for the config, found from the files' headers before the model is built.
 
     Example:
       >>> model, tok = load("smollm2-135m-instruct")            # doctest: +SKIP
@@ -228,7 +266,8 @@ def load(
 
         ckpt = GGUFCheckpoint(path)
         model = build_model(
-            ckpt.config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path)
+            ckpt.config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
+            shapes=ckpt.shapes, layers_field=f"GGUF field '{ckpt.architecture}.block_count'",
         )
         return model, (ckpt.tokenizer() if tokenizer else None)
     if path.is_file():
@@ -240,20 +279,22 @@ def load(
             ckpt = _SafetensorsCheckpoint([path])
         else:
             raise ValueError(f"unknown weights file type '{path.suffix}' ({path}); expected .safetensors or .gguf")
-    else:
+    elif path.is_dir():
         folder = path
         ckpt = _weight_files(folder, allow_pickle)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json; an HF folder needs one next to the weights")
-    import transformers
-
-    hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    else:
+        raise MalformedWeightsError(f"{path} is neither a regular file nor a folder; refusing to read it")
+    # Read without running anything from the folder: auto_map is refused, trust_remote_code=False.
+    hf_config = read_hf_config(folder, tokenizer=tokenizer)
     model = build_model(
-        hf_config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path)
+        hf_config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
+        shapes=ckpt.shapes, layers_field=f"num_hidden_layers in {folder / 'config.json'}",
     )
     tok = None
-    if tokenizer and any((folder / f).exists() for f in _TOKENIZER_FILES):
-        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer and any(present(folder, f) for f in _TOKENIZER_FILES):
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     return model, tok
 
 
@@ -312,4 +353,4 @@ def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None) -> 
 
 
 __all__ = ["load", "save", "save_folder", "resolve", "build_model", "EMBEDDED", "EmbeddedModel",
-           "CheckpointMismatch"]
+           "CheckpointMismatch", "MalformedWeightsError"]
