@@ -156,7 +156,7 @@ def load_hf_tensors(
         tensor = np.asarray(get_tensor(key))
         if tuple(tensor.shape) != expected_hf:
             raise CheckpointMismatch(
-                f"tensor '{key}' in {source} has shape {tuple(tensor.shape)}, but the architecture in its "
+                f"tensor {key!r} in {source} has shape {tuple(tensor.shape)}, but the architecture in its "
                 f"config expects {expected_hf} for {type(model).__name__}"
             )
         value = tensor.T if transposed else tensor
@@ -224,10 +224,10 @@ def check_checkpoint_layout(
     def check(name, expected):
         key = names.find(name)
         if key is None:
-            raise CheckpointMismatch(f"{source} lacks tensor '{name}' that {cls} needs")
+            raise CheckpointMismatch(f"{source} lacks tensor {name!r} that {cls} needs")
         if tuple(shapes[key]) != expected:
             raise CheckpointMismatch(
-                f"tensor '{key}' in {source} has shape {tuple(shapes[key])}, but the architecture in its "
+                f"tensor {key!r} in {source} has shape {tuple(shapes[key])}, but the architecture in its "
                 f"config expects {expected} for {cls}"
             )
         used.add(key)
@@ -256,7 +256,7 @@ def check_checkpoint_layout(
     if beyond:
         extra = min(beyond)
         raise CheckpointMismatch(
-            f"{layers_field} is {num_layers}, but {source} also has layer {extra} (tensor '{layers[extra]}'); "
+            f"{layers_field} is {num_layers}, but {source} also has layer {extra} (tensor {layers[extra]!r}); "
             f"the config and the checkpoint disagree on the number of layers"
         )
     for layer in range(num_layers):
@@ -265,7 +265,7 @@ def check_checkpoint_layout(
     extra = sorted(key for key in inside if key not in used and not _ignored(key))
     if extra:
         raise CheckpointMismatch(
-            f"{source} has tensor '{extra[0]}' (shape {tuple(shapes[extra[0]])}) that {cls} as configured has no "
+            f"{source} has tensor {extra[0]!r} (shape {tuple(shapes[extra[0]])}) that {cls} as configured has no "
             f"place for" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
             + "; its config and weights disagree (a bias or norm the config turns off?)"
         )

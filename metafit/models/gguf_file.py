@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .convert import MalformedWeightsError
-from .model_files import open_regular
+from .model_files import check_layer_claim, open_regular
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -108,9 +108,9 @@ class GGUFCheckpoint:
 
     def _bad(self, key: str, value, expected: str) -> MalformedWeightsError:
         if value is _MISSING:
-            return MalformedWeightsError(f"{self.path}: metadata '{key}' is missing; it must be {expected}")
+            return MalformedWeightsError(f"{self.path}: metadata {key!r} is missing; it must be {expected}")
         shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-        return MalformedWeightsError(f"{self.path}: metadata '{key}' is {shown}; expected {expected}")
+        return MalformedWeightsError(f"{self.path}: metadata {key!r} is {shown}; expected {expected}")
 
     def _int(self, key: str, default=_MISSING, *, minimum: int = 1, arch: bool = True):
         key = f"{self.architecture}.{key}" if arch else key
@@ -124,7 +124,8 @@ class GGUFCheckpoint:
     def _float(self, key: str, default, *, minimum: float = 0.0):
         key = f"{self.architecture}.{key}"
         value = self.fields.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < minimum:
             raise self._bad(key, value, f"a finite number >= {minimum}")
         return float(value)
 
@@ -159,11 +160,13 @@ class GGUFCheckpoint:
             if scaling == "yarn":
                 rope["original_max_position_embeddings"] = self._int("rope.scaling.original_context_length")
         token_id = lambda key: self._int(f"tokenizer.ggml.{key}", None, minimum=0, arch=False)  # noqa: E731
+        layers = self._int("block_count", minimum=0)
+        check_layer_claim(layers, len(self._tensors), f"GGUF field '{self.architecture}.block_count'", str(self.path))
         kwargs = dict(
             vocab_size=embedding.shape[0],
             hidden_size=hidden,
             intermediate_size=self._int("feed_forward_length"),
-            num_hidden_layers=self._int("block_count", minimum=0),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -197,7 +200,7 @@ class GGUFCheckpoint:
             data = np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(info.shape)
         except NotImplementedError:
             raise MalformedWeightsError(
-                f"{self.path}: tensor '{self._gguf_names[name]}' has type {qtype.name}, which the gguf package "
+                f"{self.path}: tensor {self._gguf_names[name]!r} has type {qtype.name}, which the gguf package "
                 "cannot dequantise"
             ) from None
         if self.architecture == "llama":
@@ -209,7 +212,7 @@ class GGUFCheckpoint:
             if heads is not None:
                 if not data.ndim or data.shape[0] % (2 * heads):
                     raise MalformedWeightsError(
-                        f"{self.path}: tensor '{self._gguf_names[name]}' has shape {info.shape}; its rows must split "
+                        f"{self.path}: tensor {self._gguf_names[name]!r} has shape {info.shape}; its rows must split "
                         f"into {heads} heads of an even size"
                     )
                 data = unpermute_rotary(data, heads)
@@ -248,7 +251,8 @@ class GGUFCheckpoint:
         def special(key):
             token_id = self._int(f"tokenizer.ggml.{key}", None, minimum=0, arch=False)
             if token_id is not None and token_id >= len(tokens):
-                raise self._bad(f"tokenizer.ggml.{key}", token_id, f"a token id below the vocabulary size {len(tokens)}")
+                raise self._bad(f"tokenizer.ggml.{key}", token_id,
+                                f"a token id below the vocabulary size {len(tokens)}")
             return tokens[token_id] if token_id is not None else None
 
         specials = {name: special(key) for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
@@ -311,8 +315,8 @@ class GGUFCheckpoint:
         else:
             tokenizer.pre_tokenizer = byte_level
         tokenizer.decoder = decoders.ByteLevel()
-        types = self._list("tokenizer.ggml.token_type", int, None) if "tokenizer.ggml.token_type" in self.fields else None
-        types = types or [1] * len(tokens)
+        has_types = "tokenizer.ggml.token_type" in self.fields
+        types = (self._list("tokenizer.ggml.token_type", int) if has_types else None) or [1] * len(tokens)
         if len(types) != len(tokens):
             raise self._bad("tokenizer.ggml.token_type", f"{len(types)} entries", f"one per token ({len(tokens)})")
         tokenizer.add_special_tokens(
@@ -366,6 +370,7 @@ _STRING, _ARRAY = 8, 9
 # Fewest bytes one value of a type takes (bounds an array's count by the bytes left).
 _MIN_SIZE = {**{k: struct.calcsize(v) for k, v in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 MAX_ARRAY_DEPTH = 4  # arrays of arrays of ...; real files nest at most once
+MAX_ARRAY_LENGTH = 2**24  # 64x the largest vocabularies; a Python int per element costs ~36 bytes
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
@@ -408,21 +413,23 @@ class _Cursor:
 
     def value(self, kind: int, field: str, depth: int = 0):
         if kind == _STRING:
-            return self.string(f"metadata '{field}'")
+            return self.string(f"metadata {field!r}")
         if kind in _SCALARS:
-            return self.take(_SCALARS[kind], f"metadata '{field}'")
+            return self.take(_SCALARS[kind], f"metadata {field!r}")
         if kind != _ARRAY:
-            raise self.fail(f"metadata '{field}' has unknown value type {kind}")
+            raise self.fail(f"metadata {field!r} has unknown value type {kind}")
         if depth >= MAX_ARRAY_DEPTH:
-            raise self.fail(f"metadata '{field}' nests arrays more than {MAX_ARRAY_DEPTH} deep")
-        elem = self.take("<I", f"the element type of metadata '{field}'")
-        count = self.take("<Q", f"the length of metadata '{field}'")
+            raise self.fail(f"metadata {field!r} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+        elem = self.take("<I", f"the element type of metadata {field!r}")
+        count = self.take("<Q", f"the length of metadata {field!r}")
         if elem not in _MIN_SIZE:
-            raise self.fail(f"metadata '{field}' is an array of unknown value type {elem}")
+            raise self.fail(f"metadata {field!r} is an array of unknown value type {elem}")
         if count * _MIN_SIZE[elem] > self.left():
-            raise self.fail(f"metadata '{field}' claims {count} elements, more than the file holds")
+            raise self.fail(f"metadata {field!r} claims {count} elements, more than the file holds")
+        if count > MAX_ARRAY_LENGTH:
+            raise self.fail(f"metadata {field!r} has {count} elements; metafit reads at most {MAX_ARRAY_LENGTH}")
         if elem in _SCALARS and count:  # one struct call for token types, scores...
-            return list(self.take_many("<" + str(count) + _SCALARS[elem][1:], f"metadata '{field}'"))
+            return list(self.take_many("<" + str(count) + _SCALARS[elem][1:], f"metadata {field!r}"))
         return [self.value(elem, f"{field}[{i}]", depth + 1) for i in range(count)]
 
 
@@ -450,23 +457,25 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInf
         raise MalformedWeightsError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
     n_tensors = cursor.take("<Q", "the tensor count")
     n_fields = cursor.take("<Q", "the metadata count")
+    # A metadata entry takes at least 13 bytes (key length, type, one byte), a tensor entry 24.
     if n_fields * 13 > cursor.left() or n_tensors * 24 > cursor.left():
-        raise cursor.fail(f"header claims {n_fields} metadata entries and {n_tensors} tensors, more than the file holds")
+        raise cursor.fail(f"header claims {n_fields} metadata entries and {n_tensors} tensors, "
+                          "more than the file holds")
     fields = {}
     for i in range(n_fields):
         key = cursor.string(f"metadata key #{i}")
         if key in fields:
-            raise cursor.fail(f"metadata key '{key}' appears twice")
-        fields[key] = cursor.value(cursor.take("<I", f"the type of metadata '{key}'"), key)
+            raise cursor.fail(f"metadata key {key!r} appears twice")
+        fields[key] = cursor.value(cursor.take("<I", f"the type of metadata {key!r}"), key)
     infos = []
     for i in range(n_tensors):
         name = cursor.string(f"the name of tensor #{i}")
-        n_dims = cursor.take("<I", f"the dimension count of tensor '{name}'")
+        n_dims = cursor.take("<I", f"the dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise cursor.fail(f"tensor '{name}' has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
-        dims = [cursor.take("<Q", f"the dimensions of tensor '{name}'") for _ in range(n_dims)]
-        qtype = cursor.take("<I", f"the type of tensor '{name}'")
-        infos.append((name, dims, qtype, cursor.take("<Q", f"the offset of tensor '{name}'")))
+            raise cursor.fail(f"tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
+        dims = [cursor.take("<Q", f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
+        qtype = cursor.take("<I", f"the type of tensor {name!r}")
+        infos.append((name, dims, qtype, cursor.take("<Q", f"the offset of tensor {name!r}")))
     alignment = fields.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
         raise MalformedWeightsError(f"{path}: metadata 'general.alignment' is {alignment!r}; expected a power of two")
@@ -474,7 +483,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInf
     tensors = {}
     for name, dims, qtype, offset in infos:
         if name in tensors:
-            raise MalformedWeightsError(f"{path}: tensor '{name}' appears twice in the tensor table")
+            raise MalformedWeightsError(f"{path}: tensor {name!r} appears twice in the tensor table")
         tensors[name] = _tensor_info(path, name, dims, qtype, offset, alignment, data_start, size, gguf)
     _check_disjoint(path, tensors)
     return fields, tensors
@@ -482,7 +491,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInf
 
 def _tensor_info(path, name, dims, qtype, offset, alignment, data_start, size, gguf) -> GGUFTensorInfo:
     def bad(what):
-        return MalformedWeightsError(f"{path}: tensor '{name}' {what}")
+        return MalformedWeightsError(f"{path}: tensor {name!r} {what}")
 
     try:
         kind = gguf.GGMLQuantizationType(qtype)
@@ -506,6 +515,6 @@ def _check_disjoint(path: Path, tensors: dict[str, GGUFTensorInfo]) -> None:
     end, previous = 0, None
     for name, info in sorted(tensors.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
         if info.nbytes and info.offset < end:
-            raise MalformedWeightsError(f"{path}: tensor '{name}' overlaps tensor '{previous}'")
+            raise MalformedWeightsError(f"{path}: tensor {name!r} overlaps tensor {previous!r}")
         if info.nbytes:
             end, previous = info.offset + info.nbytes, name

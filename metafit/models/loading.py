@@ -285,7 +285,7 @@ def load(
     else:
         raise MalformedWeightsError(f"{path} is neither a regular file nor a folder; refusing to read it")
     # Read without running anything from the folder: auto_map is refused, trust_remote_code=False.
-    hf_config = read_hf_config(folder, tokenizer=tokenizer)
+    hf_config = read_hf_config(folder, tokenizer=tokenizer, tensor_count=len(ckpt.names))
     model = build_model(
         hf_config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
         shapes=ckpt.shapes, layers_field=f"num_hidden_layers in {folder / 'config.json'}",

@@ -108,19 +108,24 @@ def file_in_folder(folder: str | Path, relative: Any, what: str) -> Path:
     if not isinstance(relative, str) or not relative or "\0" in relative:
         raise MalformedWeightsError(f"{folder}: {what} is {relative!r}, not a file name")
     target = folder / relative
-    resolved = target.resolve()
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise MalformedWeightsError(f"{folder}: {what} is {relative!r}, which cannot be resolved ({err})") from None
     if not any(resolved.is_relative_to(root) for root in _allowed_roots(folder)):
         raise MalformedWeightsError(
-            f"{folder}: {what} is '{relative}', which resolves to {resolved}, outside the model folder; "
+            f"{folder}: {what} is {relative!r}, which resolves to {resolved}, outside the model folder; "
             "refusing to read files outside the folder you named"
         )
     try:
         mode = os.stat(resolved).st_mode
-    except FileNotFoundError:
-        raise MalformedWeightsError(f"{folder}: {what} is '{relative}', which does not exist") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise MalformedWeightsError(f"{folder}: {what} is {relative!r}, which does not exist") from None
+    except OSError as err:  # a name too long, a loop: the entry is at fault, not the disk
+        raise MalformedWeightsError(f"{folder}: {what} is {relative!r}, which cannot be read ({err})") from None
     if not stat.S_ISREG(mode):
         raise MalformedWeightsError(
-            f"{folder}: {what} is '{relative}', which is {_kind(mode)}, not a regular file; refusing to read it"
+            f"{folder}: {what} is {relative!r}, which is {_kind(mode)}, not a regular file; refusing to read it"
         )
     return target
 
@@ -139,7 +144,7 @@ def _no_duplicates(path: Path):
         out = {}
         for key, value in pairs:
             if key in out:
-                raise MalformedWeightsError(f"{path}: key '{key}' appears twice in one JSON object")
+                raise MalformedWeightsError(f"{path}: key {key!r} appears twice in one JSON object")
             out[key] = value
         return out
 
@@ -195,7 +200,7 @@ def _is_int(value) -> bool:
 
 def _entry(path: Path, name: str, value: Any) -> SafetensorsEntry:
     def bad(what):
-        return MalformedWeightsError(f"{path}: tensor '{name}' {what}")
+        return MalformedWeightsError(f"{path}: tensor {name!r} {what}")
 
     if not isinstance(value, dict):
         raise bad(f"has header entry {value!r}, not an object with dtype, shape and data_offsets")
@@ -203,7 +208,7 @@ def _entry(path: Path, name: str, value: Any) -> SafetensorsEntry:
     if missing:
         raise bad(f"has no {', '.join(missing)} in the header")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise bad(f"has dtype {dtype!r}, which metafit cannot read (readable: {', '.join(SAFETENSORS_DTYPES)})")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise bad(f"has shape {shape!r}; a shape is a list of non-negative integers")
@@ -230,7 +235,9 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise MalformedWeightsError(f"{path}: {size} bytes is too short for a safetensors file (8-byte header length)")
+            raise MalformedWeightsError(
+                f"{path}: {size} bytes is too short for a safetensors file (8-byte header length)"
+            )
         length = int.from_bytes(prefix, "little")
         if length > size - 8:
             raise MalformedWeightsError(
@@ -259,16 +266,16 @@ def _check_tiling(path: Path, tensors: dict[str, SafetensorsEntry], data_size: i
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
         if entry.end > data_size:
             raise MalformedWeightsError(
-                f"{path}: tensor '{name}' needs bytes [{entry.begin}, {entry.end}) of the data section, which has "
+                f"{path}: tensor {name!r} needs bytes [{entry.begin}, {entry.end}) of the data section, which has "
                 f"only {data_size} bytes (the file is truncated or its offsets are wrong)"
             )
         if entry.begin < covered:
             raise MalformedWeightsError(
-                f"{path}: tensor '{name}' (bytes [{entry.begin}, {entry.end})) overlaps tensor '{previous}'"
+                f"{path}: tensor {name!r} (bytes [{entry.begin}, {entry.end})) overlaps tensor {previous!r}"
             )
         if entry.begin > covered:
             raise MalformedWeightsError(
-                f"{path}: bytes [{covered}, {entry.begin}) before tensor '{name}' belong to no tensor"
+                f"{path}: bytes [{covered}, {entry.begin}) before tensor {name!r} belong to no tensor"
             )
         covered, previous = entry.end, name
     if covered != data_size:
@@ -298,7 +305,7 @@ def read_index(folder: str | Path, index_name: str) -> dict[str, Path]:
     shards: dict[str, Path] = {}
     out = {}
     for tensor, shard in weight_map.items():
-        what = f"{index_name} entry for tensor '{tensor}'"
+        what = f"{index_name} entry for tensor {tensor!r}"
         if not isinstance(shard, str):
             file_in_folder(folder, shard, what)  # raises: not a file name
         if shard not in shards:
@@ -321,7 +328,21 @@ def refuse_remote_code(path: Path, config: dict) -> None:
         )
 
 
-def read_hf_config(folder: str | Path, *, tokenizer: bool):
+def check_layer_claim(layers: Any, tensor_count: int, field: str, source: str) -> None:
+    """Refuses a layer count larger than the checkpoint's number of tensors (every layer has several).
+
+    A cheap bound applied before a config object is made: transformers builds per-layer lists
+    in some configs (``Qwen2Config`` with 10^7 layers takes minutes).
+    """
+    from .convert import CheckpointMismatch
+
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > tensor_count:
+        raise CheckpointMismatch(
+            f"{field} is {layers}, but {source} holds only {tensor_count} tensors, too few for {layers} layers"
+        )
+
+
+def read_hf_config(folder: str | Path, *, tokenizer: bool, tensor_count: int | None = None):
     """The transformers config of an HF folder, read without running anything from the folder.
 
     ``config.json`` (and, when ``tokenizer`` is set, the tokenizer files) are checked by the
@@ -332,6 +353,8 @@ def read_hf_config(folder: str | Path, *, tokenizer: bool):
       FileNotFoundError: the folder has no ``config.json``.
       MalformedWeightsError: a file breaks the rules, ``auto_map`` is present, or transformers
         rejects a value (the message names the file).
+      CheckpointMismatch: the config claims more layers than ``tensor_count`` (the number of
+        tensors in the checkpoint) allows, checked before transformers builds the config.
       metafit.registry.UnknownNameError: ``model_type`` is not a metafit family.
     """
     import transformers
@@ -359,6 +382,9 @@ def read_hf_config(folder: str | Path, *, tokenizer: bool):
     if not isinstance(model_type, str):
         raise MalformedWeightsError(f"{config_path}: 'model_type' is {model_type!r}; expected a string like 'llama'")
     family_of(model_type)
+    if tensor_count is not None:
+        for key in ("num_hidden_layers", "n_layer"):
+            check_layer_claim(raw.get(key), tensor_count, f"{key} in {config_path}", "the checkpoint")
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
@@ -377,6 +403,7 @@ __all__ = [
     "SafetensorsEntry",
     "read_index",
     "read_hf_config",
+    "check_layer_claim",
     "refuse_remote_code",
     "SAFETENSORS_DTYPES",
     "TOKENIZER_FILES",
