@@ -105,12 +105,12 @@ class _SafetensorsCheckpoint:
         for file in files:
             for name, entry in read_safetensors_header(file).tensors.items():
                 if name in self._file:
-                    raise MalformedWeightsError(f"tensor '{name}' is stored twice: in {self._file[name]} and in {file}")
+                    raise MalformedWeightsError(f"tensor {name!r} is stored twice: in {self._file[name]} and in {file}")
                 self._file[name], self.shapes[name] = file, entry.shape
         for name, file in (weight_map or {}).items():
             if self._file.get(name, file) != file:
                 raise MalformedWeightsError(
-                    f"the weights index puts tensor '{name}' in {file.name}, but it is in {self._file[name].name}"
+                    f"the weights index puts tensor {name!r} in {file.name}, but it is in {self._file[name].name}"
                 )
         self.names = set(self.shapes)
         self._handles = {}
@@ -124,7 +124,7 @@ class _SafetensorsCheckpoint:
         try:
             return self._handles[self._file[name]].get_tensor(name)
         except self._error as err:
-            raise MalformedWeightsError(f"{self._file[name]}: tensor '{name}': {err}") from err
+            raise MalformedWeightsError(f"{self._file[name]}: tensor {name!r}: {err}") from err
 
 
 class _TorchCheckpoint:
@@ -194,7 +194,7 @@ def build_model(
     architecture: str | None = None,
     source: str = "checkpoint",
     shapes: dict[str, tuple[int, ...]] | None = None,
-    layers_field: str = "num_hidden_layers",
+    config_source: str = "its config",
 ):
     """An NNX model for ``hf_config`` with weights read from an HF-named tensor source.
 
@@ -202,7 +202,7 @@ def build_model(
     against the config before the model is built (:func:`~metafit.models.convert.check_checkpoint_layout`),
     so a config claiming thousands of layers fails at once. The module tree is built abstractly
     (``nnx.eval_shape``), so no random initialisation of the full model is paid before the
-    weights arrive. ``layers_field`` names the config's layer count in errors.
+    weights arrive. ``config_source`` names where the config came from in errors.
     """
     family = family_of(hf_config.model_type)
     architectures = getattr(hf_config, "architectures", None) or [None]
@@ -217,7 +217,7 @@ def build_model(
         one_layer = dataclasses.replace(config, **{layers_key: 1})
         template = nnx.eval_shape(lambda: cls(one_layer, rngs=nnx.Rngs(0)))
         check_checkpoint_layout(template, getattr(config, layers_key), shapes, base_prefix=family.base_prefix,
-                                source=source, layers_field=layers_field)
+                                source=source, layers_field=f"{layers_key} in {config_source}")
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     return load_hf_tensors(model, get_tensor, names, base_prefix=family.base_prefix, source=source)
 
@@ -267,7 +267,7 @@ def load(
         ckpt = GGUFCheckpoint(path)
         model = build_model(
             ckpt.config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
-            shapes=ckpt.shapes, layers_field=f"GGUF field '{ckpt.architecture}.block_count'",
+            shapes=ckpt.shapes, config_source=f"{path} (GGUF field '{ckpt.architecture}.block_count')",
         )
         return model, (ckpt.tokenizer() if tokenizer else None)
     if path.is_file():
@@ -288,7 +288,7 @@ def load(
     hf_config = read_hf_config(folder, tokenizer=tokenizer, tensor_count=len(ckpt.names))
     model = build_model(
         hf_config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
-        shapes=ckpt.shapes, layers_field=f"num_hidden_layers in {folder / 'config.json'}",
+        shapes=ckpt.shapes, config_source=str(folder / "config.json"),
     )
     tok = None
     if tokenizer and any(present(folder, f) for f in _TOKENIZER_FILES):

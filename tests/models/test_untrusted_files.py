@@ -387,7 +387,7 @@ def test_gguf_block_count_is_checked_before_building(tmp_path, layers_built):
     with pytest.raises(mm.CheckpointMismatch, match=r"GGUF field 'llama\.block_count' is 1000000000, but .* only 11"):
         mm.load(path, tokenizer=False)
     path = gguf_file(tmp_path / "m.gguf", gguf_bytes(gguf_fields(llama__block_count=(U32, 2))))
-    with pytest.raises(mm.CheckpointMismatch, match=r"'llama\.block_count' is 2, but .* no tensors for layer 1"):
+    with pytest.raises(mm.CheckpointMismatch, match=r"'llama\.block_count'\) is 2, but .* no tensors for layer 1"):
         mm.load(path, tokenizer=False)
     assert layers_built[0] <= 1
 
@@ -417,6 +417,18 @@ def test_a_misshaped_tensor_is_named_before_building(tmp_path, layers_built):
 def test_a_nonsense_layer_count_is_refused(tmp_path, value):
     folder = write_folder(tmp_path / "model", num_hidden_layers=value)
     with pytest.raises(mm.MalformedWeightsError, match="num_hidden_layers"):
+        mm.load(folder, tokenizer=False)
+
+
+def test_a_gpt2_layer_mismatch_names_n_layer(tmp_path):
+    from flax import nnx
+
+    model = mm.GPT2LMHeadModel(mm.GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=2, n_head=2, n_positions=16),
+                               rngs=nnx.Rngs(0))
+    folder = mm.save(model, tmp_path / "gpt2")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "n_layer": 3}))
+    with pytest.raises(mm.CheckpointMismatch, match=r"n_layer in .*config\.json is 3, but .* no tensors for layer 2"):
         mm.load(folder, tokenizer=False)
 
 
