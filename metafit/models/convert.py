@@ -247,7 +247,9 @@ def check_checkpoint_layout(
             layers.setdefault(int(index), key)
     first_absent = next(i for i in range(len(layers) + 1) if i not in layers)
     if first_absent < num_layers:
-        held = f"{len(layers)} layers" + (f" (0-{max(layers)})" if layers else "")
+        top = max(layers, default=None)
+        held = ("no layers" if top is None else "layer 0" if top == 0 else
+                f"layers 0-{top}" if len(layers) == top + 1 else f"{len(layers)} layers numbered up to {top}")
         raise CheckpointMismatch(
             f"{layers_field} is {num_layers}, but {source} has no tensors for layer {first_absent} (no "
             f"'{layer_prefix}{first_absent}.{per_layer[0][0]}'); it holds {held}"
