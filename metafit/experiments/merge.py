@@ -3,7 +3,7 @@ specialization with a tiny char-level GPT-2 (``merge_compatible``, second half o
 
 ``merge_atm`` — the eight tasks of :func:`metafit.data.digits.multitask_digits` (digit, parity,
 ≥ 5, mod 3, and the digit from flipped, inverted, rotated and upside-down images) on one shared
-encoder (:class:`metafit.models.mlp.MLP`), in the setting of :mod:`metafit.merge.heads`:
+encoder (:class:`metafit.models.mlp.MLP`), in the setting of :mod:`metafit.merge.heads`.
 
 The "pre-trained" encoder is trained through the trainer on a proxy task (upright digits 0–4
 only). Each task's head is a linear probe fitted on the pre-trained features and then frozen

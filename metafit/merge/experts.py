@@ -183,13 +183,12 @@ def merge_with_recipe(spec: MergeSpec, tasks: Sequence[str], seed: int, root: Pa
 
 
 def lora_atm(finetune: LoraFinetuner, base_params, rounds: int, steps: int, *, key: jax.Array, score: Scores,
-             checkpoint_dir: Path, out_dir: Path, tokenizer, log: MetricsWriter | None = None,
-             name: str = "atm") -> list[dict[str, float]]:
+             checkpoint_dir: Path, out_dir: Path, tokenizer, log: MetricsWriter, name: str = "atm") -> list[dict[str, float]]:
     """PA-ATM with a fresh LoRA of ``steps`` steps per task and round; saves the final merge to ``out_dir``.
 
     Each round's merge is scored by a :class:`~metafit.train.Callback` (metrics with stage
     ``name``, split ``score``); rounds restored from ``checkpoint_dir`` are not scored again,
-    their scores come back from ``log``.
+    their scores come back from ``log`` (so the log must be the run's own ``metrics.jsonl``).
 
     Returns:
       The scores after each round.
