@@ -188,7 +188,9 @@ def lora_atm(finetune: LoraFinetuner, base_params, rounds: int, steps: int, *, k
 
     Each round's merge is scored by a :class:`~metafit.train.Callback` (metrics with stage
     ``name``, split ``score``); rounds restored from ``checkpoint_dir`` are not scored again,
-    their scores come back from ``log`` (so the log must be the run's own ``metrics.jsonl``).
+    their scores come back from ``log`` (the run's own ``metrics.jsonl``). A restored round
+    whose line is missing there (a run folder written before scores were callback records) is
+    scored again and logged.
 
     Returns:
       The scores after each round.
@@ -198,4 +200,9 @@ def lora_atm(finetune: LoraFinetuner, base_params, rounds: int, steps: int, *, k
                          len(finetune.tasks), rounds, key=key, callbacks=[scoring], checkpoint_dir=checkpoint_dir,
                          log=log, name=name)
     save_folder(nnx.merge(finetune.graphdef, result.params), out_dir, tokenizer)
-    return [{k: v for k, v in record.items() if k != "step"} for record in result.callback_records["score"]]
+    scores = {record["step"]: {k: v for k, v in record.items() if k != "step"}
+              for record in result.callback_records[scoring.name]}
+    for k in sorted(set(range(1, rounds + 1)) - set(scores)):
+        scores[k] = score(nnx.merge(finetune.graphdef, result.rounds[k - 1]))
+        log.write({"stage": name, "split": scoring.name, "step": k, **scores[k]})
+    return [scores[k] for k in range(1, rounds + 1)]
