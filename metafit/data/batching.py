@@ -31,3 +31,18 @@ def epoch_batches(arrays: Any, batch_size: int, seed: int) -> Callable[[int], An
         return jax.tree.map(lambda a: np.asarray(a)[rows], arrays)
 
     return batch_at
+
+
+def multitask_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Callable[[int], Any]:
+    """``batch_at(step)`` over several tasks at once: ``(x [T, b, ...], y [T, b])`` from ``x [T, n, ...], y [T, n]``.
+
+    Every task gets the same rows at each step (one :func:`epoch_batches` permutation over the
+    shared example axis ``n``).
+    """
+    stream = epoch_batches((np.moveaxis(x, 1, 0), y.T), batch_size, seed)
+
+    def batch_at(step: int):
+        xb, yb = stream(step)
+        return np.moveaxis(xb, 0, 1), yb.T
+
+    return batch_at

@@ -1,9 +1,10 @@
 """LoRA supervised fine-tuning of a causal LM on metafit's generated instruction set.
 
-Chat-formatted examples, loss on response tokens only, sequences bucketed to a
-few fixed lengths, training through :func:`metafit.train.fit` with only the LoRA
-weights trainable; eval loss and greedy exact match before and after; the
-adapter is exported in the HF PEFT format (``adapter/``).
+Chat-formatted examples, loss on response tokens only
+(:func:`metafit.train.losses.next_token_loss`), sequences bucketed to a few fixed lengths,
+training through :func:`metafit.train.fit` with only the LoRA weights trainable; eval loss and
+greedy exact match (:func:`metafit.train.lm_eval.exact_match`) before and after; the adapter is
+exported in the HF PEFT format (``adapter/``).
 """
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from metafit import peft
 from metafit.data.batching import epoch_batches
-from metafit.data.instructions import Instruction, chat_prompt, encode_sft, make_instructions
+from metafit.data.instructions import encode_sft, make_instructions
 from metafit.experiments import RunConfig, experiment, plot_curves
-from metafit.models import generate, load
+from metafit.models import load
 from metafit.parallel import make_mesh
 from metafit.runs import RunDir
 from metafit.train import fit
-from metafit.train.losses import causal_lm_loss
+from metafit.train.lm_eval import exact_match
+from metafit.train.losses import next_token_loss
 
 
 @dataclass(frozen=True)
@@ -51,31 +52,6 @@ class FinetuneArgs:
     export_adapter: bool = True
 
 
-def sft_loss(graphdef: nnx.GraphDef):
-    """Response-only next-token loss of the NNX causal LM ``graphdef``."""
-
-    def loss_fn(params, batch, key):
-        logits = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])
-        loss, tokens = causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
-        return loss, {"response_tokens": tokens}
-
-    return loss_fn
-
-
-def exact_match(model, tokenizer, examples: list[Instruction], max_new_tokens: int, bucket: int) -> float:
-    """Share of examples whose greedy answer (up to the end-of-turn token) equals the response."""
-    prompts = [tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
-    length = max(bucket, max(len(p) for p in prompts))
-    ids = np.zeros((len(prompts), length), np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
-    out = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                              max_new_tokens=max_new_tokens))
-    answers = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-    return float(np.mean([a.strip() == ex.response for a, ex in zip(answers, examples)]))
-
-
 @experiment("lora_sft", config=FinetuneArgs)
 def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     """LoRA SFT with eval loss and exact match before/after and the adapter exported."""
@@ -89,7 +65,7 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
 
     peft.apply(model, args.lora, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
-    loss_fn = sft_loss(graphdef)
+    loss_fn = next_token_loss(graphdef)
     eval_loss = jax.jit(lambda p: loss_fn(p, eval_batch, None)[0])
     before = {"eval_loss": float(eval_loss(params)),
               "exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}

@@ -16,59 +16,35 @@
    results averaged (θ + mean τ); the same number of gradient steps as one expert, so it is
    budget-matched with the ``average`` merge (task arithmetic with 1/T). Rounds are
    checkpointed (``checkpoints/atm``): a rerun of the same folder continues after the last
-   finished round. The result is saved as ``merged/atm/``.
+   finished round, and the scores of finished rounds (a trainer callback's records) are read
+   back from ``metrics.jsonl``, not computed again. The result is saved as ``merged/atm/``.
 4. Every model -- base, experts, merges, ATM -- is loaded back from its folder and scored on
    each task's held-out instructions: greedy exact match and response-token cross-entropy.
 
 Experts are checkpointed through the trainer (``checkpoints/expert_<task>``), so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. The pieces (LoRA experts, recipe merges with tuned
+coefficients, language ATM) are :mod:`metafit.merge.experts`; the scores are
+:class:`metafit.train.lm_eval.InstructionScorer`.
 """
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from metafit import peft
-from metafit.config import dump_yaml
-from metafit.data.batching import epoch_batches
-from metafit.data.instructions import Instruction, encode_sft, make_instructions
+from metafit.data.instructions import encode_sft, make_instructions
 from metafit.experiments import RunConfig, experiment
-from metafit.experiments.finetune import exact_match, sft_loss
-from metafit.merge import atm as atm_lib
-from metafit.merge.methods import MergeError, get_method, resolve_params
-from metafit.merge.recipe import run_recipe
+from metafit.merge.experts import (LoraFinetuner, MergeSpec, is_saved, load_or_train_expert, lora_atm,
+                                   merge_with_recipe)
+from metafit.merge.methods import MergeError
 from metafit.models import load, save_folder
 from metafit.registry import UnknownNameError
 from metafit.runs import RunDir, plot_curves
-from metafit.train import fit
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """One merge of the experts: a row of the results table and a recipe file.
-
-    Attributes:
-      name: row name and folder name (``merged/<name>/``); letters, digits, ``_`` and ``-``.
-      method: a merge method (``metafit list``): task_arithmetic, ties, dare_ties, linear, ...
-      parameters: the recipe's shared ``parameters`` (scale, density, drop_rate, normalize, ...).
-      scales: candidate merge coefficients (``scale``) chosen on the validation instructions by mean
-        exact match, then mean loss (the digits experiment tunes its baselines the same way);
-        empty = use ``parameters`` as given. The chosen value is written into the recipe.
-    """
-
-    name: str
-    method: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    scales: tuple[float, ...] = ()
+from metafit.train.lm_eval import InstructionScorer
 
 
 DEFAULT_MERGES = (
@@ -122,159 +98,12 @@ def check_args(args: MergeLMArgs, steps: int) -> None:
                          f"and 'atm' is taken when atm_rounds > 0; got {names}")
     for index, spec in enumerate(args.merges):
         try:
-            method = get_method(spec.method)
-            if "fisher" in method.tensor_inputs:
-                raise MergeError("needs a Fisher file per model, which merge_lm does not compute; "
-                                 "run such a recipe with `metafit merge` and `fisher:` entries")
-            resolve_params(method, len(args.tasks), spec.parameters)
-            if spec.scales:
-                if "scale" not in method.param_names:
-                    raise MergeError(f"method '{method.name}' has no `scale` to tune; drop `scales`")
-                if "scale" in spec.parameters:
-                    raise MergeError("give `scale` in parameters or candidates in `scales`, not both")
-                for value in spec.scales:
-                    resolve_params(method, len(args.tasks), {**spec.parameters, "scale": value})
+            spec.check(len(args.tasks))
         except (UnknownNameError, MergeError) as err:
             raise ValueError(f"args.merges[{index}] ({spec.name}): {err}") from None
     if args.atm_rounds < 0 or (args.atm_rounds and steps % args.atm_rounds):
         raise ValueError(f"args.atm_rounds={args.atm_rounds} must be 0 or divide train.steps={steps} "
                          "(each round gets train.steps / atm_rounds steps per task, the experts' budget)")
-
-
-class Scorer:
-    """Per-task exact match and response-token loss of any model with the base's architecture."""
-
-    def __init__(self, graphdef: nnx.GraphDef, tokenizer, eval_sets: dict[str, list[Instruction]], args: MergeLMArgs):
-        self.tokenizer, self.eval_sets, self.args = tokenizer, eval_sets, args
-        self.batches = {t: jax.tree.map(jnp.asarray, encode_sft(tokenizer, ex, args.buckets))
-                        for t, ex in eval_sets.items()}
-        loss_fn = sft_loss(graphdef)
-        self.loss = jax.jit(lambda params, batch: loss_fn(params, batch, None)[0])
-
-    def __call__(self, model) -> dict[str, float]:
-        params = nnx.state(model)
-        scores = {}
-        for task, examples in self.eval_sets.items():
-            scores[f"{task}_em"] = exact_match(model, self.tokenizer, examples, self.args.max_new_tokens,
-                                               self.args.buckets[0])
-            scores[f"{task}_loss"] = float(self.loss(params, self.batches[task]))
-        scores["mean_em"] = float(np.mean([scores[f"{t}_em"] for t in self.eval_sets]))
-        scores["mean_loss"] = float(np.mean([scores[f"{t}_loss"] for t in self.eval_sets]))
-        return scores
-
-
-class LoraFinetuner:
-    """Fine-tunes a fresh LoRA on one task from given base weights and folds it in.
-
-    The LoRA model's loss is built once, so the trainer's compiled step is reused by every
-    expert and every ATM round (their graph definitions are equal).
-    """
-
-    def __init__(self, graphdef: nnx.GraphDef, arrays: dict[str, dict[str, np.ndarray]], cfg: RunConfig, run: RunDir):
-        self.graphdef, self.arrays, self.cfg, self.run = graphdef, arrays, cfg, run
-        self.tasks = list(arrays)
-        self._lora = None  # (graphdef, loss_fn) of the LoRA-wrapped model
-
-    def __call__(self, params, task: int, round_index: int, key: jax.Array, *, steps: int,
-                 workdir: Path | None = None):
-        model = nnx.merge(self.graphdef, params)
-        peft.apply(model, self.cfg.args.lora, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**31 - 1))))
-        lora_graphdef, lora_params = nnx.split(model)
-        if self._lora is None or self._lora[0] != lora_graphdef:
-            self._lora = (lora_graphdef, sft_loss(lora_graphdef))
-        name = self.tasks[task]
-        stage = f"expert_{name}" if round_index == 0 else f"atm_round{round_index}_{name}"
-        config = dataclasses.replace(self.cfg.train, steps=steps, eval_every=0,
-                                     log_every=min(self.cfg.train.log_every, steps),
-                                     ckpt_every=0 if workdir is None else self.cfg.train.ckpt_every)
-        result = fit(self._lora[1], lora_params,
-                     epoch_batches(self.arrays[name], config.batch_size, self.cfg.seed + 100 * task + round_index),
-                     config, key=key, workdir=workdir, trainable=peft.trainable_mask(lora_params),
-                     name=stage, log=self.run.metrics)
-        nnx.update(model, result.params)
-        peft.merge_lora(model)
-        return nnx.state(model)
-
-
-def write_recipe(path: Path, spec: MergeSpec, tasks: list[str], seed: int) -> Path:
-    """A ``metafit merge`` recipe merging ``models/<task>`` onto ``models/base`` (paths relative to it)."""
-    recipe = {"method": spec.method, "base": "../models/base", "models": [f"../models/{t}" for t in tasks],
-              "parameters": dict(spec.parameters), "seed": seed}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {spec.name}: written by the merge_lm experiment; run with\n"
-                    f"#   metafit merge {path.name} --out DIR\n" + dump_yaml(recipe))
-    return path
-
-
-def _saved(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def merge_with_recipe(spec: MergeSpec, tasks: list[str], seed: int, run: RunDir,
-                      val_score: Scorer | None) -> tuple[dict[str, float], float]:
-    """Runs ``spec`` as a recipe into ``merged/<name>/``, choosing ``scale`` on validation if asked.
-
-    Every candidate goes through the same recipe path as ``metafit merge`` (so the kept folder
-    is exactly what the final recipe file produces); the best one is kept, the others deleted.
-
-    Returns:
-      ({"scale": chosen, "val_mean_em": its validation score} or {}, merge seconds in total).
-    """
-    recipe_path = run.path / "recipes" / f"{spec.name}.yaml"
-    final = run.path / "merged" / spec.name
-    if not spec.scales:
-        return {}, run_recipe(write_recipe(recipe_path, spec, tasks, seed), final, progress=False)["seconds"]
-    candidate_dir = final.with_name(spec.name + ".candidate")
-    run.metrics.truncate(f"tune_{spec.name}", -1)  # a rerun tunes again: keep one set of lines
-    best, seconds = None, 0.0
-    for index, scale in enumerate(spec.scales):
-        candidate = dataclasses.replace(spec, parameters={**spec.parameters, "scale": scale}, scales=())
-        seconds += run_recipe(write_recipe(recipe_path, candidate, tasks, seed), candidate_dir,
-                              progress=False)["seconds"]
-        val = val_score(load(candidate_dir)[0])
-        run.log({"scale": scale, **val}, step=index, stage=f"tune_{spec.name}")
-        rank = (val["mean_em"], -val["mean_loss"])
-        if best is None or rank > best[0]:
-            shutil.rmtree(final, ignore_errors=True)
-            candidate_dir.rename(final)
-            best = (rank, candidate, val)
-        else:
-            shutil.rmtree(candidate_dir)
-    _, chosen, val = best
-    write_recipe(recipe_path, chosen, tasks, seed)  # the recipe that produced merged/<name>/
-    return {"scale": chosen.parameters["scale"], "val_mean_em": val["mean_em"]}, seconds
-
-
-def train_expert(finetune: LoraFinetuner, graphdef, base_params, index: int, task: str, key: jax.Array,
-                 cfg: RunConfig, run: RunDir, tokenizer):
-    """Task ``task``'s expert, loaded from ``models/<task>/`` (trained and saved there first if missing)."""
-    folder = run.path / "models" / task
-    if not _saved(folder):
-        expert = finetune(base_params, index, 0, jax.random.fold_in(key, index), steps=cfg.train.steps,
-                          workdir=run.checkpoint_dir(f"expert_{task}"))
-        save_folder(nnx.merge(graphdef, expert), folder, tokenizer)
-    return load(folder)[0]
-
-
-def language_atm(finetune: LoraFinetuner, graphdef, base_params, num_tasks: int, steps: int, key: jax.Array,
-                 cfg: RunConfig, run: RunDir, score: Scorer, tokenizer) -> list[dict[str, float]]:
-    """PA-ATM with a fresh LoRA of ``steps`` steps per task and round; saves ``merged/atm/``.
-
-    Returns the test scores after each round (restored rounds are scored again).
-    """
-    run.metrics.truncate("atm", 0)  # restored rounds are scored and logged again
-    curve = []
-
-    def on_round(k, params):
-        scores = score(nnx.merge(graphdef, params))
-        curve.append(scores)
-        run.log(scores, step=k, stage="atm")
-
-    result = atm_lib.atm(base_params, lambda p, t, k, task_key: finetune(p, t, k, task_key, steps=steps), num_tasks,
-                         cfg.args.atm_rounds, key=jax.random.fold_in(key, 99), on_round=on_round,
-                         checkpoint_dir=run.checkpoint_dir("atm"))
-    save_folder(nnx.merge(graphdef, result.params), run.path / "merged" / "atm", tokenizer)
-    return curve
 
 
 @experiment("merge_lm", config=MergeLMArgs, validate=lambda cfg: check_args(cfg.args, cfg.train.steps))
@@ -286,36 +115,39 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     tasks = list(args.tasks)
     model, tokenizer = load(args.model)
     graphdef, base_params = nnx.split(model)
-    train_arrays = {t: encode_sft(tokenizer, make_instructions(args.n_train, seed=cfg.seed, tasks=[t]), args.buckets)
-                    for t in tasks}
-    eval_sets = {t: make_instructions(args.n_eval, seed=cfg.seed, tasks=[t], offset=args.n_train) for t in tasks}
-    score = Scorer(graphdef, tokenizer, eval_sets, args)
-    finetune = LoraFinetuner(graphdef, train_arrays, cfg, run)
+    instructions = lambda n, offset: {t: make_instructions(n, seed=cfg.seed, tasks=[t], offset=offset) for t in tasks}
+    train_arrays = {t: encode_sft(tokenizer, ex, args.buckets) for t, ex in instructions(args.n_train, 0).items()}
+    score = InstructionScorer(graphdef, tokenizer, instructions(args.n_eval, args.n_train), args.buckets,
+                              args.max_new_tokens)
+    finetune = LoraFinetuner(graphdef, train_arrays, args.lora, cfg.train, cfg.seed, run.metrics)
     key = jax.random.key(cfg.seed)
-    models_dir, merged_dir = run.path / "models", run.path / "merged"
 
     rows = {"base": score(model)}
-    if not _saved(models_dir / "base"):
-        save_folder(model, models_dir / "base", tokenizer)
+    if not is_saved(run.path / "models" / "base"):
+        save_folder(model, run.path / "models" / "base", tokenizer)
     for t, task in enumerate(tasks):
-        rows[f"expert {task}"] = score(train_expert(finetune, graphdef, base_params, t, task, key, cfg, run, tokenizer))
+        rows[f"expert {task}"] = score(load_or_train_expert(
+            finetune, base_params, t, key, steps=cfg.train.steps, root=run.path,
+            checkpoint_dir=run.checkpoint_dir(f"expert_{task}"), tokenizer=tokenizer))
     rows["experts, each on its own task"] = {
         "mean_em": float(np.mean([rows[f"expert {t}"][f"{t}_em"] for t in tasks])),
         "mean_loss": float(np.mean([rows[f"expert {t}"][f"{t}_loss"] for t in tasks])),
     }
 
-    val_sets = {t: make_instructions(args.n_val, seed=cfg.seed, tasks=[t], offset=args.n_train + args.n_eval)
-                for t in tasks}
-    val_score = Scorer(graphdef, tokenizer, val_sets, args) if any(m.scales for m in args.merges) else None
+    val_score = None
+    if any(m.scales for m in args.merges):
+        val_score = InstructionScorer(graphdef, tokenizer, instructions(args.n_val, args.n_train + args.n_eval),
+                                      args.buckets, args.max_new_tokens)
     merge_seconds = {}
     for spec in args.merges:
-        chosen, seconds = merge_with_recipe(spec, tasks, cfg.seed, run, val_score)
-        merge_seconds[spec.name] = seconds
-        rows[f"merge {spec.name}"] = {**score(load(merged_dir / spec.name)[0]), **chosen}
+        chosen, merge_seconds[spec.name] = merge_with_recipe(spec, tasks, cfg.seed, run.path, val_score, run.metrics)
+        rows[f"merge {spec.name}"] = {**score(load(run.path / "merged" / spec.name)[0]), **chosen}
 
     if args.atm_rounds:
         steps = cfg.train.steps // args.atm_rounds
-        atm_curve = language_atm(finetune, graphdef, base_params, len(tasks), steps, key, cfg, run, score, tokenizer)
+        atm_curve = lora_atm(finetune, base_params, args.atm_rounds, steps, key=jax.random.fold_in(key, 99),
+                             score=score, checkpoint_dir=run.checkpoint_dir("atm"), out_dir=run.path / "merged" / "atm",
+                             tokenizer=tokenizer, log=run.metrics)
         rows[f"ATM ({args.atm_rounds} rounds x {steps} steps)"] = atm_curve[-1]
         curves = {"ATM": (list(range(args.atm_rounds + 1)),
                           [rows["base"]["mean_em"]] + [s["mean_em"] for s in atm_curve])}

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from metafit.data.batching import epoch_batches
+from metafit.data.digits import digits_split
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models.mlp import MLP
 from metafit.parallel import make_mesh
@@ -37,19 +37,6 @@ class QuickstartArgs:
     def __post_init__(self):
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"args.test_fraction must be in (0, 1), got {self.test_fraction}")
-
-
-def digits_split(seed: int, test_fraction: float) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Digits scaled to [0, 1], split into (train, test) by a permutation that depends only on ``seed``."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return (x[train], y[train]), (x[test], y[test])
 
 
 def classification_loss(graphdef: nnx.GraphDef):

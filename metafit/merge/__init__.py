@@ -5,6 +5,11 @@ Public API (see each module for the maths):
   task_arithmetic(base, finetuned, scale), ties(base, finetuned, density, scale),
   dare(base, finetuned, drop_rate, scale, *, key), slerp(a, b, t), cka(x, y),
   merge(method_name, base, finetuned, **params), MERGE_METHODS (registry "merge-method").
+
+Modules imported on their own: ``atm`` (alternating tuning and merging), ``routing``
+(activation interpolation, learned routing over experts' MLPs), ``heads`` (shared encoder with
+frozen probe heads, the small-scale merging setting), ``experts`` (LoRA experts of a causal LM
+merged by recipes and by ATM), ``recipe`` / ``stream`` (YAML recipes, streamed safetensors merges).
 """
 from metafit.merge.methods import (
     MERGE_METHODS,

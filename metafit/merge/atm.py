@@ -18,8 +18,11 @@ Variants (chosen by what ``finetune_t`` trains on and where θ⁰ starts):
 Budget matching: a one-shot baseline fine-tunes each task for K epochs, then merges once
 (:func:`one_shot`); ATM with K rounds of one epoch uses the same number of gradient steps.
 
-Fine-tuning goes through :func:`metafit.train.fit` (see :func:`fit_finetune`); aggregation
-is any merge preset, e.g. ``lambda base, fts: ties(base, fts, 0.2, 1.0)``.
+Fine-tuning goes through :func:`metafit.train.fit` (see :func:`fit_finetune`;
+:func:`one_shot_snapshots` keeps a copy every epoch through a trainer callback, so one run per
+task serves every budget of the one-shot baselines); aggregation is any merge preset, e.g.
+``lambda base, fts: ties(base, fts, 0.2, 1.0)``. What happens after a round (scoring the merge)
+is a trainer :class:`~metafit.train.Callback`, its state checkpointed with the round.
 """
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ import jax
 import numpy as np
 
 from metafit.merge.methods import merge, task_arithmetic
+from metafit.train import Callback, FitResult, StepInfo, TrainConfig, fit, param_snapshots, unstack
+from metafit.train.callbacks import call_due, check_callbacks, logged_records
 from metafit.train.checkpoint import Checkpointer
+from metafit.train.metrics import MetricsWriter
 
 PyTree = Any
 Finetune = Callable[[PyTree, int, int, jax.Array], PyTree]  # (params, task, round, key) -> params
@@ -39,10 +45,19 @@ Aggregate = Callable[[PyTree, Sequence[PyTree]], PyTree]  # (base, finetuned) ->
 
 
 class ATMResult(NamedTuple):
-    """``params``: the final merge; ``rounds``: the merge after each round (θ¹..θᴷ)."""
+    """What :func:`atm` returns.
+
+    Attributes:
+      params: the final merge θᴷ.
+      rounds: the merge after each round (θ¹..θᴷ).
+      callback_states: each callback's final state, by name.
+      callback_records: each callback's metrics, one dict per call (with ``step`` = the round), by name.
+    """
 
     params: PyTree
     rounds: list[PyTree]
+    callback_states: dict[str, Any]
+    callback_records: dict[str, list[dict[str, float]]]
 
 
 def mean_aggregate(base: PyTree, finetuned: Sequence[PyTree]) -> PyTree:
@@ -57,8 +72,10 @@ def preset_aggregate(method: str, key: jax.Array | None = None, **params: Any) -
 
 def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key: jax.Array,
         aggregate: Aggregate = mean_aggregate,
-        on_round: Callable[[int, PyTree], None] | None = None,
-        checkpoint_dir: str | Path | None = None) -> ATMResult:
+        callbacks: Sequence[Callback] = (),
+        checkpoint_dir: str | Path | None = None,
+        log: MetricsWriter | None = None,
+        name: str = "atm") -> ATMResult:
     """Runs ``rounds`` rounds of alternating per-task fine-tuning and merging.
 
     Args:
@@ -68,41 +85,59 @@ def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key:
       rounds: K.
       key: PRNG key; task ``t`` in round ``k`` uses ``fold_in(fold_in(key, k), t)``.
       aggregate: ``(θ^{k−1}, [θ_t]) -> θ^k``.
-      on_round: callback ``(k, θ^k)`` after each round (evaluation, logging); it is called for
-        rounds restored from ``checkpoint_dir`` too, so callers see every round once.
-      checkpoint_dir: if given, θ^k is saved there (Orbax, one folder per round) after each round
-        and a rerun restores the finished rounds and continues after the last one. Every round is
-        a pure function of (θ^{k−1}, key, k), so a resumed run ends where an uninterrupted one does.
+      callbacks: trainer callbacks (:class:`metafit.train.Callback`) run after the rounds they are
+        due at (``every`` counts rounds), e.g. scoring each merge. They see a
+        :class:`~metafit.train.StepInfo` with ``step`` = k, ``params`` = θ^k, no optimiser state and
+        ``stage`` = ``name``; their states are checkpointed with θ^k.
+      checkpoint_dir: if given, θ^k (and the callback states, when any callback keeps state) is
+        saved there (Orbax, one folder per round) after each round, and a rerun restores the
+        finished rounds and continues after the last one, without calling the callbacks of finished
+        rounds again: their records are read back from ``log`` (pass it when callbacks report metrics). Every round is a pure function of (θ^{k−1}, key, k), so a resumed run
+        ends where an uninterrupted one does.
+      log: metrics writer; callback metrics are written with ``stage`` = ``name`` and ``split`` =
+        the callback's name.
+      name: the stage name of the callbacks' records.
     Returns:
       :class:`ATMResult`.
     Raises:
       ValueError: ``checkpoint_dir`` holds more rounds than ``rounds`` (a different run).
+      CheckpointMismatchError: ``checkpoint_dir`` holds rounds of another structure.
     """
+    callbacks = tuple(callbacks)
+    check_callbacks(callbacks)
+    states = {c.name: c.init for c in callbacks}
+    records = {c.name: [] for c in callbacks}
+    # A round's checkpoint is θ^k, with the callback states beside it when any callback keeps one.
+    stateful = bool(jax.tree.leaves(states))
+    pack = lambda p, s: (p, s) if stateful else p
+    unpack = lambda saved: saved if stateful else (saved, states)
     checkpointer = Checkpointer(checkpoint_dir, keep=max(rounds, 1)) if checkpoint_dir is not None else None
-    history = _restore_rounds(checkpointer, params, rounds) if checkpointer is not None else []
+    history = []
     try:
-        for k, restored in enumerate(history, start=1):
-            if on_round is not None:
-                on_round(k, restored)
-        if history:
-            params = history[-1]
+        if checkpointer is not None:
+            restored = [unpack(saved) for saved in _restore_rounds(checkpointer, pack(params, states), rounds)]
+            if restored:
+                history = [p for p, _ in restored]
+                params, states = restored[-1]
+            if log is not None:
+                log.truncate(name, len(history))
+                records = logged_records(log, name, list(records))
         for k in range(len(history) + 1, rounds + 1):
             round_key = jax.random.fold_in(key, k)
             finetuned = [finetune(params, t, k, jax.random.fold_in(round_key, t)) for t in range(num_tasks)]
             params = aggregate(params, finetuned)
             history.append(params)
+            call_due(callbacks, StepInfo(k, params, None, {}, k == rounds, name), states, records, log)
             if checkpointer is not None:
-                checkpointer.save(k, params)
-            if on_round is not None:
-                on_round(k, params)
+                checkpointer.save(k, pack(params, states))
     finally:
         if checkpointer is not None:
             checkpointer.close()
-    return ATMResult(params, history)
+    return ATMResult(params, history, states, records)
 
 
 def _restore_rounds(checkpointer: Checkpointer, like: PyTree, rounds: int) -> list[PyTree]:
-    """θ¹..θᵏ from the checkpoints of an interrupted run (k = the newest readable round)."""
+    """The checkpoints of rounds 1..k of an interrupted run (k = the newest readable round)."""
     latest = checkpointer.restore_latest(like)
     if latest is None:
         return []
@@ -153,7 +188,7 @@ class FinetuneSpec:
     steps: int
 
 
-def fit_finetune(specs: Sequence[FinetuneSpec], config, *, trainable: PyTree | None = None) -> Finetune:
+def fit_finetune(specs: Sequence[FinetuneSpec], config: TrainConfig, *, trainable: PyTree | None = None) -> Finetune:
     """A :data:`Finetune` that runs :func:`metafit.train.fit` on task ``t``'s loss and data.
 
     Args:
@@ -161,16 +196,35 @@ def fit_finetune(specs: Sequence[FinetuneSpec], config, *, trainable: PyTree | N
       config: a :class:`metafit.train.TrainConfig` (optimiser, lr, batch size, clipping).
       trainable: optional trainable mask (e.g. freeze the heads).
     """
-    from metafit.train import fit
+    return lambda params, task, round_index, key: _fit_task(specs[task], config, params, task, round_index, key,
+                                                            trainable).params
 
-    def finetune(params, task, round_index, key):
-        spec = specs[task]
-        run_config = dataclasses.replace(config, steps=spec.steps, log_every=spec.steps, eval_every=0, ckpt_every=0)
-        result = fit(spec.loss_fn, params, spec.data, run_config, key=key, trainable=trainable,
-                     progress=False, name=f"task{task}_round{round_index}")
-        return result.params
 
-    return finetune
+def one_shot_snapshots(params: PyTree, specs: Sequence[FinetuneSpec], config: TrainConfig, *, every: int,
+                       key: jax.Array, trainable: PyTree | None = None) -> list[list[PyTree]]:
+    """The budget-matched baselines of every budget from one fine-tune per task.
+
+    Task ``t`` is fine-tuned once from ``params`` for ``specs[t].steps`` steps (as by
+    :func:`one_shot` with :func:`fit_finetune`), keeping its parameters every ``every`` steps
+    through a :func:`metafit.train.param_snapshots` callback; with ``every`` = one epoch,
+    snapshot ``k − 1`` is the K = k epoch fine-tune.
+
+    Returns:
+      ``[task][j]``: task ``t``'s parameters after ``(j + 1) * every`` steps.
+    """
+    def finetune(p, task, round_index, task_key):
+        snapshots = param_snapshots(p, every=every, count=specs[task].steps // every)
+        result = _fit_task(specs[task], config, p, task, round_index, task_key, trainable, snapshots)
+        return unstack(result.callback_states[snapshots.name])
+
+    return one_shot(params, finetune, len(specs), key=key)
+
+
+def _fit_task(spec: FinetuneSpec, config: TrainConfig, params: PyTree, task: int, round_index: int, key: jax.Array,
+              trainable: PyTree | None, *callbacks: Callback) -> FitResult:
+    run_config = dataclasses.replace(config, steps=spec.steps, log_every=spec.steps, eval_every=0, ckpt_every=0)
+    return fit(spec.loss_fn, params, spec.data, run_config, key=key, trainable=trainable, callbacks=callbacks,
+               progress=False, name=f"task{task}_round{round_index}")
 
 
 def full_batch(arrays: Any) -> Callable[[int], Any]:

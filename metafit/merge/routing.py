@@ -12,7 +12,8 @@ layer's (normalised) MLP input:
   every expert at layers ``i .. i+n−1`` (shifted to stay inside the stack), E·n
   candidates, top-k = 2n; ``n = 1`` is per-layer routing.
 
-Only the routers train (the experts are closed-over constants), through the one trainer.
+Only the routers train (the experts are closed-over constants), through the one trainer
+(:func:`fit_routers`). :func:`mlp_mask` selects the MLP weights for training the experts.
 
 The forward pass is written for GPT-2 style blocks (``ln_1, attn, ln_2, mlp``; see
 :class:`metafit.models.gpt2.GPT2LMHeadModel`) with a pluggable MLP, and returns every
@@ -20,16 +21,22 @@ block's residual stream (for CKA, :func:`metafit.merge.cka`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metafit.merge.methods import leaf_name
 from metafit.models import layers as L
+from metafit.train import TrainConfig, fit
+from metafit.train.losses import lm_batch_loss
+from metafit.train.metrics import MetricsWriter
 
 Array = jax.Array
 MlpFn = Callable[[int, Array], Array]  # (layer, normalised input) -> MLP output
+TokenLoss = Callable[[Array, Any], Array]  # (logits, batch) -> scalar loss, e.g. metafit.train.losses.lm_batch_loss
 
 
 def forward(model, ids: Array, mlp_fn: MlpFn | None = None) -> tuple[Array, list[Array]]:
@@ -100,3 +107,68 @@ def routed(routers: Routers, mlps: list[list[Any]], n: int, k: int) -> MlpFn:
         return jnp.einsum("bsdc,bsc->bsd", outputs, gates)
 
     return mlp_fn
+
+
+def mlp_mask(params: Any) -> Any:
+    """Trainable mask (a pytree of bools like ``params``) that is True on the blocks' MLP weights only."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: ".mlp." in f".{leaf_name(path)}.", params)
+
+
+def residual_streams(graphdef: nnx.GraphDef, ids: Array) -> Callable[[Any], list[Array]]:
+    """Jitted ``params -> [b, s, d]`` residual stream after each block on the fixed inputs ``ids``."""
+    return jax.jit(lambda params: forward(nnx.merge(graphdef, params), ids)[1])
+
+
+def forward_loss(graphdef: nnx.GraphDef, token_loss: TokenLoss = lm_batch_loss) -> Callable[[Any, Any], Array]:
+    """Jitted ``(params, batch) -> loss`` of the plain model."""
+    return jax.jit(lambda params, batch: token_loss(forward(nnx.merge(graphdef, params), batch["input_ids"])[0], batch))
+
+
+def interpolation_loss(graphdef: nnx.GraphDef, token_loss: TokenLoss = lm_batch_loss):
+    """Jitted ``(params_a, params_b, alpha, batch) -> loss`` under activation interpolation of two experts.
+
+    The non-MLP weights are expert A's (equal to B's when only MLPs were fine-tuned).
+    """
+
+    @jax.jit
+    def loss(params_a, params_b, alpha, batch):
+        a, b = nnx.merge(graphdef, params_a), nnx.merge(graphdef, params_b)
+        mlp_fn = interpolate_activations(expert_mlps([a, b]), alpha)
+        return token_loss(forward(a, batch["input_ids"], mlp_fn)[0], batch)
+
+    return loss
+
+
+def fit_routers(graphdef: nnx.GraphDef, experts: Sequence[Any], data: Callable[[int], Any], config: TrainConfig, *,
+                window: int, key: jax.Array, token_loss: TokenLoss = lm_batch_loss, name: str = "routers",
+                log: MetricsWriter | None = None) -> tuple[Any, Callable[[Any, Any], Array]]:
+    """Trains multi-layer routers (window ``n``, top-``2n`` gates) over frozen experts.
+
+    The routers start at zero (the uniform average of the candidates); only they train, through
+    :func:`metafit.train.fit` on ``data``. The experts' non-MLP weights are the first expert's.
+
+    Args:
+      graphdef: the experts' architecture (GPT-2 style).
+      experts: the experts' parameters (two in the paper's setting).
+      data: ``batch_at(step)`` of the target task.
+      config: the trainer config of the router run.
+      window: n (1 = per-layer routing); each router gates the top ``2n`` of the ``E·n`` candidates.
+      key: the run's key.
+      token_loss: ``(logits, batch) -> loss``.
+      name, log: stage name and metrics writer.
+
+    Returns:
+      ``(router params, jitted (router params, batch) -> loss)``.
+    """
+    models = [nnx.merge(graphdef, p) for p in experts]
+    mlps = expert_mlps(models)
+    num_layers, features = len(mlps), models[0].transformer.wte.features
+    router_def, router_params = nnx.split(Routers(num_layers, features, len(experts) * window, rngs=nnx.Rngs(0)),
+                                          nnx.Param)
+
+    def loss_fn(params, batch, key):
+        mlp_fn = routed(nnx.merge(router_def, params), mlps, window, k=2 * window)
+        return token_loss(forward(models[0], batch["input_ids"], mlp_fn)[0], batch), {}
+
+    result = fit(loss_fn, router_params, data, config, key=key, progress=False, name=name, log=log)
+    return result.params, jax.jit(lambda params, batch: loss_fn(params, batch, None)[0])

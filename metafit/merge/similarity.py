@@ -59,3 +59,11 @@ def cka_debiased(x: Array, y: Array) -> Array:
     x, y = _flatten(x), _flatten(y)
     k, l = x @ x.T, y @ y.T
     return _unbiased_hsic(k, l) / jnp.sqrt(_unbiased_hsic(k, k) * _unbiased_hsic(l, l))
+
+
+def layer_cka(hiddens_a, hiddens_b) -> list[float]:
+    """Linear CKA per layer between two models' hidden states ``[b, s, d]`` on the same inputs.
+
+    Every token position is one sample (``b·s`` rows of ``d`` features).
+    """
+    return [float(cka(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))) for a, b in zip(hiddens_a, hiddens_b)]

@@ -28,10 +28,13 @@ them, so a callback that keeps parameters keeps a copy (see :func:`param_snapsho
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from metafit.train.metrics import MetricsWriter
 
 
 class StepInfo(NamedTuple):
@@ -108,6 +111,36 @@ def check_callbacks(callbacks: tuple[Callback, ...]) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"callback names must be unique; repeated: {', '.join(duplicates)}")
+
+
+def call_due(callbacks: Sequence[Callback], info: StepInfo, states: dict[str, Any],
+             records: dict[str, list[dict[str, float]]], log: "MetricsWriter | None" = None) -> None:
+    """Runs the callbacks due at ``info.step``, updating ``states`` and ``records`` in place.
+
+    Each callback's metrics become a record ``{"step": step, name: float}`` appended to
+    ``records[callback.name]`` and, with ``log``, a ``metrics.jsonl`` line with ``stage`` =
+    ``info.stage`` and ``split`` = the callback's name (what :func:`logged_records` reads back).
+    """
+    for callback in callbacks:
+        if not callback.due(info.step, info.final):
+            continue
+        states[callback.name], metrics = callback.fn(info, states[callback.name])
+        if metrics:
+            record = {"step": info.step, **{k: float(v) for k, v in dict(metrics).items()}}
+            if log is not None:
+                log.write({"stage": info.stage, "split": callback.name, **record})
+            records[callback.name].append(record)
+
+
+def logged_records(log: "MetricsWriter", stage: str, splits: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The records of ``stage`` already in ``log``, by split (a resumed run continues its history).
+
+    A resumed stage reads its callbacks' records of the finished steps from here instead of
+    calling them again; the caller first truncates the log to the restored step.
+    """
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("stage", "split")}
+    lines = log.read(stage)
+    return {split: [strip(r) for r in lines if r.get("split") == split] for split in splits}
 
 
 class Snapshots(NamedTuple):

@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from metafit.parallel.mesh import batch_sharding, replicated, shard_batch, shard_params, to_global, to_host
-from metafit.train.callbacks import Callback, StatefulData, StepInfo, check_callbacks
+from metafit.train.callbacks import Callback, StatefulData, StepInfo, call_due, check_callbacks, logged_records
 from metafit.train.checkpoint import Checkpointer
 from metafit.train.config import TrainConfig
 from metafit.train.metrics import MetricsWriter, Progress
@@ -238,16 +238,11 @@ def fit(
             with clock.paused(state):
                 if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and not final:
                     evals.append(_evaluate(eval_fn, combine(state.trainable, frozen), step, name, log))
-                due = [c for c in callbacks if c.due(step, final)]
-                if due:
+                if any(c.due(step, final) for c in callbacks):
                     _raise_if_bad(state, checkpointer)
                     info = StepInfo(step, combine(state.trainable, frozen), state.opt_state,
                                     {k: v for k, v in record.items() if k != "step"}, final, name)
-                    for callback in due:
-                        callback_states[callback.name], cb_metrics = callback.fn(info, callback_states[callback.name])
-                        if cb_metrics:
-                            callback_records[callback.name].append(
-                                _log_record(cb_metrics, step, name, callback.name, log))
+                    call_due(callbacks, info, callback_states, callback_records, log)
                 if checkpointer is not None and (
                     (config.ckpt_every and step % config.ckpt_every == 0) or final or step == stop_at
                 ):
@@ -480,17 +475,8 @@ def _raise_if_bad(state: TrainState, checkpointer: Checkpointer | None = None) -
 
 def _previous_records(log: MetricsWriter, name: str, callbacks: tuple[Callback, ...]):
     """Train, eval and callback lines already logged for this stage (a resumed run continues its history)."""
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("stage", "split")}
-    records = log.read(name)
-    of_split = lambda split: [strip(r) for r in records if r.get("split") == split]
-    return of_split("train"), of_split("eval"), {c.name: of_split(c.name) for c in callbacks}
-
-
-def _log_record(metrics, step: int, name: str, split: str, log: MetricsWriter | None) -> dict[str, float]:
-    record = {"step": step, **{k: float(v) for k, v in dict(metrics).items()}}
-    if log is not None:
-        log.write({"stage": name, "split": split, **record})
-    return record
+    records = logged_records(log, name, ["train", "eval", *(c.name for c in callbacks)])
+    return records["train"], records["eval"], {c.name: records[c.name] for c in callbacks}
 
 
 def _takes_step(eval_fn) -> bool:

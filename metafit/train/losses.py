@@ -1,12 +1,20 @@
-"""Losses shared by several methods."""
+"""Losses shared by several methods.
+
+:func:`causal_lm_loss` is the one next-token cross-entropy of metafit's causal LMs (SFT on
+instruction responses, the char-level task answers, post-training); :func:`next_token_loss`
+wraps it as a trainer loss of an NNX model, :func:`lm_batch_loss` applies it to a batch dict.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy over the positions where ``loss_mask`` is 1.
+
+    .. math::  L = \\frac{\\sum_{b,t} m_{b,t} \\, (-\\log \\mathrm{softmax}(z_{b,t})_{x_{b,t+1}})}{\\max(1, \\sum_{b,t} m_{b,t})}
 
     Position ``t`` of ``logits`` predicts token ``t + 1``; ``loss_mask[:, t]`` says
     whether that prediction counts (e.g. response tokens only, as built by
@@ -25,3 +33,24 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     mask = loss_mask[:, :-1].astype(jnp.float32)
     count = mask.sum()
     return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def lm_batch_loss(logits: jax.Array, batch) -> jax.Array:
+    """:func:`causal_lm_loss` of a batch dict (``input_ids``, ``loss_mask``), without the token count."""
+    return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])[0]
+
+
+def next_token_loss(graphdef: nnx.GraphDef):
+    """The trainer loss ``(params, batch, key) -> (loss, {"response_tokens": n})`` of an NNX causal LM.
+
+    ``batch`` holds ``input_ids`` and ``loss_mask`` (``[b, s]``, see :func:`causal_lm_loss`) and,
+    when sequences are padded, ``attention_mask``: the layout of
+    :func:`metafit.data.instructions.encode_sft` and :func:`metafit.data.chars.char_tasks`.
+    """
+
+    def loss_fn(params, batch, key):
+        logits = nnx.merge(graphdef, params)(batch["input_ids"], batch.get("attention_mask"))
+        loss, tokens = causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss, {"response_tokens": tokens}
+
+    return loss_fn

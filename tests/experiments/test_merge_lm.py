@@ -72,8 +72,13 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
     assert torch.isfinite(hf(torch.tensor([[1, 2, 3]])).logits).all()
 
     # A rerun of the same folder trains nothing again (experts saved, ATM rounds checkpointed) and agrees.
+    # The ATM rounds' scores are callback records read back from metrics.jsonl; with their lines gone
+    # (a run folder of an older version) the restored rounds are scored again, to the same numbers.
     metrics = (run.path / "metrics.jsonl").read_text().count('"split": "train"')
     atm_before = _weights(run.path / "merged" / "atm")
+    lines = (run.path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert sum('"stage": "atm", "split": "score"' in line for line in lines) == 2
+    (run.path / "metrics.jsonl").write_text("".join(l for l in lines if '"stage": "atm"' not in l))
     _, again = run_experiment(config, overrides, workdir=tmp_path / "run")
     assert (run.path / "metrics.jsonl").read_text().count('"split": "train"') == metrics
     for name, value in _weights(run.path / "merged" / "atm").items():

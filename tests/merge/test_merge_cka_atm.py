@@ -1,4 +1,6 @@
-"""CKA invariances and reference values; ATM's task-vector / multi-task-gradient identity."""
+"""CKA invariances and reference values; ATM's task-vector / multi-task-gradient identity, snapshots, resume."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from metafit.merge import atm as atm_lib
 from metafit.merge import cka, task_arithmetic, task_vector
 from metafit.merge import cka_debiased
-from metafit.train import TrainConfig
+from metafit.train import Callback, Checkpointer, CheckpointMismatchError, MetricsWriter, TrainConfig
 
 
 def numpy_cka(x, y):
@@ -76,8 +78,38 @@ def test_tune_scale_picks_the_best_validation_score():
     assert scale == 0.5 and float(merged["w"]) == 0.5 and len(scores) == 3
 
 
+def test_one_shot_snapshots_are_the_shorter_fine_tunes():
+    """Snapshot j of a task's run equals that task fine-tuned for (j + 1) * every steps (constant lr)."""
+    rng = np.random.default_rng(2)
+    params = {"w": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+    data = [(rng.standard_normal((12, 3)).astype(np.float32), rng.standard_normal(12).astype(np.float32))
+            for _ in range(2)]
+
+    def loss_fn(p, batch, key):
+        x, y = batch
+        return jnp.mean((x @ p["w"] - y) ** 2), {}
+
+    from metafit.data.batching import epoch_batches
+
+    config = TrainConfig(steps=1, batch_size=4, lr=0.05, optimizer="sgd", momentum=0.9)
+    specs = [atm_lib.FinetuneSpec(loss_fn, epoch_batches(d, 4, t), steps=6) for t, d in enumerate(data)]
+    snapshots = atm_lib.one_shot_snapshots(params, specs, config, every=3, key=jax.random.key(0))
+    assert [len(s) for s in snapshots] == [2, 2]
+    for steps, j in [(3, 0), (6, 1)]:
+        shorter = [dataclasses.replace(s, steps=steps) for s in specs]
+        direct = atm_lib.one_shot(params, atm_lib.fit_finetune(shorter, config), 2, key=jax.random.key(0))
+        for t in range(2):
+            np.testing.assert_array_equal(snapshots[t][j]["w"], direct[t]["w"])
+
+
+def _score(info, state):
+    """An ATM callback: counts its calls in its (checkpointed) state and reports the merge's norm."""
+    return state + 1, {"norm": float(jnp.linalg.norm(info.params["w"]))}
+
+
 def test_atm_resumes_after_an_interrupted_round_and_ends_where_an_uninterrupted_run_does(tmp_path):
-    """Rounds are checkpointed; a rerun restores them, calls on_round for each, and finetunes only the rest."""
+    """Rounds and callback states are checkpointed; a rerun restores them, reads the finished rounds'
+    callback records back from the log instead of calling the callback again, and finetunes only the rest."""
     rng = np.random.default_rng(1)
     params = {"w": jnp.asarray(rng.standard_normal(4), jnp.float32)}
     targets = [jnp.asarray(rng.standard_normal(4), jnp.float32) for _ in range(3)]
@@ -88,28 +120,48 @@ def test_atm_resumes_after_an_interrupted_round_and_ends_where_an_uninterrupted_
         noise = 0.01 * jax.random.normal(key, (4,))
         return {"w": p["w"] + 0.5 * (targets[task] - p["w"]) + noise}
 
-    reference = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0))
+    def scorer():
+        return Callback("score", _score, every=1, init=jnp.zeros((), jnp.int32))
+
+    reference = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), callbacks=[scorer()])
+    assert [r["step"] for r in reference.callback_records["score"]] == [1, 2, 3, 4]
+    assert int(reference.callback_states["score"]) == 4
 
     def crashing(p, task, round_index, key):
         if round_index == 3:
             raise KeyboardInterrupt("killed in round 3")
         return finetune(p, task, round_index, key)
 
-    ckpt = tmp_path / "atm"
-    try:
-        atm_lib.atm(params, crashing, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt)
-    except KeyboardInterrupt:
-        pass
+    ckpt, log = tmp_path / "atm", MetricsWriter(tmp_path / "metrics.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        atm_lib.atm(params, crashing, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt, callbacks=[scorer()], log=log)
     calls.clear()
     seen = []
-    resumed = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt,
-                          on_round=lambda k, p: seen.append(k))
-    assert sorted({r for r, _ in calls}) == [3, 4] and seen == [1, 2, 3, 4]
+    counting = Callback("score", lambda info, state: (seen.append(info.step), _score(info, state))[1], every=1,
+                        init=jnp.zeros((), jnp.int32))
+    resumed = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt, callbacks=[counting],
+                          log=log)
+    assert sorted({r for r, _ in calls}) == [3, 4] and seen == [3, 4]
+    assert resumed.callback_records == reference.callback_records  # rounds 1-2 read back from the log
+    assert int(resumed.callback_states["score"]) == 4  # the restored state counted rounds 1-2
     for a, b in zip(resumed.rounds, reference.rounds):
         np.testing.assert_array_equal(a["w"], b["w"])
-    # Finished: a third call restores all four rounds and trains nothing.
+    assert len(log.read("atm")) == 4  # one line per round, none repeated
+    # Finished: a third call restores all four rounds and trains and scores nothing.
     calls.clear()
-    again = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt)
-    assert calls == [] and np.array_equal(again.params["w"], reference.params["w"])
+    seen.clear()
+    again = atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt, callbacks=[counting],
+                        log=log)
+    assert calls == [] and seen == [] and np.array_equal(again.params["w"], reference.params["w"])
+    assert again.callback_records == reference.callback_records
     with pytest.raises(ValueError, match="different run"):
-        atm_lib.atm(params, finetune, 3, 2, key=jax.random.key(0), checkpoint_dir=ckpt)
+        atm_lib.atm(params, finetune, 3, 2, key=jax.random.key(0), checkpoint_dir=ckpt, callbacks=[counting])
+    with pytest.raises(CheckpointMismatchError):  # rounds saved with a callback state, restored without one
+        atm_lib.atm(params, finetune, 3, 4, key=jax.random.key(0), checkpoint_dir=ckpt)
+    # Callbacks without state leave the checkpoint as it was without callbacks: θ^k alone.
+    stateless = Callback("norm", lambda info, state: (state, _score(info, 0)[1]), every=1)
+    plain = atm_lib.atm(params, finetune, 3, 2, key=jax.random.key(0), checkpoint_dir=tmp_path / "plain",
+                        callbacks=[stateless], log=log)
+    checkpointer = Checkpointer(tmp_path / "plain")
+    np.testing.assert_array_equal(checkpointer.restore(2, params)["w"], plain.params["w"])
+    checkpointer.close()

@@ -46,6 +46,43 @@ def test_windows_and_top_k_gates():
     np.testing.assert_allclose(gates, [0, np.e / (np.e + 1), 1 / (np.e + 1), 0], atol=1e-6)
 
 
+def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers():
+    from metafit.data.chars import char_stream, char_tasks
+    from metafit.merge.similarity import cka, layer_cka
+    from metafit.train import TrainConfig
+    from metafit.train.losses import lm_batch_loss
+
+    graphdef, pa = nnx.split(tiny_gpt(0), nnx.Param)
+    pb = nnx.state(tiny_gpt(1), nnx.Param)
+    mask = routing.mlp_mask(pa)
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    chosen = sorted(jax.tree_util.keystr(p) for p, m in flat if m)
+    assert chosen and all("'mlp'" in p for p in chosen) and len(chosen) < len(flat)
+    assert any("'mlp'" in jax.tree_util.keystr(p) for p, _ in flat)
+
+    batch = jax.tree.map(jnp.asarray, char_tasks("T", 8, seed=0))
+    plain, interp = routing.forward_loss(graphdef), routing.interpolation_loss(graphdef)
+    model_a = nnx.merge(graphdef, pa)
+    np.testing.assert_allclose(plain(pa, batch), lm_batch_loss(model_a(batch["input_ids"]), batch), rtol=1e-5)
+    np.testing.assert_allclose(interp(pa, pb, 1.0, batch), plain(pa, batch), rtol=1e-5)  # alpha 1 = expert A
+    # lr 0 keeps the zero-initialised routers: top-2 of two candidates = the uniform mixture = interpolation at 1/2.
+    params, router_loss = routing.fit_routers(graphdef, [pa, pb], char_stream("T", 8, 0),
+                                              TrainConfig(steps=2, batch_size=8, lr=0.0), window=1,
+                                              key=jax.random.key(0))
+    np.testing.assert_allclose(router_loss(params, batch), interp(pa, pb, 0.5, batch), rtol=1e-5)
+    trained, trained_loss = routing.fit_routers(graphdef, [pa, pb], char_stream("T", 8, 0),
+                                                TrainConfig(steps=3, batch_size=8, lr=0.05), window=2,
+                                                key=jax.random.key(0))
+    assert all(leaf.shape[-1] == 4 for leaf in jax.tree.leaves(trained)) and np.isfinite(float(trained_loss(trained, batch)))
+
+    hidden = routing.residual_streams(graphdef, batch["input_ids"])
+    ha, hb = hidden(pa), hidden(pb)
+    values = layer_cka(ha, hb)
+    assert len(values) == 3
+    np.testing.assert_allclose(values[1], cka(ha[1].reshape(-1, 16), hb[1].reshape(-1, 16)), rtol=1e-6)
+    np.testing.assert_allclose(layer_cka(ha, ha), 1.0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_atm_experiment_smoke(tmp_path):
     from metafit.experiments import run_experiment

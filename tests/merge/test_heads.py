@@ -1,0 +1,72 @@
+"""Frozen probe heads against scikit-learn's LogisticRegression; the losses that close over them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from metafit.merge import heads
+from metafit.models.mlp import MLP
+
+
+def _features_and_labels():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2, 120, 5)).astype(np.float32)
+    multi = (features[0] @ rng.standard_normal((5, 3))).argmax(-1)       # 3 classes
+    binary = (features[1, :, 0] + 0.3 * rng.standard_normal(120) > 0)    # 2 classes
+    return features, np.stack([multi, binary]).astype(np.int32)
+
+
+def test_probe_heads_give_sklearn_probabilities_and_block_unused_classes():
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = _features_and_labels()
+    w, b = heads.fit_probe_heads(features, labels, c=0.5, num_classes=10)
+    assert w.shape == (2, 5, 10) and b.shape == (2, 10) and w.dtype == np.float32
+    for t in range(2):
+        probe = LogisticRegression(C=0.5, max_iter=300).fit(features[t], labels[t])
+        probs = jax.nn.softmax(features[t] @ w[t] + b[t])
+        k = probe.classes_.size
+        np.testing.assert_allclose(probs[:, :k], probe.predict_proba(features[t]), atol=1e-5)
+        assert float(probs[:, k:].max()) == 0.0 and np.all(b[t, k:] == heads.UNUSED_CLASS_BIAS)
+
+
+def _setup():
+    graphdef, params = nnx.split(MLP(4, (6,), 3, rngs=nnx.Rngs(0)), nnx.Param)
+    encode = heads.relu_encoder(graphdef)
+    rng = np.random.default_rng(1)
+    head_w = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)
+    head_b = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 8, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, (2, 8)), jnp.int32)
+    return encode, params, head_w, head_b, x, y
+
+
+def test_task_joint_losses_and_accuracies_agree_with_direct_formulas():
+    encode, params, head_w, head_b, x, y = _setup()
+    features = heads.task_features(encode, params, x)
+    assert features.shape == (2, 8, 3) and features.min() >= 0.0  # relu features
+    logits = [features[t] @ head_w[t] + head_b[t] for t in range(2)]
+    ce = [optax.softmax_cross_entropy_with_integer_labels(logits[t], y[t]).mean() for t in range(2)]
+    for t in range(2):
+        loss, metrics = heads.task_loss(encode, head_w, head_b, t)(params, (x[t], y[t]), None)
+        np.testing.assert_allclose(loss, ce[t], rtol=1e-6)
+        np.testing.assert_allclose(metrics["accuracy"], (logits[t].argmax(-1) == y[t]).mean())
+    joint, _ = heads.joint_loss(encode, head_w, head_b)(params, (x, y), None)
+    np.testing.assert_allclose(joint, (ce[0] + ce[1]) / 2, rtol=1e-6)
+    accuracies = heads.task_accuracies(encode, head_w, head_b)(params, x, y)
+    np.testing.assert_allclose(accuracies, [(logits[t].argmax(-1) == y[t]).mean() for t in range(2)])
+
+
+def test_linear_head_loss_trains_encoder_and_head_together():
+    encode, params, *_ = _setup()
+    head_def, head_params = nnx.split(nnx.Linear(3, 5, rngs=nnx.Rngs(2)), nnx.Param)
+    x = jnp.ones((4, 4))
+    y = jnp.array([0, 1, 2, 3])
+    loss_fn = heads.linear_head_loss(encode, head_def)
+    both = {"encoder": params, "head": head_params}
+    logits = nnx.merge(head_def, head_params)(encode(params, x))
+    np.testing.assert_allclose(loss_fn(both, (x, y), None)[0],
+                               optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), rtol=1e-6)
+    grads = jax.grad(lambda p: loss_fn(p, (x, y), None)[0])(both)
+    assert set(grads) == {"encoder", "head"}

@@ -1,0 +1,56 @@
+"""The one causal-LM loss against a hand-computed cross-entropy; its trainer wrapper."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metafit.train.losses import causal_lm_loss, lm_batch_loss, next_token_loss
+
+
+def _reference(logits, ids, mask):
+    """Σ m_t · (log Σ_v exp z_tv − z_t,x_{t+1}) / Σ m_t, in float64."""
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    target = np.take_along_axis(logits, np.asarray(ids)[:, 1:, None], -1)[..., 0]
+    m = np.asarray(mask, np.float64)[:, :-1]
+    return ((log_norm - target) * m).sum() / m.sum(), m.sum()
+
+
+def test_causal_lm_loss_matches_hand_computed_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 6, 11)).astype(np.float32) * 3
+    ids = rng.integers(0, 11, (3, 6)).astype(np.int32)
+    mask = (rng.random((3, 6)) > 0.3).astype(np.float32)
+    mask[:, -1] = 1.0  # the last column predicts nothing and is ignored
+    loss, count = causal_lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    ref, ref_count = _reference(logits, ids, mask)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    assert float(count) == ref_count
+    # Uniform logits: the loss is log V whatever the targets; an all-zero mask gives 0, not NaN.
+    uniform = causal_lm_loss(jnp.zeros((2, 4, 7)), jnp.asarray(ids[:2, :4] % 7), jnp.ones((2, 4)))[0]
+    np.testing.assert_allclose(float(uniform), np.log(7), rtol=1e-6)
+    assert float(causal_lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.zeros((3, 6)))[0]) == 0.0
+    batch = {"input_ids": jnp.asarray(ids), "loss_mask": jnp.asarray(mask)}
+    assert float(lm_batch_loss(jnp.asarray(logits), batch)) == float(loss)
+
+
+class _Bigram(nnx.Module):
+    """logits_t = table[x_t]; ignores the attention mask."""
+
+    def __init__(self, vocab, *, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (vocab, vocab)))
+
+    def __call__(self, ids, attention_mask=None):
+        return self.table[ids]
+
+
+def test_next_token_loss_is_the_trainer_form_of_causal_lm_loss():
+    model = _Bigram(5, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    ids = jnp.array([[1, 2, 3, 4], [0, 0, 1, 1]])
+    mask = jnp.array([[0, 1, 1, 0], [1, 1, 1, 0]], jnp.float32)
+    loss, metrics = next_token_loss(graphdef)(params, {"input_ids": ids, "loss_mask": mask}, None)
+    expected, count = causal_lm_loss(model(ids), ids, mask)
+    assert float(loss) == float(expected) and float(metrics["response_tokens"]) == float(count) == 5.0
+    padded = {"input_ids": ids, "loss_mask": mask, "attention_mask": jnp.ones_like(ids)}
+    assert float(next_token_loss(graphdef)(params, padded, None)[0]) == float(expected)
