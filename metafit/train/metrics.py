@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -87,13 +88,18 @@ class TensorBoardWriter:
         self.directory = Path(directory)
         self._writers: dict[str, Any] = {}
         self._purge: dict[str, int] = {}
+        self._opened = 0
 
     def _writer(self, stage: str):
         if stage not in self._writers:
             from tensorboardX import SummaryWriter
 
+            # Event file names carry the time in whole seconds: a writer reopened within the same second
+            # (a resumed stage) would truncate the previous file without a suffix of its own.
+            self._opened += 1
             self._writers[stage] = SummaryWriter(str(self.directory / _safe_name(stage)),
-                                                 purge_step=self._purge.pop(stage, None), flush_secs=10)
+                                                 purge_step=self._purge.pop(stage, None), flush_secs=10,
+                                                 filename_suffix=f".{os.getpid()}.{self._opened}")
         return self._writers[stage]
 
     def write(self, record: dict[str, Any]) -> None:
