@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from metafit.data.batching import epoch_batches
@@ -20,6 +19,7 @@ from metafit.models.mlp import MLP
 from metafit.parallel import make_mesh
 from metafit.runs import RunDir
 from metafit.train import fit
+from metafit.train.losses import classification_loss
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,6 @@ def digits_split(seed: int, test_fraction: float) -> tuple[tuple[np.ndarray, np.
     n_test = int(round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return (x[train], y[train]), (x[test], y[test])
-
-
-def classification_loss(graphdef: nnx.GraphDef):
-    """Cross-entropy loss of the NNX model ``graphdef`` over a params state."""
-
-    def loss_fn(params, batch, key):
-        x, y = batch
-        logits = nnx.merge(graphdef, params)(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-        return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
-
-    return loss_fn
 
 
 @experiment("quickstart", config=QuickstartArgs)

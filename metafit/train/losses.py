@@ -1,8 +1,12 @@
 """Losses shared by several methods."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
 
 def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -25,3 +29,25 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     mask = loss_mask[:, :-1].astype(jnp.float32)
     count = mask.sum()
     return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def classification_loss(graphdef: nnx.GraphDef) -> Callable[[Any, tuple[jax.Array, jax.Array], Any],
+                                                           tuple[jax.Array, dict[str, jax.Array]]]:
+    """The mean softmax cross-entropy of the NNX classifier ``graphdef``, as a loss for :func:`metafit.train.fit`.
+
+    ``loss_fn(params, (x, y), key) -> (mean CE, {"accuracy": ...})`` with ``params`` the state
+    split off the model (``graphdef, params = nnx.split(model)``), ``y`` integer labels; the
+    logits are upcast to float32 and ``key`` is unused.
+
+    Example:
+        >>> graphdef, params = nnx.split(MLP(64, (128,), 10, rngs=nnx.Rngs(0)))
+        >>> loss, metrics = classification_loss(graphdef)(params, (x, y), None)
+    """
+
+    def loss_fn(params, batch, key):
+        x, y = batch
+        logits = nnx.merge(graphdef, params)(x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
+
+    return loss_fn
