@@ -18,6 +18,13 @@ so a resumed run restores it and never refits a finished epoch's GMM. The batche
 loss stays a pure function of ``(params, batch, key)``. The per-epoch metrics are the
 callback's lines in ``metrics.jsonl`` (``split`` = ``"epoch"``).
 
+Keys: ``init, loss, data, eval = split(key, 4)``. The loss of step ``s`` gets the trainer's
+step key, ``fold_in(fold_in(loss, s), 1)`` (see :func:`metafit.train.fit`); epoch ``e``
+visits the samples in the order ``permutation(fold_in(data, e))``; the evaluation after
+epoch ``e`` uses ``fold_in(eval, e)`` and the per-sample pass before epoch ``e`` uses
+``fold_in(eval, 10_000 + e)``. (Until issue 16 the loss key was
+``fold_in(loss, key_data(fold_in(fold_in(key(0), s), 1))[-1])``, the run key travelling in
+the batch beside a constant trainer key; ``paper_repro/clear`` says which numbers used it.)
 """
 from __future__ import annotations
 
@@ -38,8 +45,6 @@ from metafit.robust.methods import NoisyMethod
 from metafit.robust.metrics import accuracy, clean_auroc, memorisation, peak_and_last
 from metafit.robust.tasks import EncodedSplit, NoisyTask
 from metafit.train import Callback, StatefulData, StepInfo, TrainConfig, fit
-
-FIT_KEY = jax.random.key(0)  # see loss_fn in train_noisy
 
 EPOCH_HOOK = "epoch"  # the epoch-boundary callback's name: its metrics.jsonl lines have split "epoch"
 
@@ -164,22 +169,7 @@ def train_noisy(
                               evaluate_every_epoch=evaluate_every_epoch, gmm_seed=gmm_seed, timing=timing)
     batches = epoch_batches(method, task, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
                             key=data_key)
-    loss_key_data = np.asarray(jax.random.key_data(loss_key))
-
-    def with_loss_key(step, states):
-        batch = batches.fn(step, states)
-        size = len(batch["labels"])
-        return {"loss_key": np.broadcast_to(loss_key_data, (size, *loss_key_data.shape)), **batch}
-
-    def loss_fn(params, batch, step_key):
-        # The run's randomness enters through the batch, not fit's key. This dates from when fit
-        # baked its key into the compiled program (it is an argument now); it is kept because the
-        # published CleaR tables were produced with these key streams.
-        run_key = jax.random.wrap_key_data(batch["loss_key"][0])
-        batch = {k: v for k, v in batch.items() if k != "loss_key"}
-        return method.loss(params, batch, jax.random.fold_in(run_key, jax.random.key_data(step_key)[-1]))
-
-    result = fit(loss_fn, params, StatefulData(with_loss_key), fit_config, key=FIT_KEY,
+    result = fit(method.loss, params, batches, fit_config, key=loss_key,
                  workdir=Path(workdir) / "checkpoints" if workdir is not None else None,
                  callbacks=[boundary], trainable=trainable, name=name, progress=progress, log=log)
     curve = [{k: v for k, v in record.items() if k != "step"} for record in result.callback_records[EPOCH_HOOK]]
