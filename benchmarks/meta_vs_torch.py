@@ -8,8 +8,8 @@ copied into torch) and are scored on the *same* 600 held-out tasks (numpy, fixed
 * metafit: the library path -- ``metafit.train.fit`` with ``DeviceSampler`` (tasks
   sampled inside the jitted step), ``meta_value_and_grad`` (``vmap`` over tasks,
   ``lax.scan`` inner loop), ``steps_per_dispatch`` meta-steps fused per call, donated
-  state. Throughput is timed between the first and the last logged chunk of one
-  ``fit`` call (a metrics writer records the wall clock of each log line), so the
+  state. Throughput is the trainer's own per-step time of one ``fit`` call
+  (``FitResult.timing["step_seconds"]``: every chunk after the first), so the
   compilation inside the first chunk is excluded.
 * torch: ``torch.func.functional_call`` + ``grad`` (differentiating through the inner
   ``grad``) + ``vmap`` over tasks, ``torch.optim.Adam``; tasks sampled with torch's RNG.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 
 import numpy as np
@@ -52,34 +51,20 @@ def metafit_run(iters: int, inner_steps: int, dispatch: int, seed: int = 0):
 
     from metafit.data.tasks import Task, get_tasksets
     from metafit.meta import MLP, batch_meta_loss, evaluate, functional, make_learner, meta_value_and_grad, summarize
-    from metafit.train import DeviceSampler, MetricsWriter, TrainConfig, fit
+    from metafit.train import DeviceSampler, TrainConfig, fit
 
     tasks = get_tasksets("sinusoid", shots=10, queries=10)
     network, params = functional(MLP(1, (40, 40), 1, rngs=nnx.Rngs(seed)))
     learner = make_learner("maml", network, loss="mse", output_dim=1, inner_lr=0.01, inner_steps=inner_steps)
-    sampler = DeviceSampler(lambda key: tasks.train.sample_batch(key, 25))
-
-    class TimedLog(MetricsWriter):
-        """Records when each log line is written: the gaps time the fused steps without compilation."""
-
-        times: list[tuple[int, float]] = []
-
-        def write(self, record):
-            if record.get("split") == "train":
-                self.times.append((record["step"], time.perf_counter()))
-            super().write(record)
-
+    sampler = DeviceSampler(tasks.train.batch_fn(25), data=tasks.train.data)
     config = TrainConfig(steps=iters, batch_size=25, lr=1e-3, optimizer="adam", log_every=dispatch,
                          steps_per_dispatch=dispatch)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = TimedLog(f"{tmp}/metrics.jsonl")
-        start = time.perf_counter()
-        result = fit(lambda p, b, k: batch_meta_loss(learner, p, b, k), learner.init(params), sampler, config,
-                     key=jax.random.key(seed), grad_fn=lambda p, b, k: meta_value_and_grad(learner, p, b, k),
-                     progress=False, log=log)
-        wall = time.perf_counter() - start
-    (first_step, first_time), (last_step, last_time) = log.times[0], log.times[-1]
-    per_second = (last_step - first_step) / (last_time - first_time)  # the first chunk carries the compilation
+    start = time.perf_counter()
+    result = fit(lambda p, b, k: batch_meta_loss(learner, p, b, k), learner.init(params), sampler, config,
+                 key=jax.random.key(seed), grad_fn=lambda p, b, k: meta_value_and_grad(learner, p, b, k),
+                 progress=False)
+    wall = time.perf_counter() - start
+    per_second = 1.0 / result.timing["step_seconds"]  # the first chunk, which carries the compilation, is excluded
     xs, ys, xq, yq = held_out_tasks()
     held = Task((xs, ys), (xq, yq))
     mse = summarize(evaluate(learner, result.params, jax.tree.map(jax.numpy.asarray, held), jax.random.key(0)))

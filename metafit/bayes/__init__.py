@@ -7,7 +7,9 @@ Parts, bottom-up:
              priors of the transferable f by name (FUNCTION_PRIORS: 'linear', 'gp')
   inference  functional NUTS / SVI (jit- and vmap-able) and diagnostics (R-hat, ESS, divergences)
   methods    registered transfer methods (TRANSFER_METHODS), PROMPT's steps, scoring
-  sweep      one vectorised evaluation over a grid of simulator knobs and seeds
+  sweep      one vectorised evaluation over a grid of simulator knobs and seeds; per-method
+             scores saved to / loaded from .npz files
+  report     markdown table and plots of a sweep's per-cell rows
 
 Example:
     >>> import jax
@@ -48,7 +50,9 @@ from metafit.bayes.methods import (
     relevance_weights,
 )
 from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
-from metafit.bayes.sweep import MethodScores, SweepGrid, evaluate_sweep, summarise, sweep_problems
+from metafit.bayes.report import plot_axis, sweep_markdown
+from metafit.bayes.sweep import (MethodScores, SweepGrid, evaluate_sweep, load_scores, save_scores, summarise,
+                                 sweep_problems)
 
 __all__ = [
     "SimulatorConfig", "TransferData", "TransferDataError", "TransferTruth", "simulate", "validate_transfer_data",
@@ -57,5 +61,6 @@ __all__ = [
     "diagnose", "nuts_sample", "run_nuts", "svi_sample",
     "TRANSFER_METHODS", "MethodConfig", "MethodFit", "fit_transfer", "predictive_scores",
     "prompt_weights", "proxy_posterior", "relevance_weights", "FUNCTION_PRIORS", "PriorConfig",
-    "MethodScores", "SweepGrid", "evaluate_sweep", "summarise", "sweep_problems",
+    "MethodScores", "SweepGrid", "evaluate_sweep", "summarise", "sweep_problems", "load_scores", "save_scores",
+    "sweep_markdown", "plot_axis",
 ]

@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import time
 import warnings
+from pathlib import Path
 from typing import Literal, NamedTuple, Optional, Sequence
 
 import jax
@@ -201,3 +203,22 @@ def _stats(lpd: np.ndarray, mse: np.ndarray, worse: np.ndarray, worse_mse: np.nd
     return {"lpd": float(lpd.mean()), "lpd_sd": float(lpd.std()), "mse": float(mse.mean()),
             "mse_sd": float(mse.std()), "neg_transfer_rate": float(worse.mean()),
             "neg_transfer_rate_mse": float(worse_mse.mean()), "n": int(lpd.size)}
+
+
+def save_scores(path: Path, scores: MethodScores) -> None:
+    """Writes ``scores`` to the ``.npz`` file ``path`` atomically (a temporary file, then a rename)."""
+    diag = scores.diagnostics or []
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, lpd=scores.lpd, mse=scores.mse, seconds=scores.seconds, compile_seconds=scores.compile_seconds,
+             diagnostics=json.dumps([d._asdict() for d in diag]) if scores.diagnostics is not None else "null")
+    tmp.replace(path)
+
+
+def load_scores(path: Path) -> MethodScores | None:
+    """The scores :func:`save_scores` wrote to ``path``, or None when there is no such file."""
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        diag = json.loads(str(f["diagnostics"]))
+        return MethodScores(f["lpd"], f["mse"], None if diag is None else [Diagnostics(**d) for d in diag],
+                            float(f["seconds"]), float(f["compile_seconds"]))

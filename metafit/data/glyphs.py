@@ -18,7 +18,8 @@ and evaluation alphabets for testing. Glyphs that render identically to an earli
 code point (Latin "A" = Greek "Alpha" = Cyrillic "A") are dropped when the file is
 generated, so no task can hold two indistinguishable classes.
 
-Rendered pools are cached under ``$METAFIT_CACHE`` (default ``~/.cache/metafit``)
+Rendered pools are cached under ``glyphs/`` of :func:`metafit.cache.cache_dir`
+(``$METAFIT_CACHE``, default ``~/.cache/metafit``; ``METAFIT_CACHE=off`` disables it),
 keyed by the split file, the options and the matplotlib version; the first build
 takes a few seconds per thousand classes.
 """
@@ -36,6 +37,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from metafit.cache import cache_dir
 from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_scaled_images
 
 SPLITS_FILE = Path(__file__).with_name("glyph_splits.json")
@@ -253,11 +255,11 @@ def build_pool(split: str, image_size: int = 28, instances: int = 20) -> np.ndar
 def _cache_path(split: str, image_size: int, instances: int) -> Path | None:
     import matplotlib
 
-    root = os.environ.get("METAFIT_CACHE", str(Path.home() / ".cache" / "metafit"))
-    if root.lower() in ("", "0", "off", "none"):
+    folder = cache_dir("glyphs")
+    if folder is None:
         return None
     digest = hashlib.sha256(SPLITS_FILE.read_bytes() + f"{matplotlib.__version__}|{EM_PIXELS}|{SUPERSAMPLE}".encode())
-    return Path(root) / "glyphs" / f"{split}-{image_size}px-{instances}-{digest.hexdigest()[:12]}.npz"
+    return folder / f"{split}-{image_size}px-{instances}-{digest.hexdigest()[:12]}.npz"
 
 
 @TASKSETS.register("glyphs")

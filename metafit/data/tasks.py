@@ -3,8 +3,10 @@
 A *task* is a fixed-shape pytree ``Task(support=(x, y), query=(x, y))``; a batch of
 tasks is the same pytree with a leading task axis, so learners ``vmap`` over it. A
 *task set* bundles three samplers (``train``, ``validation``, ``test``) that are pure,
-jittable functions of a PRNG key, so tasks can be drawn inside a jitted meta-step
-(:class:`metafit.train.DeviceSampler`) and the same key always gives the same task.
+jittable functions of a PRNG key, so the same key always gives the same task and tasks
+can be drawn inside a jitted meta-step. The data layer knows no trainer: the caller wraps
+a sampler for :func:`metafit.train.fit` itself,
+``DeviceSampler(sampler.batch_fn(num_tasks), data=sampler.data)``.
 
 Example:
     >>> tasksets = get_tasksets("sinusoid", shots=10, queries=10)
@@ -65,12 +67,14 @@ class TaskSampler:
         """``num_tasks`` independent tasks stacked on a leading axis (``vmap`` over split keys)."""
         return _sample_batch(self.fn, self.data, key, num_tasks)
 
-    def device_sampler(self, num_tasks: int):
-        """A :class:`metafit.train.DeviceSampler` drawing ``num_tasks`` tasks per step inside the
-        compiled train step, with this split's arrays passed to it as an argument."""
-        from metafit.train import DeviceSampler
+    def batch_fn(self, num_tasks: int) -> Callable[..., Task]:
+        """``(key, data=None) -> Task``: ``num_tasks`` tasks drawn from ``data`` (this split's
+        :attr:`data`), a pure function for :class:`metafit.train.DeviceSampler`, which passes
+        ``data`` to the compiled step as an argument instead of baking the arrays in::
 
-        return DeviceSampler(functools.partial(_sample_from, self.fn, num_tasks), data=self.data)
+            DeviceSampler(sampler.batch_fn(25), data=sampler.data)
+        """
+        return functools.partial(_sample_from, self.fn, num_tasks)
 
 
 def _sample_from(fn, num_tasks, key, data=None):  # data=None: a task set without arrays (sinusoid)

@@ -4,35 +4,33 @@
 :func:`metafit.train.fit`: the loss is the mean query meta-loss, the gradient rule
 is :func:`metafit.meta.meta_value_and_grad` (weighted for O-AMFS/AMFS), and each
 step's meta-batch of ``train.batch_size`` tasks is sampled on device from the step
-key (:class:`~metafit.train.DeviceSampler`), so checkpoints resume exactly.
+key (the task set's pure sampler wrapped in a :class:`~metafit.train.DeviceSampler`),
+so checkpoints resume exactly.
 
 Afterwards it evaluates on ``eval_tasks`` held-out tasks of the *test* split, drawn
 from ``eval_seed`` (the same tasks for every learner and seed, so comparisons are
 paired), and reports the mean and 95% interval of the query metric (``query_mse``
 for regression, ``query_accuracy`` for classification), the seconds per
-meta-iteration of the trainer's fused loop (median gap between training log lines,
-so compilation is excluded; see :class:`TimedMetrics`), and the variance of the
-logged training meta-loss over the second half of training.
+meta-iteration of the trainer's fused loop (``FitResult.timing["step_seconds"]``:
+after the first chunk, so compilation is excluded; evals and checkpoints are not
+counted), and the variance of the logged training meta-loss over the second half of
+training.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Literal, Optional
 
 import jax
 import numpy as np
-from flax import nnx
 
-from metafit.data.tasks import TaskSet, get_tasksets
+from metafit.data.tasks import get_tasksets
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.meta import (
-    MLP,
-    Conv4,
     batch_meta_loss,
+    build_backbone,
     evaluate,
-    functional,
     learner_config,
     make_learner,
     meta_value_and_grad,
@@ -40,7 +38,7 @@ from metafit.meta import (
 )
 from metafit.parallel import make_mesh
 from metafit.runs import RunDir
-from metafit.train import MetricsWriter, fit
+from metafit.train import DeviceSampler, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,39 +86,6 @@ class MetaArgs:
                 raise ValueError(f"args.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def build_backbone(args: MetaArgs, tasks: TaskSet, seed: int):
-    """The backbone for ``tasks`` as ``(Network, params)``."""
-    rngs = nnx.Rngs(seed)
-    if args.backbone == "mlp":
-        return functional(MLP(math.prod(tasks.input_shape), args.widths, tasks.output_dim, rngs=rngs))
-    if len(tasks.input_shape) != 3:
-        raise ValueError(f"conv4 needs image inputs (H, W, C); {tasks.name} has inputs of shape {tasks.input_shape}")
-    return functional(Conv4(tasks.input_shape[-1], tasks.output_dim, hidden=args.conv_hidden, norm=args.conv_norm,
-                            image_size=tasks.input_shape[0], rngs=rngs))
-
-
-class TimedMetrics(MetricsWriter):
-    """The run's ``metrics.jsonl`` writer, also noting the wall clock of each training log line.
-
-    The trainer logs every ``log_every`` fused steps and syncs there, so the gaps
-    between log lines time the real training loop; the median gap excludes the first
-    chunk (compilation) and the few gaps that also hold an eval or a checkpoint.
-    """
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.train_times: list[tuple[int, float]] = []
-
-    def write(self, record):
-        if record.get("split") == "train":
-            self.train_times.append((record["step"], time.perf_counter()))
-        super().write(record)
-
-    def seconds_per_step(self) -> float | None:
-        gaps = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(self.train_times, self.train_times[1:]) if s1 > s0]
-        return float(np.median(gaps)) if gaps else None
-
-
 @experiment("meta", config=MetaArgs)
 def run_meta(cfg: RunConfig, run: RunDir) -> dict:
     """Meta-trains one learner on one task set; reports held-out query metrics and cost."""
@@ -128,7 +93,8 @@ def run_meta(cfg: RunConfig, run: RunDir) -> dict:
     tasks = get_tasksets(args.taskset, args.ways, args.shots, args.queries, **args.taskset_options)
     eval_tasks = tasks if args.eval_queries in (None, args.queries) else get_tasksets(
         args.taskset, args.ways, args.shots, args.eval_queries, **args.taskset_options)
-    network, params = build_backbone(args, tasks, cfg.seed)
+    network, params = build_backbone(args.backbone, tasks.input_shape, tasks.output_dim, seed=cfg.seed,
+                                     widths=args.widths, conv_hidden=args.conv_hidden, conv_norm=args.conv_norm)
     loss = "mse" if tasks.kind == "regression" else "xent"
     learner = make_learner(args.learner, network, loss=loss, output_dim=tasks.output_dim,
                            config=learner_config(args.learner, args.learner_args))
@@ -148,14 +114,12 @@ def run_meta(cfg: RunConfig, run: RunDir) -> dict:
         scores = summarize(evaluate(learner, p, val_batch, jax.random.fold_in(eval_key, 2)))
         return {f"val_{metric}": scores[metric], "val_query_loss": scores["query_loss"]}
 
-    log = TimedMetrics(run.metrics.path)
     # One device gains nothing from a mesh, so it is used only when there is something to shard over.
     mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
-    start = time.perf_counter()
-    result = fit(loss_fn, meta_params, tasks.train.device_sampler(cfg.train.batch_size), cfg.train, key=jax.random.key(cfg.seed),
+    sampler = DeviceSampler(tasks.train.batch_fn(cfg.train.batch_size), data=tasks.train.data)
+    result = fit(loss_fn, meta_params, sampler, cfg.train, key=jax.random.key(cfg.seed),
                  workdir=run.checkpoint_dir("meta"), eval_fn=eval_fn, grad_fn=grad_fn, mesh=mesh,
-                 name="meta", log=log)
-    train_seconds = time.perf_counter() - start
+                 name="meta", log=run.metrics)
 
     test_batch = eval_tasks.test.sample_batch(jax.random.fold_in(eval_key, 3), args.eval_tasks)
     scores = summarize(evaluate(learner, result.params, test_batch, jax.random.fold_in(eval_key, 4)))
@@ -166,12 +130,12 @@ def run_meta(cfg: RunConfig, run: RunDir) -> dict:
         "query_loss": scores["query_loss"],
         "meta_loss_final": float(losses[-1]),
         "meta_loss_var": float(np.var(losses[len(losses) // 2:])),
-        "train_seconds": train_seconds,
+        "train_seconds": result.timing["seconds"],
         "steps": result.step,
         "eval_tasks": args.eval_tasks,
     }
-    if log.seconds_per_step() is not None:  # None when resumed at the end (nothing was trained)
-        metrics["seconds_per_iter"] = log.seconds_per_step()
+    if math.isfinite(result.timing["step_seconds"]):  # NaN when nothing was trained after the first chunk
+        metrics["seconds_per_iter"] = result.timing["step_seconds"]
     if "kernel_jitter" in result.history[-1]:
         metrics["kernel_jitter"] = max(h["kernel_jitter"] for h in result.history)
     steps = [h["step"] for h in result.history]

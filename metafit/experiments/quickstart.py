@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from metafit.data.batching import epoch_batches
@@ -20,6 +19,7 @@ from metafit.models.mlp import MLP
 from metafit.parallel import make_mesh
 from metafit.runs import RunDir
 from metafit.train import fit
+from metafit.train.losses import classification_loss
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,6 @@ class QuickstartArgs:
             raise ValueError(f"args.test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
-def classification_loss(graphdef: nnx.GraphDef):
-    """Cross-entropy loss of the NNX model ``graphdef`` over a params state."""
-
-    def loss_fn(params, batch, key):
-        x, y = batch
-        logits = nnx.merge(graphdef, params)(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-        return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
-
-    return loss_fn
 
 
 @experiment("quickstart", config=QuickstartArgs)

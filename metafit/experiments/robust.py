@@ -4,7 +4,8 @@ One run = a dataset, a backbone, a noise model and rates, a list of ``method:tun
 entries (``ce:full`` = full fine-tuning, ``ce:lora`` = plain LoRA, ``clear:adapter``,
 ``gce:lora``, ``coteaching:lora``, ``gmm_filter:lora``...) and seeds. Every entry trains
 with :func:`metafit.robust.train_noisy` (one :func:`metafit.train.fit` call per seed;
-checkpoints and per-epoch state under ``<run>/<entry>/<rate>/seed<k>/`` so a rerun resumes).
+checkpoints, with the per-epoch clean-probability state in them, under
+``<run>/<entry>/<rate>/seed<k>/`` so a rerun resumes).
 
 The returned table has, per entry and noise rate, mean ± std over seeds of the peak and
 last test accuracy, memorisation (train accuracy on corrupted samples w.r.t. their noisy
@@ -14,25 +15,18 @@ memorisation per epoch, and accuracy against noise rate.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
 import jax
 import numpy as np
 
-from metafit.data.noise import add_label_noise
-from metafit.data.text import encode_texts, hashed_bag_of_words, load_text_dataset, split_dataset, stratified_subset
+from metafit.data.text import hashed_bag_of_words
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.peft.config import PeftConfig
-from metafit.robust.backbones import Backbone, minilm_backbone, tiny_keyword_backbone
-from metafit.robust.classifier import bert_peft_config, build_text_classifier
-from metafit.robust.methods import (CEConfig, ClearConfig, CoteachingConfig, GCEConfig, GMMFilterConfig,
-                                    NOISY_METHODS, make_method)
-from metafit.robust.runner import EncodedSplit, NoisyTask, train_noisy
+from metafit.robust import (BACKBONES, NOISY_METHODS, ClearConfig, CoteachingConfig, GCEConfig, GMMFilterConfig,
+                            encoded_splits, make_backbone, make_method, method_config, noisy_task, summarise_seeds,
+                            text_classifiers, train_noisy)
+from metafit.robust.classifier import TUNINGS, bert_peft_config
 from metafit.runs import RunDir
-
-TUNINGS = ("full", "lora", "adapter", "prefix", "bitfit")
-
 
 @dataclasses.dataclass(frozen=True)
 class RobustArgs:
@@ -100,54 +94,12 @@ class RobustArgs:
                                  f"with tuning in {', '.join(TUNINGS)}")
             if method == "clear" and tuning == "full":
                 raise ValueError("args.methods: 'clear:full' is not a thing: CleaR routes PEFT modules")
-        if self.backbone not in ("tiny", "all-minilm-l6-v2"):
-            raise ValueError(f"args.backbone must be 'tiny' or 'all-minilm-l6-v2', got '{self.backbone}'")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"args.backbone must be one of {', '.join(BACKBONES)}, got '{self.backbone}'")
         if self.backbone == "tiny" and self.dataset != "keywords":
             raise ValueError("args.backbone 'tiny' only knows the keywords vocabulary; use all-minilm-l6-v2")
         if self.epochs < 1:
             raise ValueError(f"args.epochs must be >= 1, got {self.epochs}")
-
-
-def make_backbone(args: RobustArgs, seed: int) -> Backbone:
-    if args.backbone == "tiny":
-        return tiny_keyword_backbone(args.num_classes, seed=seed, max_len=args.max_len, steps=args.backbone_steps)
-    return minilm_backbone()
-
-
-def make_splits(args: RobustArgs, backbone: Backbone):
-    """Encoded train / val / test splits and the raw train texts (fixed by ``split_seed``)."""
-    kwargs = {"num_examples": args.num_examples, "num_classes": args.num_classes} if args.dataset == "keywords" else {}
-    dataset = load_text_dataset(args.dataset, **kwargs)
-    split_key, train_key, test_key = jax.random.split(jax.random.key(args.split_seed), 3)
-    splits = split_dataset(dataset, key=split_key, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    train = stratified_subset(splits.train, args.train_size, key=train_key)
-    test = stratified_subset(splits.test, args.test_size, key=test_key)
-
-    def encode(part):
-        enc = encode_texts(backbone.tokenizer, part.texts, args.max_len)
-        return EncodedSplit(enc["input_ids"], enc["attention_mask"], part.labels)
-
-    return encode(train), encode(splits.val), encode(test), train.texts, dataset.num_classes
-
-
-def method_config(args: RobustArgs, method: str, rate: float) -> Any:
-    if method == "clear":
-        return args.clear
-    if method == "gce":
-        return args.gce
-    if method == "gmm_filter":
-        return args.gmm_filter
-    if method == "coteaching":
-        forget = args.coteaching.forget_rate
-        return dataclasses.replace(args.coteaching, forget_rate=rate if forget is None else forget)
-    return CEConfig()
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite))
 
 
 @experiment("robust", config=RobustArgs)
@@ -155,56 +107,40 @@ def robust(cfg: RunConfig, run: RunDir) -> dict:
     """Trains every ``method:tuning`` entry at every noise rate and seed; mean ± std table and plots."""
     args: RobustArgs = cfg.args
     seeds = args.seeds or (cfg.seed,)
-    backbone = make_backbone(args, cfg.seed)
-    train, val, test, train_texts, num_classes = make_splits(args, backbone)
-    features = hashed_bag_of_words(train_texts) if args.noise == "instance" else None
+    backbone = make_backbone(args.backbone, num_classes=args.num_classes, seed=cfg.seed, max_len=args.max_len,
+                             steps=args.backbone_steps)
+    corpus_size = {"num_examples": args.num_examples, "num_classes": args.num_classes} if args.dataset == "keywords" else {}
+    splits = encoded_splits(args.dataset, backbone.tokenizer, max_len=args.max_len, split_seed=args.split_seed,
+                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                            train_size=args.train_size, test_size=args.test_size, **corpus_size)
+    features = hashed_bag_of_words(splits.train_texts) if args.noise == "instance" else None
+    configs = {"clear": args.clear, "gce": args.gce, "coteaching": args.coteaching, "gmm_filter": args.gmm_filter}
     table: dict[str, dict[str, float]] = {}
     curves: dict[str, list[list[dict[str, float]]]] = {}
     for rate in args.noise_rates:
         for entry in args.methods:
             method_name, _, tuning = entry.partition(":")
             label = f"{entry} {args.noise[:4]}{rate:g}"
+            classifiers = text_classifiers(backbone, splits.num_classes, tuning=tuning, peft_config=args.peft)
+            method = make_method(method_name, classifiers(jax.random.key(0)), method_config(method_name, rate, configs))
+            train_config = cfg.train
+            if tuning == "full" and args.full_finetune_lr is not None:
+                train_config = dataclasses.replace(cfg.train, lr=args.full_finetune_lr)
             runs, realised = [], []
             for seed in seeds:
                 # training randomness depends on the seed only (the same init and data order at every
                 # noise rate: a paired comparison); the noise draw depends on the seed and the rate
-                train_key = jax.random.key(seed)
-                noise_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), int(round(rate * 1000)))
-                noisy = add_label_noise(args.noise, noise_key, train.labels, num_classes=num_classes, rate=rate,
-                                        features=features)
-                task = NoisyTask(train._replace(labels=noisy.labels), noisy, val, test, num_classes)
-
-                def classifiers(key, tuning=tuning):
-                    return build_text_classifier(backbone.make_encoder(), backbone.hidden_size, num_classes,
-                                                 tuning=tuning, peft_config=args.peft, key=key)
-
-                method = make_method(method_name, classifiers(jax.random.key(0)),
-                                     method_config(args, method_name, rate))
+                task = noisy_task(splits, args.noise, rate, seed=seed, features=features)
                 stage = f"{entry}/{args.noise}{rate:g}/seed{seed}"
-                train_config = cfg.train
-                if tuning == "full" and args.full_finetune_lr is not None:
-                    train_config = dataclasses.replace(cfg.train, lr=args.full_finetune_lr)
-                result = train_noisy(method, classifiers, task, train_config, epochs=args.epochs, key=train_key,
-                                     workdir=run.subdir(stage.replace(":", "_")), name=stage, log=run.metrics,
-                                     eval_batch_size=args.eval_batch_size,
-                                     track_memorisation=args.track_memorisation, gmm_seed=seed)
-                runs.append(result)
-                realised.append(noisy.noise_rate)
+                runs.append(train_noisy(method, classifiers, task, train_config, epochs=args.epochs,
+                                        key=jax.random.key(seed), workdir=run.subdir(stage.replace(":", "_")),
+                                        name=stage, log=run.metrics, eval_batch_size=args.eval_batch_size,
+                                        track_memorisation=args.track_memorisation, gmm_seed=seed))
+                realised.append(task.noise.noise_rate)
             table[label] = summarise_seeds([r.summary for r in runs], float(np.mean(realised)))
             curves[label] = [r.curve for r in runs]
     write_plots(run, curves, table, args)
     return {"methods": table}
-
-
-def summarise_seeds(summaries: list[dict[str, float]], realised_rate: float) -> dict[str, float]:
-    """Mean and std over seeds of every summary metric."""
-    row: dict[str, float] = {}
-    for key in summaries[0]:
-        mean, std = mean_std([s.get(key, float("nan")) for s in summaries])
-        row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-    row["seeds"] = len(summaries)
-    row["realised_noise_rate"] = realised_rate
-    return row
 
 
 def write_plots(run: RunDir, curves: dict[str, list[list[dict[str, float]]]], table: dict[str, dict[str, float]],

@@ -1,6 +1,6 @@
 """Meta-learning: pure-function learners (MAML family, ProtoNet, R2-D2, AMFS), kernels, task weights.
 
-Layers: :mod:`backbones` (NNX MLP/Conv4 and their functional view) ->
+Layers: :mod:`backbones` (NNX MLP/Conv4, :func:`build_backbone` by name, and their functional view) ->
 :mod:`kernels` (empirical NTK, Cholesky / expm closed forms) and :mod:`weighting`
 (gradient agreement, softmax-cosine, uniform) -> :mod:`learners` (the registry
 :data:`META_LEARNERS`) -> :mod:`outer` (meta-loss, weighted meta-gradient,
@@ -17,7 +17,7 @@ Example:
     >>> tasks = tasksets.train.sample_batch(jax.random.key(0), 25)
     >>> (loss, metrics), grads = meta_value_and_grad(learner, meta_params, tasks, jax.random.key(1))
 """
-from metafit.meta.backbones import MLP, Conv4, Network, functional
+from metafit.meta.backbones import BACKBONES, MLP, Conv4, Network, build_backbone, functional
 from metafit.meta.kernels import (
     KERNELS,
     IllConditionedWarning,
@@ -48,7 +48,7 @@ from metafit.meta.outer import (
 from metafit.meta.weighting import TASK_WEIGHTINGS, combine_task_grads, gradient_agreement, softmax_cosine, task_gram
 
 __all__ = [
-    "MLP", "Conv4", "Network", "functional", "KERNELS", "Kernel", "IllConditionedWarning", "ntk_gram", "ntk_cross",
+    "BACKBONES", "MLP", "Conv4", "Network", "build_backbone", "functional", "KERNELS", "Kernel", "IllConditionedWarning", "ntk_gram", "ntk_cross",
     "regularised_cholesky", "ridge_coefficients", "flow_coefficients", "warn_if_jittered", "LOSSES", "META_LEARNERS", "MetaLearner",
     "inner_sgd", "learner_config", "make_learner", "meta_loss", "batch_meta_loss", "task_value_and_grad",
     "meta_value_and_grad", "evaluate", "summarize", "TASK_WEIGHTINGS", "task_gram", "gradient_agreement",

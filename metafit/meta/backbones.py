@@ -1,8 +1,9 @@
 """Meta-learning backbones (MLP, Conv4) and their functional view for pure learners.
 
-Every backbone is an NNX module with a ``body`` (``features(x)``) and a linear
-``head``, so learners can adapt the head alone (ANIL), replace it with a
-closed-form solver (ProtoNet, R2-D2), or adapt everything (MAML). Learners never
+Every backbone is an NNX module with a body (``features(x)``) and a linear
+``head`` (the MLP is metafit's one :class:`metafit.models.mlp.MLP`), so learners
+can adapt the head alone (ANIL), replace it with a closed-form solver (ProtoNet,
+R2-D2), or adapt everything (MAML). :func:`build_backbone` builds one by name. Learners never
 see the module: :func:`functional` splits it once into a :class:`Network` of pure
 functions over a plain nested ``dict`` of parameters (keys are strings, so
 checkpoints and tree paths are stable), and every meta-step re-merges inside jit.
@@ -14,11 +15,14 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from metafit.models.mlp import MLP
 
 Params = Any
 Array = jax.Array
@@ -57,35 +61,6 @@ def functional(model: nnx.Module) -> tuple[Network, Params]:
         return nnx.merge(head_graphdef, head_params)(feats)
 
     return Network(apply, features, head), state.to_pure_dict()
-
-
-class MLP(nnx.Module):
-    """``in -> widths -> out`` with ReLU; e.g. the 1-40-40-1 sinusoid regressor of MAML.
-
-    Args:
-      in_features: input size (inputs are flattened after the batch axis).
-      widths: hidden sizes (the body); the head maps ``widths[-1] -> out_features``.
-      out_features: output size.
-      rngs: NNX random streams (keyword-only).
-    """
-
-    def __init__(self, in_features: int, widths: Sequence[int], out_features: int, *, rngs: nnx.Rngs,
-                 activation: Callable[[Array], Array] = jax.nn.relu):
-        sizes = [in_features, *widths]
-        self.depth = len(widths)
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            setattr(self, f"dense{i}", nnx.Linear(a, b, rngs=rngs))  # string names: stable tree paths
-        self.head = nnx.Linear(sizes[-1], out_features, rngs=rngs)
-        self.activation = activation
-
-    def features(self, x: Array) -> Array:
-        x = x.reshape(x.shape[0], -1)
-        for i in range(self.depth):
-            x = self.activation(getattr(self, f"dense{i}")(x))
-        return x
-
-    def __call__(self, x: Array) -> Array:
-        return self.head(self.features(x))
 
 
 class ConvBlock(nnx.Module):
@@ -145,3 +120,32 @@ class Conv4(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.head(self.features(x))
+
+
+BACKBONES = ("mlp", "conv4")
+
+
+def build_backbone(name: Literal["mlp", "conv4"], input_shape: Sequence[int], output_dim: int, *, seed: int,
+                   widths: Sequence[int] = (40, 40), conv_hidden: int = 64,
+                   conv_norm: Literal["batch", "layer", "none"] = "batch") -> tuple[Network, Params]:
+    """The backbone ``name`` for inputs of ``input_shape`` as ``(Network, params)``, initialised from ``seed``.
+
+    Args:
+      name: ``mlp`` (inputs flattened; hidden ``widths``) or ``conv4`` (images ``(H, W, C)``;
+        ``conv_hidden`` filters per block, ``conv_norm`` normalisation).
+      input_shape: shape of one input, e.g. a task set's ``input_shape``.
+      output_dim: outputs of the head (the ways, or the regression target size).
+      seed: ``nnx.Rngs(seed)`` initialises the parameters.
+
+    Raises:
+      ValueError: an unknown name, or ``conv4`` on inputs that are not images.
+    """
+    rngs = nnx.Rngs(seed)
+    if name == "mlp":
+        return functional(MLP(math.prod(input_shape), widths, output_dim, rngs=rngs))
+    if name != "conv4":
+        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}")
+    if len(input_shape) != 3:
+        raise ValueError(f"conv4 needs image inputs (H, W, C); got inputs of shape {tuple(input_shape)}")
+    return functional(Conv4(input_shape[-1], output_dim, hidden=conv_hidden, norm=conv_norm,
+                            image_size=input_shape[0], rngs=rngs))

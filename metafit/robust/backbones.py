@@ -8,7 +8,7 @@
   encoder in tests and quick configs: PEFT on a random frozen encoder learns nothing,
   while on this one it adapts like PEFT on a real pre-trained model.
 
-A :class:`Backbone` builds fresh copies (``make_encoder()``), because applying PEFT edits
+:func:`make_backbone` picks one by name. A :class:`Backbone` builds fresh copies (``make_encoder()``), because applying PEFT edits
 an encoder in place and co-teaching needs two.
 """
 from __future__ import annotations
@@ -91,3 +91,16 @@ def tiny_keyword_backbone(num_classes: int = 4, *, seed: int = 0, hidden: int = 
     trained = nnx.merge(classifier.graphdef, *result.params).encoder
     return Backbone(lambda: nnx.clone(trained), tokenizer, hidden,
                     f"tiny-bert-{layers}x{hidden}")
+
+
+BACKBONES = ("tiny", "all-minilm-l6-v2")
+
+
+def make_backbone(name: str, *, num_classes: int = 4, seed: int = 0, max_len: int = 32, steps: int = 150) -> Backbone:
+    """The backbone called ``name``: ``tiny`` (:func:`tiny_keyword_backbone`, pre-trained here with
+    ``num_classes``, ``seed``, ``max_len`` and ``steps``) or ``all-minilm-l6-v2`` (:func:`minilm_backbone`)."""
+    if name == "tiny":
+        return tiny_keyword_backbone(num_classes, seed=seed, max_len=max_len, steps=steps)
+    if name == "all-minilm-l6-v2":
+        return minilm_backbone()
+    raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}")

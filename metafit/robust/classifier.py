@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 Tuning = Literal["full", "lora", "adapter", "prefix", "bitfit"]
+TUNINGS: tuple[str, ...] = get_args(Tuning)
 
 
 def bert_peft_config():
@@ -156,3 +157,14 @@ def build_text_classifier(encoder: nnx.Module, hidden_size: int, num_classes: in
     trainable_filter = nnx.Any(peft.trainable_filter(), nnx.All(nnx.Param, nnx.PathContains("head")))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
     return TextClassifier(graphdef, trainable, frozen, max(groups) + 1, groups, tuning)
+
+
+def text_classifiers(backbone: Any, num_classes: int, *, tuning: Tuning, peft_config: Any = None):
+    """``key -> TextClassifier`` on fresh copies of ``backbone``'s encoder (a :class:`~metafit.robust.Backbone`):
+    what :func:`metafit.robust.train_noisy` and the methods' ``init`` call (co-teaching calls it twice)."""
+
+    def classifiers(key: jax.Array) -> TextClassifier:
+        return build_text_classifier(backbone.make_encoder(), backbone.hidden_size, num_classes, tuning=tuning,
+                                     peft_config=peft_config, key=key)
+
+    return classifiers

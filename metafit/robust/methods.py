@@ -322,6 +322,17 @@ def gmm_filter_method(classifier: TextClassifier, config: GMMFilterConfig = GMMF
                        config.warmup_epochs, config.loss_momentum)
 
 
+def method_config(name: str, rate: float, configs: dict[str, Any]) -> Any:
+    """The config of method ``name`` at noise rate ``rate``: ``configs[name]`` or the method's default,
+    with co-teaching's unset ``forget_rate`` taken from the noise rate (as Han et al. do)."""
+    config = configs.get(name)
+    if config is None:
+        config = NOISY_METHODS.meta(name)["config"]()
+    if name == "coteaching" and config.forget_rate is None:
+        config = dataclasses.replace(config, forget_rate=rate)
+    return config
+
+
 def make_method(name: str, classifier: TextClassifier, config: Any = None) -> NoisyMethod:
     """The method registered as ``name`` for ``classifier`` (``config`` None = its defaults)."""
     factory = NOISY_METHODS.get(name)

@@ -6,9 +6,12 @@
   whose label was corrupted: 1.0 means the model fitted every wrong label.
 * clean-probability AUROC -- how well a clean-probability estimate ranks truly clean
   samples above corrupted ones (0.5 = chance; undefined without both kinds).
+
+:func:`summarise_seeds` turns per-seed summaries into the mean ± std row of a results table.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -51,3 +54,23 @@ def clean_auroc(clean_prob: np.ndarray, is_noisy: np.ndarray) -> float:
     if is_clean.all() or not is_clean.any():
         return float("nan")
     return float(roc_auc_score(is_clean, np.asarray(clean_prob, np.float64)))
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the finite values; NaNs when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    return float(np.mean(finite)), float(np.std(finite))
+
+
+def summarise_seeds(summaries: Sequence[dict[str, float]], realised_rate: float) -> dict[str, float]:
+    """``<metric>_mean`` and ``<metric>_std`` over seeds of every metric of the first summary,
+    plus ``seeds`` and the ``realised_noise_rate`` (fraction of training labels actually corrupted)."""
+    row: dict[str, float] = {}
+    for key in summaries[0]:
+        mean, std = mean_std([s.get(key, float("nan")) for s in summaries])
+        row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+    row["seeds"] = len(summaries)
+    row["realised_noise_rate"] = realised_rate
+    return row

@@ -2,19 +2,29 @@
 
 :func:`train_noisy` runs a :class:`~metafit.robust.methods.NoisyMethod` for ``epochs``
 epochs as ONE :func:`metafit.train.fit` call (one compilation, one optimiser state and
-schedule across epochs). Epoch boundaries are ``fit``'s eval points
-(``eval_every = steps_per_epoch``); there, the boundary hook
+schedule across epochs). Epoch boundaries are a trainer :class:`~metafit.train.Callback`
+(named :data:`EPOCH_HOOK`, called every ``steps_per_epoch`` steps) that
 
 1. evaluates (test / val accuracy; memorisation = train accuracy on the corrupted
    samples w.r.t. their noisy labels);
 2. if the method needs it before the next epoch: runs the per-sample pass over the
    training set (jitted, fixed-size chunks), smooths the losses with an EMA, fits the
-   2-component GMM (scikit-learn) and stores clean probabilities + logits q̂;
-3. saves that per-sample state to ``workdir/robust_state/epoch_<e>.npz``.
+   2-component GMM (scikit-learn) and keeps clean probabilities + logits q̂.
 
-``batch_at(step)`` then serves each batch with the state of its epoch, so the loss stays
-a pure function of ``(params, batch, key)``. Resuming from a checkpoint at an epoch
-boundary reloads the saved state: a resumed run ends with the same numbers.
+Its state, an :class:`EpochState` (clean probabilities ``[n]``, stored logits ``[n, C]``,
+loss EMA ``[n]`` and the epoch they were made for), is checkpointed with the parameters,
+so a resumed run restores it and never refits a finished epoch's GMM. The batches are a
+:class:`~metafit.train.StatefulData`: each is served with the state of its epoch, so the
+loss stays a pure function of ``(params, batch, key)``. The per-epoch metrics are the
+callback's lines in ``metrics.jsonl`` (``split`` = ``"epoch"``).
+
+Keys: ``init, loss, data, eval = split(key, 4)``. The loss of step ``s`` gets the trainer's
+step key, ``fold_in(fold_in(loss, s), 1)`` (see :func:`metafit.train.fit`); epoch ``e``
+visits the samples in the order ``permutation(fold_in(data, e))``; the evaluation after
+epoch ``e`` uses ``fold_in(eval, e)`` and the per-sample pass before epoch ``e`` uses
+``fold_in(eval, 10_000 + e)``. (Until issue 16 the loss key was
+``fold_in(loss, key_data(fold_in(fold_in(key(0), s), 1))[-1])``, the run key travelling in
+the batch beside a constant trainer key; ``paper_repro/clear`` says which numbers used it.)
 """
 from __future__ import annotations
 
@@ -28,48 +38,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metafit.data.noise import NoisyLabels
 from metafit.robust.classifier import TextClassifier
 from metafit.robust.clean_prob import ema_losses, gmm_clean_probability
 from metafit.robust.losses import cross_entropy
 from metafit.robust.methods import NoisyMethod
 from metafit.robust.metrics import accuracy, clean_auroc, memorisation, peak_and_last
-from metafit.train import TrainConfig, fit
+from metafit.robust.tasks import EncodedSplit, NoisyTask
+from metafit.train import Callback, StatefulData, StepInfo, TrainConfig, fit
 
-FIT_KEY = jax.random.key(0)  # see loss_fn in train_noisy
-
-
-class EncodedSplit(NamedTuple):
-    """Tokenised texts with labels: ``input_ids``/``attention_mask`` int32 ``[n, L]``, ``labels`` ``[n]``."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def size(self) -> int:
-        return len(self.labels)
-
-
-class NoisyTask(NamedTuple):
-    """A noisy-label classification task: noisy train set, clean val/test sets.
-
-    ``train.labels`` are the *noisy* labels; ``noise`` holds the truth.
-    """
-
-    train: EncodedSplit
-    noise: NoisyLabels
-    val: EncodedSplit
-    test: EncodedSplit
-    num_classes: int
+EPOCH_HOOK = "epoch"  # the epoch-boundary callback's name: its metrics.jsonl lines have split "epoch"
 
 
 class EpochState(NamedTuple):
-    """Per-sample state served with the batches of one epoch."""
+    """Per-sample state served with the batches of one epoch (the epoch callback's checkpointed state).
 
-    clean_prob: np.ndarray  # [n] float32
-    stored_logits: np.ndarray  # [n, C] float32
-    ema_losses: np.ndarray | None  # [n] float32 or None before the first pass
+    Attributes:
+      clean_prob: float32 ``[n]`` GMM clean probability (1 before any estimate).
+      stored_logits: float32 ``[n, C]`` logits of the per-sample pass (CleaR's q̂; 0 before any).
+      ema_losses: float32 ``[n]`` smoothed per-sample losses of the last pass (0 before any).
+      epoch: int32 scalar, the epoch the estimate was made for (-1: no estimate yet).
+    """
+
+    clean_prob: np.ndarray
+    stored_logits: np.ndarray
+    ema_losses: np.ndarray
+    epoch: np.ndarray
+
+    @classmethod
+    def initial(cls, n: int, num_classes: int) -> "EpochState":
+        """Before the first estimate every sample counts as clean and has no stored prediction."""
+        return cls(np.ones(n, np.float32), np.zeros((n, num_classes), np.float32), np.zeros(n, np.float32),
+                   np.asarray(-1, np.int32))
+
+    def made_for(self, epoch: int) -> bool:
+        """Whether this state is the estimate made at the start of ``epoch``."""
+        return int(self.epoch) == epoch
 
 
 class NoisyRunResult(NamedTuple):
@@ -82,9 +85,11 @@ class NoisyRunResult(NamedTuple):
       summary: ``peak_test_accuracy``, ``last_test_accuracy``, ``last_memorisation``, ...
       clean_prob: the last clean-probability estimate (None if the method made none).
       history: the trainer's logged training metrics.
-      timing: ``train_epochs`` (seconds of training between epoch boundaries, the first
-        including compilation), ``pass_epochs`` (per-sample pass + GMM, per estimate) and
-        ``eval`` (total seconds evaluating).
+      timing: ``step_seconds`` (mean training step, compilation excluded: the trainer's
+        :attr:`~metafit.train.FitResult.timing`), ``epoch_seconds`` (``step_seconds`` times the
+        steps of an epoch), ``first_dispatch_seconds`` (the first fused chunk, compilation
+        included), ``pass_seconds`` (per-sample pass + GMM, one entry per estimate made by this
+        call) and ``eval_seconds`` (total seconds evaluating in this call).
     """
 
     params: Any
@@ -136,115 +141,131 @@ def train_noisy(
       classifiers: ``key -> TextClassifier`` building a fresh classifier (co-teaching calls it twice).
       task: the noisy train set and clean val/test sets.
       config: trainer settings; ``steps``, ``eval_every`` and ``ckpt_every`` are overridden
-        (``epochs · steps_per_epoch``, one epoch, one epoch); ``log_every`` becomes one epoch
+        (``epochs · steps_per_epoch``, none, one epoch); ``log_every`` becomes one epoch
         unless it divides the epoch, and ``steps_per_dispatch`` is cut to divide ``log_every``.
       epochs: number of passes over the training set (the last partial batch is dropped).
       key: all randomness (init, data order, routing, evaluation gates) derives from it.
-      workdir: checkpoints and per-epoch state (None: nothing is written, no resume).
+      workdir: checkpoints, with the epoch state in them (None: nothing is written, no resume).
       eval_batch_size: chunk size of evaluation / per-sample passes.
       track_memorisation: also predict on the training set at each epoch end.
       evaluate_every_epoch: evaluate at every epoch end (False: only at the end, e.g. benchmarks).
       gmm_seed: ``random_state`` of the GMM fits.
       name: the stage name in ``metrics.jsonl`` and progress.
-      log: a :class:`metafit.train.MetricsWriter` (per-epoch evals are read back from it on resume).
+      log: a :class:`metafit.train.MetricsWriter` (per-epoch metrics are read back from it on resume).
     """
     n = task.train.size
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training samples")
-    init_key, loss_key, data_key, eval_key = jax.random.split(key, 4)
-    params, trainable = method.init(classifiers, init_key)
-    # Periods that divide each other give every dispatched chunk the same length, so the
-    # fused train step compiles once (fit compiles one program per distinct chunk length).
-    log_every = config.log_every if steps_per_epoch % config.log_every == 0 else steps_per_epoch
-    fit_config = dataclasses.replace(
-        config, steps=epochs * steps_per_epoch, log_every=log_every,
-        steps_per_dispatch=math.gcd(config.steps_per_dispatch, log_every),
-        eval_every=steps_per_epoch,  # the epoch-boundary hook (it evaluates only when asked)
-        ckpt_every=steps_per_epoch if workdir is not None else 0)
-    state_dir = Path(workdir) / "robust_state" if workdir is not None else None
-    ckpt_dir = Path(workdir) / "checkpoints" if workdir is not None else None
-
-    jit_logits = jax.jit(method.logits)
-    jit_pass = jax.jit(method.pass_logits) if method.pass_logits is not None else None
     if method.needs_pass(0):
         raise ValueError("the method needs a clean-probability estimate before the first epoch; "
                          "give it at least one warm-up epoch")
-    # Before the first estimate every sample counts as clean and has no stored prediction.
-    default_state = EpochState(np.ones(n, np.float32), np.zeros((n, task.num_classes), np.float32), None)
-    states: dict[int, EpochState] = {}
-    timing: dict[str, Any] = {"train_epochs": [], "pass_epochs": [], "eval": 0.0}
-    tracker = {"curve": [], "t0": time.perf_counter()}
-    orders: dict[int, np.ndarray] = {}
-    loss_key_data = np.asarray(jax.random.key_data(loss_key))
+    init_key, loss_key, data_key, eval_key = jax.random.split(key, 4)
+    params, trainable = method.init(classifiers, init_key)
+    fit_config = epoch_fit_config(config, steps_per_epoch, epochs, checkpoints=workdir is not None)
+    timing: dict[str, Any] = {"pass_seconds": [], "eval_seconds": 0.0}
+    boundary = epoch_callback(method, task, steps_per_epoch=steps_per_epoch, eval_key=eval_key,
+                              eval_batch_size=eval_batch_size, track_memorisation=track_memorisation,
+                              evaluate_every_epoch=evaluate_every_epoch, gmm_seed=gmm_seed, timing=timing)
+    batches = epoch_batches(method, task, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
+                            key=data_key)
+    result = fit(method.loss, params, batches, fit_config, key=loss_key,
+                 workdir=Path(workdir) / "checkpoints" if workdir is not None else None,
+                 callbacks=[boundary], trainable=trainable, name=name, progress=progress, log=log)
+    curve = [{k: v for k, v in record.items() if k != "step"} for record in result.callback_records[EPOCH_HOOK]]
+    state = result.callback_states[EPOCH_HOOK]
+    timing.update(step_seconds=result.timing["step_seconds"],
+                  epoch_seconds=result.timing["step_seconds"] * steps_per_epoch,
+                  first_dispatch_seconds=result.timing["first_dispatch_seconds"])
+    last_prob = np.asarray(state.clean_prob) if int(state.epoch) >= 0 else None
+    return NoisyRunResult(result.params, curve, summarise(curve), last_prob, result.history, timing)
 
-    def epoch_state(epoch: int) -> EpochState:
-        if not method.needs_pass(epoch):
-            return default_state
-        if epoch not in states:  # after a resume: the hook ran before the checkpoint was written
-            path = state_dir / f"epoch_{epoch}.npz" if state_dir is not None else None
-            if path is None or not path.exists():
-                raise RuntimeError(f"no per-sample state for epoch {epoch}: the epoch-boundary hook did not run")
-            states[epoch] = _load_state(path)
-        return states[epoch]
 
-    def batch_at(step: int) -> dict[str, np.ndarray]:
+def epoch_fit_config(config: TrainConfig, steps_per_epoch: int, epochs: int, *, checkpoints: bool) -> TrainConfig:
+    """The trainer settings of an ``epochs``-epoch run: one checkpoint per epoch, periods that nest.
+
+    Periods that divide each other give every dispatched chunk the same length, so the fused
+    train step compiles once (``fit`` compiles one program per distinct chunk length).
+    """
+    log_every = config.log_every if steps_per_epoch % config.log_every == 0 else steps_per_epoch
+    return dataclasses.replace(
+        config, steps=epochs * steps_per_epoch, log_every=log_every,
+        steps_per_dispatch=math.gcd(config.steps_per_dispatch, log_every), eval_every=0,
+        ckpt_every=steps_per_epoch if checkpoints else 0)
+
+
+def epoch_batches(method: NoisyMethod, task: NoisyTask, *, steps_per_epoch: int, batch_size: int,
+                  key: jax.Array) -> StatefulData:
+    """The training batches: epoch ``e`` visits the samples in the order ``permutation(fold_in(key, e))``.
+
+    Each batch carries, besides the texts and noisy labels, the per-sample state of its epoch
+    (:class:`EpochState`, read from the epoch callback's state when the method needs one),
+    ``phase`` (1 once the method's warm-up is over) and ``epoch``.
+    """
+    n = task.train.size
+    default = EpochState.initial(n, task.num_classes)
+    orders: dict[int, np.ndarray] = {}  # a cache: the order is a pure function of (key, epoch)
+
+    def batch_at(step: int, states: dict[str, EpochState]) -> dict[str, np.ndarray]:
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in orders:
-            orders[epoch] = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
-        rows = orders[epoch][index * config.batch_size:(index + 1) * config.batch_size]
-        state = epoch_state(epoch)
+            orders[epoch] = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+        rows = orders[epoch][index * batch_size:(index + 1) * batch_size]
+        state = default
+        if method.needs_pass(epoch):
+            state = states[EPOCH_HOOK]
+            if not state.made_for(epoch):
+                raise RuntimeError(f"epoch {epoch} needs a clean-probability estimate but the epoch callback's "
+                                   f"state is for epoch {int(state.epoch)}")
         size = len(rows)
         return {
-            "loss_key": np.broadcast_to(loss_key_data, (size, *loss_key_data.shape)),
             "input_ids": task.train.input_ids[rows],
             "attention_mask": task.train.attention_mask[rows],
             "labels": task.train.labels[rows],
-            "clean_prob": state.clean_prob[rows],
-            "stored_logits": state.stored_logits[rows],
+            "clean_prob": np.asarray(state.clean_prob)[rows],
+            "stored_logits": np.asarray(state.stored_logits)[rows],
             "phase": np.full(size, float(epoch >= method.warmup_epochs), np.float32),
             "epoch": np.full(size, float(epoch), np.float32),
         }
 
-    def boundary(params, step: int) -> dict[str, float]:
-        jax.block_until_ready(params)  # dispatch is async: charge the training compute to training
-        epoch = step // steps_per_epoch  # epochs completed so far
-        timing["train_epochs"].append(time.perf_counter() - tracker["t0"])
+    return StatefulData(batch_at)
+
+
+def epoch_callback(method: NoisyMethod, task: NoisyTask, *, steps_per_epoch: int, eval_key: jax.Array,
+                   eval_batch_size: int = 64, track_memorisation: bool = True, evaluate_every_epoch: bool = True,
+                   gmm_seed: int = 0, timing: dict[str, Any] | None = None) -> Callback:
+    """The epoch-boundary :class:`~metafit.train.Callback` (:data:`EPOCH_HOOK`) of :func:`train_noisy`.
+
+    After epoch ``e`` (``e`` epochs completed) it evaluates with key ``fold_in(eval_key, e)`` (at every
+    epoch, or only at the end) and, if the method needs an estimate before epoch ``e`` and training
+    goes on, refreshes the :class:`EpochState` with the per-sample pass (key
+    ``fold_in(eval_key, 10_000 + e)``), the loss EMA and the GMM. ``timing`` (optional) collects
+    wall-clock seconds: it is a diagnostic, not state, and is not checkpointed.
+    """
+    jit_logits = jax.jit(method.logits)
+    jit_pass = jax.jit(method.pass_logits) if method.pass_logits is not None else None
+    timing = timing if timing is not None else {"pass_seconds": [], "eval_seconds": 0.0}
+
+    def at_boundary(info: StepInfo, state: EpochState) -> tuple[EpochState, dict[str, float]]:
+        epoch = info.step // steps_per_epoch
         metrics: dict[str, float] = {"epoch": float(epoch)}
-        if evaluate_every_epoch or step == fit_config.steps:
+        if evaluate_every_epoch or info.final:
             start = time.perf_counter()
-            metrics.update(_evaluate(jit_logits, params, task, jax.random.fold_in(eval_key, epoch),
+            metrics.update(_evaluate(jit_logits, info.params, task, jax.random.fold_in(eval_key, epoch),
                                      eval_batch_size, track_memorisation))
-            timing["eval"] += time.perf_counter() - start
-        if step < fit_config.steps and method.needs_pass(epoch):
+            timing["eval_seconds"] += time.perf_counter() - start
+        if not info.final and method.needs_pass(epoch):
             start = time.perf_counter()
-            previous = states.get(epoch - 1) or _load_if_exists(state_dir, epoch - 1)
-            new_state, pass_metrics = _clean_state(
-                jit_pass, params, task, previous, method.loss_momentum,
-                jax.random.fold_in(eval_key, 10_000 + epoch), eval_batch_size, gmm_seed)
-            states[epoch] = new_state
+            previous = state.ema_losses if state.made_for(epoch - 1) else None
+            state, pass_metrics = _clean_state(jit_pass, info.params, task, previous, method.loss_momentum,
+                                               jax.random.fold_in(eval_key, 10_000 + epoch), eval_batch_size,
+                                               gmm_seed, epoch)
             metrics.update(pass_metrics)
-            if state_dir is not None:
-                _save_state(state_dir / f"epoch_{epoch}.npz", new_state)
-            timing["pass_epochs"].append(time.perf_counter() - start)
-        tracker["curve"].append(metrics)
-        tracker["t0"] = time.perf_counter()
-        return metrics
+            timing["pass_seconds"].append(time.perf_counter() - start)
+        return state, metrics
 
-    def loss_fn(params, batch, step_key):
-        # The run's randomness enters through the batch, not fit's key. This dates from when fit
-        # baked its key into the compiled program (it is an argument now); it is kept because the
-        # published CleaR tables were produced with these key streams.
-        run_key = jax.random.wrap_key_data(batch["loss_key"][0])
-        batch = {k: v for k, v in batch.items() if k != "loss_key"}
-        return method.loss(params, batch, jax.random.fold_in(run_key, jax.random.key_data(step_key)[-1]))
-
-    result = fit(loss_fn, params, batch_at, fit_config, key=FIT_KEY, workdir=ckpt_dir,
-                 eval_fn=boundary,
-                 trainable=trainable, name=name, progress=progress, log=log)
-    curve = _full_curve(tracker["curve"], log, name, result.resumed_from, fit_config.steps)
-    last_prob = states[max(states)].clean_prob if states else None
-    return NoisyRunResult(result.params, curve, summarise(curve), last_prob, result.history, timing)
+    return Callback(EPOCH_HOOK, at_boundary, every=steps_per_epoch,
+                    init=EpochState.initial(task.train.size, task.num_classes))
 
 
 def _evaluate(jit_logits, params, task: NoisyTask, key, batch_size: int, track_memorisation: bool) -> dict[str, float]:
@@ -263,52 +284,16 @@ def _evaluate(jit_logits, params, task: NoisyTask, key, batch_size: int, track_m
     return out
 
 
-def _clean_state(jit_pass, params, task: NoisyTask, previous: EpochState | None, momentum: float, key,
-                 batch_size: int, gmm_seed: int) -> tuple[EpochState, dict[str, float]]:
-    """The per-sample loss pass + EMA + GMM: the clean-probability estimate for the next epoch."""
+def _clean_state(jit_pass, params, task: NoisyTask, previous_ema: np.ndarray | None, momentum: float, key,
+                 batch_size: int, gmm_seed: int, epoch: int) -> tuple[EpochState, dict[str, float]]:
+    """The per-sample loss pass + EMA + GMM: the clean-probability estimate for ``epoch``."""
     logits = batched_apply(jit_pass, params, task.train, key, batch_size).astype(np.float32)
     losses = np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(task.train.labels)))
-    smoothed = ema_losses(previous.ema_losses if previous is not None else None, losses, momentum)
+    smoothed = ema_losses(None if previous_ema is None else np.asarray(previous_ema), losses, momentum)
     estimate = gmm_clean_probability(smoothed, seed=gmm_seed)
     metrics = {"clean_auroc": clean_auroc(estimate.prob, task.noise.is_noisy),
                "predicted_clean_fraction": float((estimate.prob > 0.5).mean())}
-    return EpochState(estimate.prob, logits, smoothed), metrics
-
-
-def _load_if_exists(state_dir: Path | None, epoch: int) -> EpochState | None:
-    """A saved epoch state (the loss EMA's previous value after a resume), or None."""
-    if state_dir is None or not (state_dir / f"epoch_{epoch}.npz").exists():
-        return None
-    return _load_state(state_dir / f"epoch_{epoch}.npz")
-
-
-def _save_state(path: Path, state: EpochState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, clean_prob=state.clean_prob, stored_logits=state.stored_logits,
-             ema_losses=state.ema_losses if state.ema_losses is not None else np.zeros(0, np.float32))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written state
-
-
-def _load_state(path: Path) -> EpochState:
-    with np.load(path) as data:
-        ema = data["ema_losses"]
-        return EpochState(data["clean_prob"], data["stored_logits"], ema if ema.size else None)
-
-
-def _full_curve(live: list[dict[str, float]], log: Any, name: str, resumed_from: int | None,
-                final_step: int) -> list[dict[str, float]]:
-    """Per-epoch evals: after a resume the earlier ones come back from ``metrics.jsonl``.
-
-    ``fit`` keeps the log lines up to the restored step; the evals after it are live (a run
-    resumed from its final checkpoint re-runs only the final eval, which replaces the logged one).
-    """
-    if resumed_from is None or log is None:
-        return live
-    last_kept = resumed_from if resumed_from < final_step else final_step - 1
-    earlier = [{k: v for k, v in r.items() if k not in ("stage", "split", "step")}
-               for r in log.read(name) if r.get("split") == "eval" and r.get("step", 0) <= last_kept]
-    return earlier + live
+    return EpochState(estimate.prob, logits, smoothed, np.asarray(epoch, np.int32)), metrics
 
 
 def summarise(curve: list[dict[str, float]]) -> dict[str, float]:

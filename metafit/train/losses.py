@@ -6,8 +6,11 @@ wraps it as a trainer loss of an NNX model, :func:`lm_batch_loss` applies it to 
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -52,5 +55,27 @@ def next_token_loss(graphdef: nnx.GraphDef):
         logits = nnx.merge(graphdef, params)(batch["input_ids"], batch.get("attention_mask"))
         loss, tokens = causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
         return loss, {"response_tokens": tokens}
+
+    return loss_fn
+
+
+def classification_loss(graphdef: nnx.GraphDef) -> Callable[[Any, tuple[jax.Array, jax.Array], Any],
+                                                           tuple[jax.Array, dict[str, jax.Array]]]:
+    """The mean softmax cross-entropy of the NNX classifier ``graphdef``, as a loss for :func:`metafit.train.fit`.
+
+    ``loss_fn(params, (x, y), key) -> (mean CE, {"accuracy": ...})`` with ``params`` the state
+    split off the model (``graphdef, params = nnx.split(model)``), ``y`` integer labels; the
+    logits are upcast to float32 and ``key`` is unused.
+
+    Example:
+        >>> graphdef, params = nnx.split(MLP(64, (128,), 10, rngs=nnx.Rngs(0)))
+        >>> loss, metrics = classification_loss(graphdef)(params, (x, y), None)
+    """
+
+    def loss_fn(params, batch, key):
+        x, y = batch
+        logits = nnx.merge(graphdef, params)(x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
 
     return loss_fn

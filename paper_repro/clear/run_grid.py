@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     import jax
 
     from metafit.experiments import run_experiment
+    from metafit.robust import EPOCH_HOOK
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
         job_start = time.perf_counter()
         run, results = run_experiment(BASE, overrides + args.overrides, workdir=Path(args.runs) / name,
                                       force_new=True)
-        curves = [r for r in run.metrics.read() if r.get("split") == "eval"]
+        curves = [r for r in run.metrics.read() if r.get("split") == EPOCH_HOOK]  # per-epoch metrics
         collected["jobs"][name] = {"overrides": overrides + args.overrides, "results": results,
                                    "curves": curves, "seconds": time.perf_counter() - job_start}
         (out / "grid_results.json").write_text(json.dumps(collected, indent=1, default=float))

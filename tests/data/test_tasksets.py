@@ -103,3 +103,43 @@ def test_glyph_tasks_shapes_labels_and_distinct_classes():
     flat = np.asarray(task.support[0]).reshape(5, -1)
     assert min(np.abs(flat[i] - flat[j]).sum() for i in range(5) for j in range(i + 1, 5)) > 1.0
     assert np.abs(np.asarray(task.query[0][0]) - np.asarray(task.support[0][0])).sum() > 0.1
+
+
+def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():
+    """``batch_fn`` draws the tasks ``sample_batch`` draws; ``fit`` runs it inside its step as a DeviceSampler."""
+    from metafit.train import DeviceSampler, TrainConfig, fit
+
+    for tasks in (get_tasksets("sinusoid", shots=3, queries=2), get_tasksets("digits", ways=3, shots=1, queries=2)):
+        sampler = tasks.train
+        drawn = sampler.batch_fn(4)(jax.random.key(7), sampler.data)
+        expected = sampler.sample_batch(jax.random.key(7), 4)
+        for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+
+    seen = []
+
+    def loss(params, batch, key):
+        seen.append(jax.tree.map(lambda x: x.shape, batch))
+        return jnp.mean((batch.query[0] * params["w"]) ** 2), {}
+
+    sinusoid = get_tasksets("sinusoid", shots=3, queries=2).train
+    fit(loss, {"w": jnp.ones(())}, DeviceSampler(sinusoid.batch_fn(5), data=sinusoid.data),
+        TrainConfig(steps=2, lr=0.1, log_every=1), key=jax.random.key(0), progress=False)
+    assert seen[0].support[0] == (5, 3, 1)
+
+
+def test_the_data_layer_imports_no_layer_above_it():
+    """Data knows no trainer (DESIGN.md: the layers read bottom-up; data sits at the bottom)."""
+    import ast
+    from pathlib import Path
+
+    import metafit.data
+
+    above = ("metafit.train", "metafit.meta", "metafit.robust", "metafit.merge", "metafit.bayes", "metafit.peft",
+             "metafit.parallel", "metafit.experiments", "metafit.cli")
+    for path in Path(metafit.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.startswith(above)]
+            assert not bad, f"{path.name} imports {bad}"

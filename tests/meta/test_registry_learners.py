@@ -107,3 +107,20 @@ def test_evaluate_reports_per_task_values_and_ci():
     assert per_task["query_mse"].shape == (7,)
     scores = summarize(per_task)
     assert scores["query_mse_ci95"] > 0 and np.isclose(scores["query_mse"], per_task["query_mse"].mean())
+
+
+def test_build_backbone_by_name():
+    from metafit.meta import build_backbone
+
+    network, params = build_backbone("mlp", (2, 3), 4, seed=5, widths=(6,))
+    reference, ref_params = functional(MLP(6, (6,), 4, rngs=nnx.Rngs(5)))
+    assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    x = jnp.ones((7, 2, 3))
+    np.testing.assert_array_equal(network.apply(params, x), reference.apply(ref_params, x))
+    conv, conv_params = build_backbone("conv4", (8, 8, 1), 3, seed=0, conv_hidden=4, conv_norm="layer")
+    assert conv.apply(conv_params, jnp.zeros((2, 8, 8, 1))).shape == (2, 3)
+    with pytest.raises(ValueError, match="conv4 needs image inputs"):
+        build_backbone("conv4", (5,), 3, seed=0)
+    with pytest.raises(ValueError, match="valid: mlp, conv4"):
+        build_backbone("resnet", (5,), 3, seed=0)

@@ -24,7 +24,7 @@ def test_sinusoid_maml_reaches_stated_mse_in_a_short_seeded_run():
     config = TrainConfig(steps=2000, batch_size=25, lr=1e-3, optimizer="adam", log_every=500, steps_per_dispatch=500)
     result = fit(
         lambda p, b, k: batch_meta_loss(learner, p, b, k), learner.init(params),
-        DeviceSampler(lambda key: tasks.train.sample_batch(key, 25)), config, key=jax.random.key(0),
+        DeviceSampler(tasks.train.batch_fn(25), data=tasks.train.data), config, key=jax.random.key(0),
         grad_fn=lambda p, b, k: meta_value_and_grad(learner, p, b, k), progress=False,
     )
     held_out = tasks.test.sample_batch(jax.random.key(1234), 200)

@@ -2,7 +2,9 @@
 
 * gate probability 1 and no noise: CleaR trains exactly like plain PEFT, step for step;
 * gate 0: the PEFT modules receive exactly zero gradient (every PEFT family);
-* a run resumed from an epoch-boundary checkpoint ends with the same parameters.
+* a run resumed from an epoch-boundary checkpoint skips the finished epochs (no batch of them is
+  served again, no GMM is refitted: the epoch state comes back from the checkpoint) and ends with
+  the same parameters, clean probabilities and per-epoch curve.
 """
 import shutil
 
@@ -19,8 +21,11 @@ from metafit.peft.core import peft_modules
 from metafit.robust.backbones import tiny_bert_config
 from metafit.robust.classifier import build_text_classifier
 from metafit.robust.methods import ClearConfig, CoteachingConfig, make_method
-from metafit.robust.runner import EncodedSplit, NoisyTask, train_noisy
-from metafit.train import TrainConfig
+import metafit.robust.runner as runner
+from metafit.robust.runner import train_noisy
+from metafit.robust.tasks import EncodedSplit, NoisyTask
+from metafit.train import MetricsWriter, TrainConfig
+from metafit.tree import path_name
 
 NUM_CLASSES, MAX_LEN, HIDDEN = 3, 12, 16
 
@@ -90,15 +95,14 @@ def test_gate_zero_gives_peft_modules_zero_gradient(setup, tuning):
     trainable, frozen = classifier.params
     grads = jax.jit(jax.grad(lambda t: method.loss((t, frozen), batch, jax.random.key(3))[0]))(trainable)
     head = nnx.State(grads["head"]) if "head" in grads else None
-    peft_grads = [x for path, x in jax.tree_util.tree_leaves_with_path(grads)
-                  if "head" not in jax.tree_util.keystr(path)]
+    peft_grads = [x for path, x in jax.tree_util.tree_leaves_with_path(grads) if "head" not in path_name(path)]
     assert peft_grads and all(np.all(np.asarray(g) == 0) for g in peft_grads)
     assert head is not None and any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(head))
     # and with gates at 1 the same modules do learn
     batch["clean_prob"] = jnp.ones(b)
     method_on = make_method("clear", classifier, ClearConfig(warmup_epochs=0, gate_rate=1.0))
     grads_on = jax.jit(jax.grad(lambda t: method_on.loss((t, frozen), batch, jax.random.key(3))[0]))(trainable)
-    on = [x for path, x in jax.tree_util.tree_leaves_with_path(grads_on) if "head" not in jax.tree_util.keystr(path)]
+    on = [x for path, x in jax.tree_util.tree_leaves_with_path(grads_on) if "head" not in path_name(path)]
     assert any(np.any(np.asarray(g) != 0) for g in on)
 
 
@@ -111,20 +115,37 @@ def test_routing_groups_follow_transformer_layers(setup):
     assert len(peft_modules(model)) == 4
 
 
-def test_resume_from_an_epoch_boundary_ends_identically(setup, tmp_path):
+def test_resume_from_an_epoch_boundary_skips_finished_epochs_and_ends_identically(setup, tmp_path, monkeypatch):
     task_with, classifiers, _ = setup
     task = task_with("symmetric", 0.4)
     make = classifiers("lora")
     method = make_method("clear", make(jax.random.key(0)), ClearConfig(warmup_epochs=1))
     config = TrainConfig(batch_size=16, lr=1e-2, keep_checkpoints=5)
-    kwargs = dict(epochs=3, key=jax.random.key(0), evaluate_every_epoch=False, track_memorisation=False)
-    full = train_noisy(method, make, task, config, workdir=tmp_path, **kwargs)
+    kwargs = dict(epochs=3, key=jax.random.key(0), evaluate_every_epoch=True, track_memorisation=False)
+    served, gmm_fits = [], []
+    batches, gmm = runner.epoch_batches, runner.gmm_clean_probability
+
+    def counting_batches(*args, **kw):
+        data = batches(*args, **kw)
+        return type(data)(lambda step, states: (served.append(step), data.fn(step, states))[1])
+
+    monkeypatch.setattr(runner, "epoch_batches", counting_batches)
+    monkeypatch.setattr(runner, "gmm_clean_probability", lambda *a, **kw: (gmm_fits.append(1), gmm(*a, **kw))[1])
+    full = train_noisy(method, make, task, config, workdir=tmp_path, log=MetricsWriter(tmp_path / "m.jsonl"), **kwargs)
     assert full.clean_prob is not None and full.clean_prob.shape == (64,)
-    # forget the last epoch: keep the checkpoint after epoch 2 and the state saved for epochs 1, 2
+    assert served == list(range(12)) and len(gmm_fits) == 2  # 4 steps per epoch; estimates before epochs 1, 2
+    assert not (tmp_path / "robust_state").exists()  # the epoch state lives in the checkpoints
+
+    # forget the last epoch: the checkpoint after epoch 2 holds the parameters and the estimate for epoch 2
     shutil.rmtree(tmp_path / "checkpoints" / "12")
-    resumed = train_noisy(method, make, task, config, workdir=tmp_path, **kwargs)
+    served.clear(), gmm_fits.clear()
+    resumed = train_noisy(method, make, task, config, workdir=tmp_path, log=MetricsWriter(tmp_path / "m.jsonl"),
+                          **kwargs)
+    assert served == list(range(8, 12)) and not gmm_fits  # only epoch 3 ran; no GMM was refitted
     for a, b in zip(leaves(full.params), leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(full.clean_prob, resumed.clean_prob)
+    assert resumed.curve == full.curve and len(full.curve) == 3  # epochs 1-2 read back from the metrics log
 
 
 def test_coteaching_trains_two_networks_on_one_frozen_backbone(setup):

@@ -1,4 +1,4 @@
-"""Closed-form checks of CleaR's parts: losses, GMM clean probability, routing gates, metrics."""
+"""Closed-form checks of CleaR's parts: losses, GMM clean probability, routing gates, metrics, tasks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +7,11 @@ import pytest
 from metafit.robust.clean_prob import ema_losses, gmm_clean_probability
 from metafit.robust.losses import (consistency_loss, coteaching_keep_fraction, coteaching_losses, cross_entropy,
                                    generalized_cross_entropy, small_loss_mask)
-from metafit.robust.metrics import clean_auroc, memorisation, peak_and_last
+from metafit.robust.backbones import make_backbone
+from metafit.robust.methods import CEConfig, ClearConfig, CoteachingConfig, GCEConfig, method_config
+from metafit.robust.metrics import clean_auroc, mean_std, memorisation, peak_and_last, summarise_seeds
 from metafit.robust.routing import inference_gates, routing_gates
+from metafit.robust.tasks import encoded_splits, noise_key, noisy_task
 
 
 def logits_and_labels(b=6, c=4, seed=0):
@@ -122,3 +125,46 @@ def test_metrics():
     assert np.isnan(memorisation(np.array([0, 1, 0, 1]), noisy_labels, np.zeros(4, bool)))
     assert clean_auroc(np.array([0.9, 0.1, 0.2, 0.8]), is_noisy) == 1.0
     assert np.isnan(clean_auroc(np.array([0.9, 0.8]), np.zeros(2, bool)))
+
+
+def test_mean_std_over_seeds_by_hand():
+    assert mean_std([1.0, 3.0, float("nan"), None]) == (2.0, 1.0)  # non-finite and missing values are skipped
+    assert all(np.isnan(mean_std([float("nan")])))
+    row = summarise_seeds([{"last_test_accuracy": 0.5, "last_clean_auroc": 0.9},
+                           {"last_test_accuracy": 0.75}], realised_rate=0.375)
+    assert row == {"last_test_accuracy_mean": 0.625, "last_test_accuracy_std": 0.125,
+                   "last_clean_auroc_mean": 0.9, "last_clean_auroc_std": 0.0, "seeds": 2,
+                   "realised_noise_rate": 0.375}
+
+
+def test_method_config_takes_coteachings_forget_rate_from_the_noise_rate():
+    configs = {"clear": ClearConfig(warmup_epochs=1), "coteaching": CoteachingConfig()}
+    assert method_config("clear", 0.4, configs) is configs["clear"]
+    assert method_config("ce", 0.4, configs) == CEConfig()
+    assert method_config("gce", 0.4, {}) == GCEConfig()
+    assert method_config("coteaching", 0.4, configs).forget_rate == 0.4
+    assert method_config("coteaching", 0.4, {"coteaching": CoteachingConfig(forget_rate=0.2)}).forget_rate == 0.2
+
+
+def test_noisy_tasks_pair_methods_and_differ_across_rates_and_seeds():
+    from metafit.data.text import keyword_tokenizer
+
+    splits = encoded_splits("keywords", keyword_tokenizer(num_classes=3), max_len=8, num_examples=90, num_classes=3,
+                            val_fraction=0.1, test_fraction=0.2, test_size=10)
+    assert (splits.train.size, splits.val.size, splits.test.size) == (63, 9, 10)
+    assert splits.train.input_ids.shape == (63, 8) and len(splits.train_texts) == 63
+    task = noisy_task(splits, "symmetric", 0.4, seed=0)
+    np.testing.assert_array_equal(task.noise.clean_labels, splits.train.labels)
+    np.testing.assert_array_equal(task.train.labels, task.noise.labels)
+    assert task.val is splits.val and task.test is splits.test  # evaluation labels stay clean
+    again = noisy_task(splits, "symmetric", 0.4, seed=0)
+    np.testing.assert_array_equal(again.train.labels, task.train.labels)  # every method of a seed: same labels
+    assert not np.array_equal(noisy_task(splits, "symmetric", 0.4, seed=1).train.labels, task.train.labels)
+    assert not np.array_equal(noisy_task(splits, "symmetric", 0.2, seed=0).train.labels, task.train.labels)
+    assert jax.random.key_data(noise_key(0, 0.4)).tolist() == \
+        jax.random.key_data(jax.random.fold_in(jax.random.key(1_000_003), 400)).tolist()
+
+
+def test_make_backbone_names_the_valid_backbones():
+    with pytest.raises(ValueError, match="valid: tiny, all-minilm-l6-v2"):
+        make_backbone("bert-large")

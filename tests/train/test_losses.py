@@ -1,10 +1,11 @@
-"""The one causal-LM loss against a hand-computed cross-entropy; its trainer wrapper."""
+"""Shared losses against hand-computed references: the one causal-LM loss, its trainer wrapper, classification."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metafit.train.losses import causal_lm_loss, lm_batch_loss, next_token_loss
+from metafit.models.mlp import MLP
+from metafit.train.losses import causal_lm_loss, classification_loss, lm_batch_loss, next_token_loss
 
 
 def _reference(logits, ids, mask):
@@ -54,3 +55,15 @@ def test_next_token_loss_is_the_trainer_form_of_causal_lm_loss():
     assert float(loss) == float(expected) and float(metrics["response_tokens"]) == float(count) == 5.0
     padded = {"input_ids": ids, "loss_mask": mask, "attention_mask": jnp.ones_like(ids)}
     assert float(next_token_loss(graphdef)(params, padded, None)[0]) == float(expected)
+
+
+def test_classification_loss_is_mean_cross_entropy_with_accuracy():
+    model = MLP(4, (8,), 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 4)).astype(np.float32), rng.integers(0, 3, 10).astype(np.int32)
+    loss, metrics = classification_loss(graphdef)(params, (x, y), None)
+    logits = np.asarray(model(x), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(loss, -log_probs[np.arange(10), y].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == y))
