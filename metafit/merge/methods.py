@@ -50,6 +50,7 @@ import numpy as np
 
 from metafit.merge import parts
 from metafit.registry import Registry, did_you_mean
+from metafit.tree import path_name
 
 Array = jax.Array
 PyTree = Any
@@ -314,22 +315,9 @@ def merge_one(method: MergeMethod, base: Array | None, models: Sequence[Array], 
 # ----------------------------------------------------------------------------- pytrees
 
 
-def leaf_name(path: tuple) -> str:
-    """``'layers.0.mlp.kernel'`` for a pytree key path."""
-    pieces = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                pieces.append(str(getattr(entry, attr)))
-                break
-        else:
-            pieces.append(str(entry))
-    return ".".join(pieces)
-
-
 def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [leaf_name(p) for p, _ in with_paths], [leaf for _, leaf in with_paths], treedef
+    return [path_name(p) for p, _ in with_paths], [leaf for _, leaf in with_paths], treedef
 
 
 def check_compatible(reference: PyTree, others: Sequence[PyTree], what: str = "model") -> None:

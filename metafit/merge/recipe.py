@@ -54,6 +54,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from metafit.cache import cache_dir
 from metafit.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
 from metafit.merge.io import WEIGHTS_NAME, SafetensorsError
 from metafit.merge.methods import MergeError, get_method, resolve_params
@@ -134,11 +135,6 @@ def _resolve_model(root: Path, path: str | None) -> Path | None:
     return hf_folder_of(p) if p.suffix == ".gguf" else p
 
 
-def cache_dir() -> Path:
-    """metafit's cache folder: ``$METAFIT_CACHE`` or ``~/.cache/metafit``."""
-    return Path(os.environ.get("METAFIT_CACHE", Path.home() / ".cache" / "metafit")).expanduser()
-
-
 def hf_folder_of(source: str | Path) -> Path:
     """A float32 HF folder with the weights of a GGUF file or embedded model (converted once, cached).
 
@@ -149,7 +145,11 @@ def hf_folder_of(source: str | Path) -> Path:
     file = resolve(source).resolve()
     stat = file.stat()
     digest = hashlib.sha1(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "hf" / f"{file.stem}-{digest}"
+    root = cache_dir("hf")
+    if root is None:
+        raise ValueError(f"{source} must be converted to an HF folder once, but caching is off (METAFIT_CACHE="
+                         f"{os.environ.get('METAFIT_CACHE')!r}); set METAFIT_CACHE to a folder, or pass an HF folder")
+    folder = root / f"{file.stem}-{digest}"
     if (folder / WEIGHTS_NAME).is_file():
         return folder
     model, tokenizer = load(file)

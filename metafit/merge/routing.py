@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.merge.methods import leaf_name
+from metafit.tree import path_name
 from metafit.models import layers as L
 from metafit.train import TrainConfig, fit
 from metafit.train.losses import lm_batch_loss
@@ -111,7 +111,7 @@ def routed(routers: Routers, mlps: list[list[Any]], n: int, k: int) -> MlpFn:
 
 def mlp_mask(params: Any) -> Any:
     """Trainable mask (a pytree of bools like ``params``) that is True on the blocks' MLP weights only."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: ".mlp." in f".{leaf_name(path)}.", params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: ".mlp." in f".{path_name(path)}.", params)
 
 
 def residual_streams(graphdef: nnx.GraphDef, ids: Array) -> Callable[[Any], list[Array]]:

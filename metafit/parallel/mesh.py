@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from metafit.tree import path_name
+
 AXES = ("data", "fsdp", "tensor")
 
 
@@ -107,7 +109,7 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, tuple]] 
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
     def choose(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        name = path_name(path, sep="/")
         for pattern, spec in compiled:
             if pattern.search(name):
                 return NamedSharding(mesh, P(*spec))

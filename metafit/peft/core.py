@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from metafit.tree import path_name
+
 PathKey = tuple[Any, ...]
 
 
@@ -106,7 +108,7 @@ class PeftWrapper(PeftModule):
 
 def path_str(path: PathKey) -> str:
     """Dotted path of a module, leaving out ``base_layer`` links of PEFT wrappers."""
-    return ".".join(str(key) for key in path if key != "base_layer")
+    return path_name(path, skip=("base_layer",))
 
 
 def _compile(pattern: str):

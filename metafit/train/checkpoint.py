@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from metafit.tree import key_name
+
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be read and an older one (or a fresh start) is used instead."""
@@ -204,7 +206,7 @@ def named_tree(tree: Any) -> dict[str, Any]:
     """``tree``'s leaves in nested dicts keyed by their key-path components (the on-disk layout)."""
     named: dict[str, Any] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = _names(path)
+        names = [key_name(entry) for entry in path]
         node = named
         for i, name in enumerate(names[:-1]):
             node = node.setdefault(name, {})
@@ -222,23 +224,10 @@ def from_named_tree(named: dict[str, Any], like: Any) -> Any:
     leaves = []
     for path, _ in flat:
         node = named
-        for name in _names(path):
+        for name in [key_name(entry) for entry in path]:
             node = node[name]
         leaves.append(node)
     return jax.tree.unflatten(treedef, leaves)
-
-
-def _names(path: tuple) -> list[str]:
-    """Key-path components as strings: dict keys, sequence indices, attribute (NamedTuple field) names."""
-    names = []
-    for entry in path:
-        for attribute in ("key", "idx", "name"):
-            if hasattr(entry, attribute):
-                names.append(str(getattr(entry, attribute)))
-                break
-        else:
-            names.append(str(entry))
-    return names
 
 
 def describe(tree: Any) -> dict[str, list]:

@@ -17,11 +17,11 @@ if len(sys.argv) > 4:
 from flax import nnx  # noqa: E402
 
 from metafit.data.batching import epoch_batches  # noqa: E402
-from metafit.experiments.quickstart import digits_split  # noqa: E402
-from metafit.train.losses import classification_loss  # noqa: E402
+from metafit.data.digits import digits_split  # noqa: E402
 from metafit.models.mlp import MLP  # noqa: E402
 from metafit.parallel import MeshConfig, make_mesh  # noqa: E402
 from metafit.train import TrainConfig, fit  # noqa: E402
+from metafit.train.losses import classification_loss  # noqa: E402
 from metafit.train.loop import _compiled_chunk  # noqa: E402
 
 out = sys.argv[1]
