@@ -108,7 +108,7 @@ def test_builtin_names_cannot_be_taken_by_another_module():
     (f"mesh.data={jax.device_count() + 1}", "mesh"),
     ("seed=-1", "seed must be in [0, 2**32)"), ("seed=100000000000000000000000", "seed must be in"),
     ("train.steps=0", "train.steps"),
-    ("args.test_fraction=2", "args.test_fraction"),
+    ("args.test_fraction=2", "args.test_fraction"), ("args.hidden=[0]", "args.hidden"), ("args.hidden=[-3]", "args.hidden"),
     ("args.hidden=[16", "args.hidden"),  # an override that does not parse as YAML
 ])
 def test_bad_setting_fails_before_the_run_folder_exists(repo, tmp_path, setting, key):

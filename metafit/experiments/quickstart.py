@@ -37,6 +37,8 @@ class QuickstartArgs:
     def __post_init__(self):
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"args.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not all(1 <= width <= 1 << 16 for width in self.hidden):
+            raise ValueError(f"args.hidden: every width must be in [1, 65536], got {list(self.hidden)}")
 
 
 
