@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from metafit.models.model_files import file_in_folder, present, read_index, read_safetensors_header
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -34,19 +36,18 @@ class SafetensorsError(ValueError):
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """Returns (header dict without ``__metadata__``, byte offset of the data section)."""
-    path = Path(path)
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SafetensorsError(f"{path}: unreadable safetensors header ({err})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
+    """Returns (header dict without ``__metadata__``, byte offset of the data section).
+
+    The header is validated by :func:`metafit.models.model_files.read_safetensors_header`
+    (regular file, bounded length, dtypes, shapes, offsets tiling the data section).
+
+    Raises:
+      MalformedWeightsError: naming the file and the tensor or field at fault.
+    """
+    checked = read_safetensors_header(path)
+    header = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+              for name, e in checked.tensors.items()}
+    return header, checked.data_start
 
 
 class SafetensorsFolder:
@@ -58,13 +59,12 @@ class SafetensorsFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.is_file():
-            files = [self.path]
-        elif (self.path / INDEX_NAME).is_file():
-            weight_map = json.loads((self.path / INDEX_NAME).read_text())["weight_map"]
-            files = sorted({self.path / name for name in weight_map.values()})
-        elif (self.path / WEIGHTS_NAME).is_file():
-            files = [self.path / WEIGHTS_NAME]
+        if self.path.exists() and not self.path.is_dir():
+            files = [self.path]  # named by the user; read_header refuses anything but a regular file
+        elif present(self.path, INDEX_NAME):  # every shard must be a regular file inside the folder
+            files = sorted(set(read_index(self.path, INDEX_NAME).values()))
+        elif present(self.path, WEIGHTS_NAME):
+            files = [file_in_folder(self.path, WEIGHTS_NAME, "weights file")]
         elif self.path.is_dir():
             pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
             hint = f" (found pickle weights {pickles}: convert them to safetensors first)" if pickles else ""

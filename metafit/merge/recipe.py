@@ -35,6 +35,10 @@ tensor names and shapes (the first mismatching tensor is named).
 Output folder: ``model.safetensors`` (streamed tensor by tensor, see
 :mod:`metafit.merge.stream`), ``config.json`` and tokenizer/generation files copied from
 ``config_from``, and ``metafit_merge.yaml`` (the resolved recipe).
+It is written complete beside ``--out`` and swapped in: ``--out`` must be new, empty, or an
+earlier merge output (replaced as a whole); an input's folder, a file or another non-empty folder
+is refused. Copied files must be regular files inside their folder (links out are refused), and
+every merged tensor must be finite (the first non-finite one is named; nothing is written).
 
 Example:
     >>> from metafit.merge.recipe import run_recipe
@@ -46,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -60,6 +65,7 @@ from metafit.merge.io import WEIGHTS_NAME, SafetensorsError
 from metafit.merge.methods import MergeError, get_method, resolve_params
 from metafit.merge.stream import merge_folders
 from metafit.models import EMBEDDED, load, resolve, save_folder
+from metafit.models.model_files import file_in_folder, present
 from metafit.registry import UnknownNameError
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -185,6 +191,7 @@ def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
         fishers = [_resolve(root, m.fisher) for m in recipe.models]
     elif any(m.fisher is not None for m in recipe.models):
         raise MergeError(f"`fisher:` is only used by method 'fisher', not '{method.name}'")
+    _check_param_types(recipe)
     params = _per_model_params(recipe)
     resolve_params(method, len(recipe.models), params)  # fail fast on bad values
     rules = []
@@ -209,65 +216,184 @@ def validate_recipe(recipe: MergeRecipe, root: Path) -> dict[str, Any]:
             "fishers": fishers, "config_from": config_from}
 
 
+def _number(value: Any) -> bool:
+    """A number, or a string YAML 1.1 leaves unparsed (``1e300``) that reads as one."""
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        return isinstance(value, str) and (float(value) or True)
+    except ValueError:
+        return False
+
+
+def _check_param_types(recipe: MergeRecipe) -> None:
+    """Parameter values are numbers, booleans or lists of numbers; anything else names its key."""
+    groups = [("parameters", recipe.parameters)] + [
+        (f"layers[{i}].parameters", rule.parameters) for i, rule in enumerate(recipe.layers)]
+    for where, group in groups:
+        if not isinstance(group, dict):
+            raise ConfigError(f"{where}: expected a mapping of parameter names to values, got {group!r}")
+        for name, value in group.items():
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(_number(v) for v in values) or (
+                    isinstance(value, list) and any(isinstance(v, bool) for v in values)):
+                raise ConfigError(f"{where}.{name}: expected a number (or a list of numbers, one per model), "
+                                  f"got {value!r}")
+
+
 def run_recipe(path: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Runs a merge recipe and writes an HF folder that ``transformers`` loads.
 
+    The new folder is written complete beside ``out_dir`` (``.NAME.partial-PID``) and then swapped
+    in, so an existing output is replaced as a whole (no stale shard, index or tokenizer survives)
+    and a failed or killed merge leaves the previous output as it was. Leftovers of killed merges
+    (``*.partial-PID`` of processes that are gone) are removed on the next run.
+
     Args:
       path: the recipe YAML (format in the module docstring).
-      out_dir: output folder (created; an existing ``model.safetensors`` there is overwritten).
+      out_dir: output folder: new, empty, or an earlier ``metafit merge`` output (replaced).
       progress: show a rich progress bar over tensors.
     Returns:
       ``{"out_dir": str, "tensors": int, "seconds": float, "bytes": int, "method": str}``.
     Raises:
       ConfigError: unknown keys / wrong types / unknown method in the recipe.
-      MergeError: missing models, mismatched tensors (first one named), bad parameter values.
+      MergeError: missing models, mismatched tensors (first one named), bad parameter values,
+        non-finite merged tensors (named), an output that is an input, a file, or a non-empty
+        folder that is not an earlier merge output.
+      MalformedWeightsError: an input file is malformed, or a copied config/tokenizer file is a
+        link out of its folder or not a regular file (named).
     """
     path = Path(path)
     recipe = load_recipe(path)
     args = validate_recipe(recipe, path.parent)
     out = Path(out_dir)
-    _refuse_input_as_output(out, [args["base"], *args["models"]])
-    out.mkdir(parents=True, exist_ok=True)
+    fisher_inputs = list(args["fishers"] or [])
+    _remove_dead_partials(out)
+    _check_output(out, [args["base"], *args["models"], args["config_from"], *fisher_inputs])
+    side_files = _side_files(Path(args["config_from"]))  # checked before any tensor is merged
     params, rules = args["params"], args["rules"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
 
     def run(on_tensor=None):
-        return merge_folders(args["method"], args["base"], args["models"], out / WEIGHTS_NAME,
+        return merge_folders(args["method"], args["base"], args["models"], staging / WEIGHTS_NAME,
                              params=params, rules=rules, key=args["key"], dtype=args["dtype"],
                              fishers=args["fishers"], on_tensor=on_tensor)
 
     try:
-        if progress:
-            from rich.progress import Progress
+        try:
+            if progress:
+                from rich.progress import Progress
 
-            with Progress(transient=True) as bar:
-                task = bar.add_task(f"merge ({args['method'].name})", total=None)
-                summary = run(lambda i, n, name: bar.update(task, completed=i + 1, total=n))
-        else:
-            summary = run()
-    except SafetensorsError as err:
-        raise MergeError(str(err)) from None
-    _copy_side_files(Path(args["config_from"]), out, recipe.dtype)
-    (out / "metafit_merge.yaml").write_text(dump_yaml(to_dict(recipe)))
+                with Progress(transient=True) as bar:
+                    task = bar.add_task(f"merge ({args['method'].name})", total=None)
+                    summary = run(lambda i, n, name: bar.update(task, completed=i + 1, total=n))
+            else:
+                summary = run()
+        except SafetensorsError as err:
+            raise MergeError(str(err)) from None
+        _copy_side_files(side_files, staging, recipe.dtype)
+        (staging / "metafit_merge.yaml").write_text(dump_yaml(to_dict(recipe)))
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return {"out_dir": str(out), "method": args["method"].name, **summary}
 
 
-def _refuse_input_as_output(out: Path, inputs: list[Path | None]) -> None:
-    """An output folder that holds an input model would overwrite the model being read."""
+MERGE_MARKER = "metafit_merge.yaml"
+_PARTIAL = re.compile(r"\.partial-(\d+)$|\.old-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot be told: keep it
+    return True
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Removes leftovers of killed merges whose process is gone (a live merge's are kept).
+
+    That is ``model.safetensors.partial-PID`` in ``out`` and the ``.OUT.partial-PID`` /
+    ``.OUT.old-PID`` folders beside it, names only a merge writes.
+    """
+    candidates = []
+    if out.is_dir() and not out.is_symlink():
+        # only the writer's own names: a user's file that merely ends in ".partial-N" is not touched
+        candidates += [p for p in out.iterdir() if re.fullmatch(re.escape(WEIGHTS_NAME) + r"\.partial-\d+", p.name)]
+    if out.parent.is_dir():
+        candidates += [p for p in out.parent.iterdir() if _PARTIAL.search(p.name)
+                       and p.name[:_PARTIAL.search(p.name).start()] == f".{out.name}"]
+    for entry in candidates:
+        match = _PARTIAL.search(entry.name)
+        if not match or _pid_alive(int(match.group(1) or match.group(2))):
+            continue
+        if match.group(2) and entry.is_dir() and not os.path.lexists(out):
+            os.replace(entry, out)  # killed between the two renames of a swap: the old output comes back
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _check_output(out: Path, inputs: list[Path | None]) -> None:
+    """Refuses an output that is a file, holds or is an input, or is a non-empty folder not written by a merge."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise MergeError(f"--out {out} is a file (or link), not a folder: choose a folder for the merged model")
     target = out.resolve()
     for source in inputs:
         if source is None:
             continue
-        folder = (source if source.is_dir() else source.parent).resolve()
-        if folder == target:
+        source = Path(source).resolve()
+        folder = source if source.is_dir() else source.parent
+        if folder == target or source.is_relative_to(target):
             raise MergeError(f"--out {out} is the folder of an input model ({source}); writing there would "
                              "replace that model: choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_MARKER).is_file():
+        found = sorted(p.name for p in out.iterdir())[:5]
+        raise MergeError(f"--out {out} is a non-empty folder ({', '.join(found)}, ...) that is not the output of an "
+                         "earlier `metafit merge`; it would be replaced as a whole: choose a new or empty folder")
 
 
-def _copy_side_files(source: Path, out: Path, dtype: str | None) -> None:
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replaces ``out`` by the complete folder ``staging`` (the old one is removed after the rename)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_input_as_output(out: Path, inputs: list[Path | None]) -> None:
+    """Kept for callers of the old name: see :func:`_check_output`."""
+    _check_output(out, inputs)
+
+
+def _side_files(source: Path) -> list[tuple[str, Path]]:
+    """Config/tokenizer files to copy: regular files inside ``source`` only (links out are refused, named)."""
     folder = source if source.is_dir() else source.parent
-    for name in COPIED_FILES:
-        if (folder / name).is_file() and (folder / name).resolve() != (out / name).resolve():
-            shutil.copyfile(folder / name, out / name)
+    return [(name, file_in_folder(folder, name, f"{name} (copied into the merged folder)"))
+            for name in COPIED_FILES if present(folder, name)]
+
+
+def _copy_side_files(files: list[tuple[str, Path]], out: Path, dtype: str | None) -> None:
+    for name, source in files:
+        shutil.copyfile(source.resolve(), out / name)
     config = out / "config.json"
     if dtype and config.is_file():
         data = json.loads(config.read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from metafit.merge import io
@@ -36,6 +37,25 @@ def check_folders(reference: io.SafetensorsFolder, others: Sequence[io.Safetenso
                                  f"but {reference.shape(name)} in {reference.path}")
         if extra:
             raise MergeError(f"tensor '{extra[0]}' of {what} {index} ({other.path}) is not in {reference.path}")
+
+
+def _finite(name: str, result: Any, merged: bool, dtype: np.dtype) -> np.ndarray:
+    """``result`` in its output dtype; a merged tensor (or a copy that the dtype overflowed) must be finite.
+
+    Raises:
+      MergeError: naming the tensor (the writer then drops its partial file: nothing is written).
+    """
+    array = np.asarray(result)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(array, dtype=dtype)
+    if not (np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)):
+        return out
+    finite = np.isfinite(out.astype(np.float64))
+    if not finite.all() and (merged or np.isfinite(array.astype(np.float64)).all()):
+        bad = int(np.size(out) - finite.sum())
+        raise MergeError(f"merged tensor '{name}' has {bad} non-finite values (inf or NaN) in {dtype}: the merge "
+                         "parameters (e.g. scale) or the inputs overflow; nothing was written")
+    return out
 
 
 def merge_folders(
@@ -91,8 +111,9 @@ def merge_folders(
     names = reference.names()
     layout = [(n, np.dtype(dtype) if dtype is not None and np.issubdtype(reference.dtype(n), np.floating)
                else reference.dtype(n), reference.shape(n)) for n in names]
+    out_dtypes = {n: d for n, d, _ in layout}
     start = time.perf_counter()
-    pending: tuple[str, Any] | None = None
+    pending: tuple[str, Any, bool] | None = None
     with io.SafetensorsWriter(out_file, layout) as writer:
         for index, name in enumerate(names):
             resolved = resolved_default
@@ -102,6 +123,7 @@ def merge_folders(
                     break
             if resolved is None:
                 result = reference.read(name)
+                merged = False
             else:
                 size = int(np.prod(reference.shape(name), dtype=np.int64))
                 prepared = device_params(method.prepare(size, resolved) if method.prepare else resolved)
@@ -113,11 +135,12 @@ def merge_folders(
                     tensor_key(key, name),
                     {n: [v.read(name) for v in views] for n, views in tensor_views.items()},
                 )
+                merged = True
             if pending is not None:
-                writer.write(pending[0], np.asarray(pending[1]))
-            pending = (name, result)
+                writer.write(pending[0], _finite(*pending, out_dtypes[pending[0]]))
+            pending = (name, result, merged)
             if on_tensor is not None:
                 on_tensor(index, len(names), name)
         if pending is not None:
-            writer.write(pending[0], np.asarray(pending[1]))
+            writer.write(pending[0], _finite(*pending, out_dtypes[pending[0]]))
     return {"tensors": len(names), "seconds": time.perf_counter() - start, "bytes": Path(out_file).stat().st_size}
