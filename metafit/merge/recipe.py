@@ -379,11 +379,6 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _refuse_input_as_output(out: Path, inputs: list[Path | None]) -> None:
-    """Kept for callers of the old name: see :func:`_check_output`."""
-    _check_output(out, inputs)
-
-
 def _side_files(source: Path) -> list[tuple[str, Path]]:
     """Config/tokenizer files to copy: regular files inside ``source`` only (links out are refused, named)."""
     folder = source if source.is_dir() else source.parent
