@@ -71,6 +71,7 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "merge_compatible": "merge",
     "merge_lm": "merge_lm",
     "robust": "robust",
+    "pretrain_small_lm": "small_lm",
 }
 
 

