@@ -14,9 +14,10 @@ Design
 **Model** (:func:`llama_config`): metafit's NNX Llama with no new code -- hidden 192, 4 layers,
 6 query heads of 32 dimensions sharing 2 key/value heads (GQA), SwiGLU width 512, RMSNorm,
 RoPE, tied input/output embeddings, vocabulary 2,048: 1,967,808 parameters (393,216 of them
-the embedding). The size is set by the budget: this 2-core CPU trains it at roughly 1-2k
-tokens/s, so a build of a few minutes sees under a million tokens (the default 819k), which a
-larger model could not use; and later methods call it n^2 times. Cap: 5M parameters.
+the embedding). The size is set by the budget: this shared 2-core CPU trains it at about 2.4k
+tokens/s (819k tokens in 5.6 min at load average ~2.5), so a build of a few minutes sees under a
+million tokens, which a larger model could not use; and later methods call it n^2 times.
+Cap: 5M parameters.
 
 **Tokenizer** (:mod:`metafit.pretrain.tokenizer`): byte-level BPE learned from the training
 documents and the message contents of the training chats (digits split singly), with

@@ -113,7 +113,8 @@ def built(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(small_lm, "save_folder", spy)
-        folder = build(TINY, train=TINY_TRAIN, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+        cache = tmp_path_factory.mktemp("cache")  # laid out like $METAFIT_CACHE
+        folder = build(TINY, train=TINY_TRAIN, cache_dir=cache / "small-lm", progress=False)
     return folder, probe, captured["logits"]
 
 
@@ -214,3 +215,24 @@ def test_config_file_builds_the_default_model(repo):
     assert (cfg.train, cfg.args.small_lm, cfg.seed) == (PRETRAIN, SmallLMConfig(), 0)
     finetune = load_run_config(repo / "configs/finetune/lora_small.yaml")
     assert finetune.experiment == "lora_sft" and finetune.args.model == "metafit-small-lm"
+
+
+def test_pretrain_experiment_on_the_tiny_build(built, tmp_path, monkeypatch, repo):
+    from metafit.config import to_dict
+    from metafit.experiments import run_experiment
+
+    folder, _, _ = built
+    monkeypatch.setenv("METAFIT_CACHE", str(folder.parent.parent))  # the tiny build is a cache hit: no training
+    overrides = [f"args.small_lm.{k}={json.dumps(v)}" for k, v in to_dict(TINY).items()]
+    overrides += [f"train.{k}={json.dumps(v)}" for k, v in to_dict(TINY_TRAIN).items()]
+    overrides += ["args.n_eval=2", "args.max_new_tokens=4"]
+    run, results = run_experiment(repo / "configs/pretrain/small_lm.yaml", overrides, workdir=tmp_path / "run")
+    metrics, info = results["metrics"], build_info(folder)
+    assert metrics["parameters"] == info["parameters"] and metrics["build_seconds"] == info["seconds"]
+    assert metrics["heldout_chat_loss"] == pytest.approx(info["heldout"]["heldout_chat_loss"], rel=1e-6)
+    assert metrics["heldout_chat_perplexity"] == pytest.approx(np.exp(metrics["heldout_chat_loss"]))
+    tasks = ("add", "count", "reverse", "sort", "successor", "upper")
+    assert all(metrics[f"{t}_em"] in (0.0, 0.5, 1.0) and 0 <= metrics[f"{t}_seen"] <= 1 for t in tasks)
+    assert metrics["mean_em"] == pytest.approx(np.mean([metrics[f"{t}_em"] for t in tasks]))
+    assert isinstance(metrics["sample_answer"], str)
+    assert json.loads((run.path / "results.json").read_text())["metrics"]["parameters"] == info["parameters"]
