@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -77,8 +79,11 @@ def test_example_runs(block: Block, tmp_path, monkeypatch):
     if block.skip_reason:
         pytest.skip(f"no-run: {block.skip_reason}")
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__docs_example__"}
-    exec(compile(block.source, block.name, "exec"), namespace)  # noqa: S102 - executing our own docs
+    # A real module, so that dataclasses and pickling defined in an example can find it; compiled
+    # without this file's __future__ flags, as the reader's own script would be.
+    module = types.ModuleType("__docs_example__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(block.source, block.name, "exec", dont_inherit=True), module.__dict__)  # noqa: S102 - our own docs
 
 
 def default_text(field: dataclasses.Field) -> str:
