@@ -7,7 +7,10 @@ automatically.
 
 Field tables: a line ``<!-- fields: package.module.Dataclass -->`` followed by a Markdown table
 whose first column is `` `field` `` and second the default lists exactly the dataclass's
-fields, in order, with their defaults (the text of :func:`default_text`).
+fields, in order, with their defaults (the text of :func:`default_text`). To write a new table
+(descriptions from the dataclass's ``Attributes:``; fill in any ``TODO``)::
+
+    python -c "from tests.test_docs_examples import field_table; print(field_table('metafit.train.config.TrainConfig'))"
 """
 from __future__ import annotations
 
