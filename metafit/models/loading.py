@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -94,21 +95,67 @@ EMBEDDED.register(
 
 
 def resolve(path_or_name: str | Path) -> Path:
-    """The path behind an embedded model name, or the path itself.
+    """The path behind an embedded model name, a hub id in the local Hugging Face cache, or the path itself.
+
+    A hub id (``"HuggingFaceTB/SmolLM2-135M"``, optionally ``"org/name@revision"``) is looked up in
+    the local cache only (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``):
+    metafit never downloads, so a model fetched once by transformers or ``huggingface-cli download``
+    (here, or on another machine and copied) loads offline.
 
     Raises:
-      FileNotFoundError: neither an existing path nor an embedded name (lists the names).
+      FileNotFoundError: neither an existing path, an embedded name nor a cached hub id (says which
+        cache was searched and lists the embedded names).
     """
     if isinstance(path_or_name, str) and path_or_name in EMBEDDED:
         return EMBEDDED.get(path_or_name).path()
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path
+    cached = hub_cache_folder(str(path_or_name)) if isinstance(path_or_name, str) else None
+    if cached is not None:
+        return cached
     names = EMBEDDED.names()
+    hint = ""
+    if isinstance(path_or_name, str) and _HUB_ID.fullmatch(path_or_name):
+        hint = (f" it is not in the local Hugging Face cache ({hub_cache_root()}) either: metafit does not download;"
+                f" run `huggingface-cli download {path_or_name.split('@')[0]}` where there is internet (and copy the"
+                " cache here), or pass a folder;")
     raise FileNotFoundError(
-        f"'{path_or_name}' is neither a file/folder nor an embedded model name;"
+        f"'{path_or_name}' is neither a file/folder nor an embedded model name;{hint}"
         f"{did_you_mean(str(path_or_name), names)} embedded names: {', '.join(names)}"
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def hub_cache_root() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (not when a library was imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_cache_folder(hub_id: str) -> Path | None:
+    """The cached snapshot folder of ``org/name[@revision]`` (revision: a branch, tag or commit), or None.
+
+    The cache layout is huggingface_hub's: ``models--org--name/refs/<branch>`` holds the commit of a
+    branch or tag, and ``snapshots/<commit>/`` the files.
+    """
+    if not _HUB_ID.fullmatch(hub_id):
+        return None
+    repo_id, _, revision = hub_id.partition("@")
+    if ".." in repo_id.split("/") or ".." in revision.split("/"):
+        return None
+    repo = hub_cache_root() / ("models--" + repo_id.replace("/", "--"))
+    revision = revision or "main"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    if not re.fullmatch(r"[\w.-]+", commit) or commit in (".", ".."):
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() or any(snapshot.glob("*.gguf")) else None
 
 
 # --------------------------------------------------------------------------------------------
