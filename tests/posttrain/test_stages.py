@@ -15,13 +15,13 @@ from metafit.runs import RunDir
 from metafit.train import TrainConfig
 
 STEPS = TrainConfig(steps=2, batch_size=4, lr=1e-2, log_every=1)
-EVAL = stages.EvalArgs(n_eval=1, bucket=48, max_new_tokens=2)
+EVAL = stages.EvalArgs(n_eval=1, bucket=120, max_new_tokens=2)  # the tiny tokenizer has 320 tokens: long rows
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("posttrain")
-    student = build(TINY, train=TINY_TRAIN, cache_dir=root / "cache", progress=False)
+    student = build(TINY, train=TINY_TRAIN, progress=False)  # cached after the first build (seconds)
     data = root / "data"
     data.mkdir()
     records = []
@@ -40,13 +40,13 @@ def _run(root, name, fn, args, **kw):
 
 def test_sft_then_kto_through_run_folders_then_merge(setup):
     root, student, data = setup
-    sft_args = stages.StageArgs(method="sft", data_run=data, student=student, buckets=(48, 64), eval=EVAL)
+    sft_args = stages.StageArgs(method="sft", data_run=data, student=student, buckets=(128,), eval=EVAL)
     _, sft = _run(root, "sft", stages.train_stage, sft_args, train=STEPS, seed=0)
     assert set(sft) == {"start", "sft"} and sft["sft"]["train_rows"] == 6
 
     kto_args = dataclasses.replace(sft_args, method="kto", init_run=str(root / "sft"))
     run, kto = _run(root, "sft_kto", stages.train_stage, kto_args, train=STEPS, seed=0)
-    assert kto["start"] == sft["sft"]  # SFT -> KTO starts from the SFT run's weights
+    assert kto["start"] == {k: v for k, v in sft["sft"].items() if k.endswith(("_em", "_loss"))}  # starts from SFT
     assert kto["kto"]["train_rows"] == 9  # 6 desirable + 3 undesirable
     cache = np.load(run.path / "reference_logp.npz")
     assert cache["logp_"].shape == (9,) and np.isfinite(cache["logp_kl_"]).all()
