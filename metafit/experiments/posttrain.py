@@ -46,13 +46,13 @@ def posttrain_data(cfg: RunConfig, run: RunDir) -> dict:
     return {"metrics": summary}
 
 
-@experiment("posttrain_train", config=stages.StageArgs, validate=lambda cfg: stages.check_stage(cfg.args))
+@experiment("posttrain_train", config=stages.StageArgs, validate=lambda cfg: stages.check_stage_settings(cfg.args))
 def posttrain_train(cfg: RunConfig, run: RunDir) -> dict:
     """SFT, KTO or DPO of the student; per-category exact match of the start and the result."""
     return {"methods": stages.train_stage(cfg.args, cfg.train, run, seed=cfg.seed)}
 
 
-@experiment("posttrain_merge", config=stages.MergeArgs, validate=lambda cfg: stages.check_merge(cfg.args))
+@experiment("posttrain_merge", config=stages.MergeArgs, validate=lambda cfg: stages.check_merge_settings(cfg.args))
 def posttrain_merge(cfg: RunConfig, run: RunDir) -> dict:
     """A merge of run models through :mod:`metafit.merge`, scored per category."""
     return {"methods": stages.merge_stage(cfg.args, run, seed=cfg.seed)}

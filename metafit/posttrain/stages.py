@@ -215,16 +215,21 @@ def scorer(graphdef, tokenizer, args: EvalArgs, records) -> InstructionScorer:
 
 # ---------------------------------------------------------------------------------------------
 # stages
-def check_stage(args: StageArgs) -> None:
-    """Settings checked before the run folder exists (cheap: reads only the data run's records)."""
+def check_stage_settings(args: StageArgs) -> None:
+    """The settings alone, checked before the run folder exists (the ``validate`` hook)."""
     check_beta(args.beta)
     for name in ("desirable_weight", "undesirable_weight"):
         if not getattr(args, name) > 0:
             raise ValueError(f"args.{name} must be > 0, got {getattr(args, name)}")
-    if args.init_run and not (Path(args.init_run) / "model").is_dir():
-        raise FileNotFoundError(f"args.init_run: {args.init_run}/model not found; run that stage first")
     if args.eval.n_eval < 1:
         raise ValueError(f"args.eval.n_eval must be >= 1, got {args.eval.n_eval}")
+
+
+def check_stage(args: StageArgs) -> None:
+    """The settings and the runs they name (data run, ``init_run``), before any model is loaded."""
+    check_stage_settings(args)
+    if args.init_run and not (Path(args.init_run) / "model").is_dir():
+        raise FileNotFoundError(f"args.init_run: {args.init_run}/model not found; run that stage first")
     check_preference_data(args.method, load_records(args.data_run))
 
 
@@ -264,17 +269,22 @@ def train_stage(args: StageArgs, train: TrainConfig, run: RunDir, *, seed: int) 
     return rows
 
 
+def check_merge_settings(args: MergeArgs) -> None:
+    """The settings alone, checked before the run folder exists (the ``validate`` hook)."""
+    if args.weights and (len(args.weights) != len(args.runs) or abs(sum(args.weights) - 1) > 1e-6):
+        raise ValueError(f"args.weights must give one weight per run and sum to 1, got {list(args.weights)}")
+    if args.method == "ties" and not 0 < args.density <= 1:
+        raise ValueError(f"args.density must be in (0, 1], got {args.density}")
+
+
 def check_merge(args: MergeArgs) -> None:
-    """Settings of a merge, checked before the run folder exists."""
+    """The settings and the runs they name, before any model is loaded."""
+    check_merge_settings(args)
     if len(args.runs) < 2:
         raise ValueError(f"args.runs: a merge needs at least two run folders, got {list(args.runs)}")
     missing = [r for r in args.runs if not (Path(r) / "model").is_dir()]
     if missing:
         raise FileNotFoundError(f"args.runs: no model/ in {missing}; run those stages first")
-    if args.weights and (len(args.weights) != len(args.runs) or abs(sum(args.weights) - 1) > 1e-6):
-        raise ValueError(f"args.weights must give one weight per run and sum to 1, got {list(args.weights)}")
-    if args.method == "ties" and not 0 < args.density <= 1:
-        raise ValueError(f"args.density must be in (0, 1], got {args.density}")
 
 
 def merge_stage(args: MergeArgs, run: RunDir, *, seed: int) -> dict[str, dict[str, float]]:
