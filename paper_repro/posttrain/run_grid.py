@@ -55,18 +55,21 @@ def grid(seeds: list[int]) -> None:
 
 
 def table() -> dict:
-    """Mean and spread over the seeds that finished, per row and category."""
+    """Mean and std over the seeds that finished: exact match per category, overall, and the mean
+    response-token cross-entropy of the gold answers (nats/token, lower is better)."""
     collected: dict[str, dict[str, list[float]]] = {}
     for label, stage, method in ROWS:
         for path in sorted(RUNS.glob(f"{stage}_s*/results.json")):
             scores = json.loads(path.read_text())["methods"][method]
             row = collected.setdefault(label, {})
-            for name in [f"{c}_em" for c in CATEGORIES] + ["mean_em"]:
+            for name in [f"{c}_em" for c in CATEGORIES] + ["mean_em", "mean_loss"]:
                 row.setdefault(name, []).append(scores[name])
             row.setdefault("seeds", []).append(int(path.parent.name.rsplit("_s", 1)[1]))
-    lines = ["| model | seeds | " + " | ".join(CATEGORIES) + " | overall |", "|---" * (len(CATEGORIES) + 3) + "|"]
+    lines = ["| model | seeds | " + " | ".join(CATEGORIES) + " | overall | gold-answer loss |",
+             "|---" * (len(CATEGORIES) + 4) + "|"]
     for label, row in collected.items():
         cells = [f"{np.mean(row[f'{c}_em']):.2f} ± {np.std(row[f'{c}_em']):.2f}" for c in CATEGORIES + ("mean",)]
+        cells.append(f"{np.mean(row['mean_loss']):.2f} ± {np.std(row['mean_loss']):.2f}")
         lines.append(f"| {label} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     (HERE / "results.json").write_text(json.dumps(collected, indent=1))
     (HERE / "table.md").write_text("\n".join(lines) + "\n")
