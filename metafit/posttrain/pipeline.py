@@ -213,7 +213,11 @@ def select(scored: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
 
 
 def _cached(path: Path, compute: Callable[[], Any]) -> Any:
-    """The JSON at ``path``, or ``compute()`` written there first (a rerun skips finished stages)."""
+    """The JSON at ``path``, or ``compute()`` written there first (a rerun skips finished stages).
+
+    The files belong to the run folder's config (``metafit run`` refuses a folder of another config);
+    after a code change that alters the pool, start a new folder (``--force-new``).
+    """
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
