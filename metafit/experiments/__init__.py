@@ -72,6 +72,9 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "merge_lm": "merge_lm",
     "robust": "robust",
     "pretrain_small_lm": "small_lm",
+    "posttrain_data": "posttrain",
+    "posttrain_train": "posttrain",
+    "posttrain_merge": "posttrain",
 }
 
 

@@ -17,22 +17,37 @@ from metafit.models import generate
 from metafit.train.losses import next_token_loss
 
 
+def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, bucket: int,
+                   batch_size: int = 0) -> list[str]:
+    """Greedy chat answers of ``model`` to user ``prompts`` (up to the end-of-turn token), stripped.
+
+    Prompts are left-padded to ``max(bucket, longest prompt)`` tokens, so equal buckets share a
+    compiled generation; ``batch_size`` > 0 generates that many prompts per call (the last call padded).
+    """
+    encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    length = max(bucket, max(len(p) for p in encoded))
+    step = batch_size or len(encoded)
+    answers = []
+    for start in range(0, len(encoded), step):
+        chunk = encoded[start:start + step]
+        ids = np.zeros((step, length), np.int32)
+        mask = np.zeros_like(ids)
+        for i, p in enumerate(chunk + [chunk[-1]] * (step - len(chunk))):
+            ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
+        out = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                                  max_new_tokens=max_new_tokens))
+        answers += tokenizer.batch_decode(out[:len(chunk), length:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
 def exact_match(model, tokenizer, examples: Sequence[Instruction], max_new_tokens: int, bucket: int) -> float:
     """Share of examples whose greedy answer (up to the end-of-turn token) equals the response.
 
     Prompts are left-padded to ``max(bucket, longest prompt)`` tokens, so equal buckets share a
     compiled generation.
     """
-    prompts = [tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
-    length = max(bucket, max(len(p) for p in prompts))
-    ids = np.zeros((len(prompts), length), np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
-    out = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                              max_new_tokens=max_new_tokens))
-    answers = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-    return float(np.mean([a.strip() == ex.response for a, ex in zip(answers, examples)]))
+    answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens, bucket)
+    return float(np.mean([a == ex.response for a, ex in zip(answers, examples)]))
 
 
 class InstructionScorer:

@@ -31,11 +31,20 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     Returns:
       ``(mean_nll, number_of_counted_tokens)``.
     """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    nll = -token_logprobs(logits, input_ids)
     mask = loss_mask[:, :-1].astype(jnp.float32)
     count = mask.sum()
     return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """``log softmax(z_{b,t})[x_{b,t+1}]``: the log-probability of each next token, ``[b, s - 1]`` in float32.
+
+    Shared by :func:`causal_lm_loss` (its mean over masked positions) and the per-sequence
+    response log-probabilities of preference losses (:func:`metafit.posttrain.sequence_logprob`).
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
 
 
 def lm_batch_loss(logits: jax.Array, batch) -> jax.Array:
