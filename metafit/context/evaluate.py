@@ -9,7 +9,9 @@ lengths x depths recall grid.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -100,3 +102,33 @@ def nih_heatmap(path, grid: np.ndarray, lengths: Sequence[int], depths: Sequence
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence[ContextItem]], path, *,
+            template: bool = True, alpha: float = 1.0, context_indicator: str | None = None,
+            **answer_kwargs) -> dict:
+    """One evaluation arm: NIH recall grid and per-set scores, cached in the JSON file ``path``.
+
+    ``context_indicator`` is appended to the context-dependent prompts (NIH and the ``"qa"`` set),
+    never to the others. A finished arm's file is read back instead of recomputed (resume).
+
+    Returns ``{"nih_recall", "grid" [lengths, depths], "nih_tests_per_s", "<set>_<metric>"...}``.
+    """
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    kwargs = dict(template=template, alpha=alpha, **answer_kwargs)
+    start = time.perf_counter()
+    answers = answer(model, tokenizer, [t.prompt for t in tests], indicator=context_indicator, **kwargs)
+    seconds = time.perf_counter() - start
+    grid, _, _ = nih_recall_grid(tests, answers)
+    out = {"nih_recall": float(np.nanmean(grid)), "grid": grid.tolist(), "nih_seconds": seconds,
+           "nih_tests_per_s": len(tests) / seconds}
+    for name, items in sets.items():
+        indicator = context_indicator if name == "qa" else None
+        scores = evaluate_items(model, tokenizer, items, indicator=indicator, **kwargs) if items else {}
+        out.update({f"{name}_{k}": v for k, v in scores.items() if k != "seconds"})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+    return out

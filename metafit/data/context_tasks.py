@@ -113,12 +113,13 @@ def nih_grid(tokenizer, lengths: Sequence[int], depths: Sequence[float], *, seed
                 raise ValueError(f"NIH length {length} tokens leaves no room for the needle and question "
                                  f"({length - budget - 1} tokens); use lengths above that")
             start, chosen, used = int(rng.integers(len(filler))), [], 0
-            for k in range(len(filler)):
+            for k in range(len(filler)):  # skip sentences that overflow; stop when nearly full
                 n = sentence_tokens[(start + k) % len(filler)]
-                if used + n > budget:
+                if used + n <= budget:
+                    chosen.append(filler[(start + k) % len(filler)])
+                    used += n
+                if used >= budget - 8:
                     break
-                chosen.append(filler[(start + k) % len(filler)])
-                used += n
             if not chosen:
                 raise ValueError(f"NIH length {length} leaves {budget} tokens of haystack, less than one filler "
                                  "sentence; use longer lengths")

@@ -72,6 +72,8 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "merge_lm": "merge_lm",
     "robust": "robust",
     "pretrain_small_lm": "small_lm",
+    "context_nih": "context",
+    "context_sft": "context",
 }
 
 
