@@ -35,13 +35,21 @@ def conversation_of(item: ContextItem) -> list[dict[str, str]]:
     return [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.answer}]
 
 
-def flag_items(model, tokenizer, items: Sequence[ContextItem], *, beta: float = 0.6,
-               layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, flags)``: :math:`s_M` of each item's answer and whether it exceeds ``beta``."""
+def flag_items(model, tokenizer, items: Sequence[ContextItem], *, beta: float = 0.6, layer: int | None = None,
+               fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, flags)``: :math:`s_M` of each item's answer and whether it exceeds the threshold.
+
+    The threshold is ``beta``, or, when ``fraction`` is given, the ``1 - fraction`` quantile of the
+    scores (so that share is flagged: a threshold calibrated to a model whose scores sit in a narrow
+    band, as one-word answers give).
+    """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1] (s_M is a share of attention), got {beta}")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     scores = np.asarray([dependency_score(model, tokenizer, conversation_of(it), layer=layer)[0] for it in items])
-    return scores, scores > beta
+    threshold = beta if fraction is None else float(np.quantile(scores, 1.0 - fraction))
+    return scores, scores > threshold
 
 
 def with_indicators(items: Sequence[ContextItem], flags: Sequence[bool], indicator: str) -> list[ContextItem]:

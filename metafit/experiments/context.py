@@ -97,6 +97,7 @@ class SFTArgs:
       model: the base model (embedded name, HF folder or GGUF file).
       n_train: SFT items; ``context_fraction`` of them extractive QA, the rest context-free.
       beta: s_M threshold for the indicator; ``layer``: scored layer (-1 = middle).
+      flag_fraction: if > 0, flag this share of the items with the highest s_M instead of beta.
       lora: LoRA settings, or null for full fine-tuning (the indicator row trains either way).
       n_qa, n_free: held-out QA and context-free items; ``free_tasks``: instruction tasks.
       nih_lengths, nih_depths: the NIH grid of the evaluation (within the model's positions).
@@ -107,6 +108,7 @@ class SFTArgs:
     n_train: int = 512
     context_fraction: float = 0.1
     beta: float = 0.6
+    flag_fraction: float = 0.0
     layer: int = -1
     lora: peft.LoraConfig | None = None
     n_qa: int = 64
@@ -127,6 +129,8 @@ def validate_sft(cfg: RunConfig) -> None:
         raise ValueError(f"args.context_fraction must lie in (0, 1), got {args.context_fraction}")
     if not 0.0 <= args.beta <= 1.0:
         raise ValueError(f"args.beta must lie in [0, 1] (s_M is a share of attention), got {args.beta}")
+    if not 0.0 <= args.flag_fraction < 1.0:
+        raise ValueError(f"args.flag_fraction must lie in [0, 1) (0 = use beta), got {args.flag_fraction}")
     if args.n_train < cfg.train.batch_size or min(args.n_qa, args.n_free) < 1:
         raise ValueError("args.n_train must be >= train.batch_size and args.n_qa, args.n_free >= 1")
 
@@ -140,7 +144,8 @@ def context_sft(cfg: RunConfig, run: RunDir) -> dict:
     items = context_tasks.skewed_sft_mix(args.n_train, seed=cfg.seed, context_fraction=args.context_fraction,
                                          free_tasks=args.free_tasks)
     scores, flags = context.flag_items(base, base_tokenizer, items, beta=args.beta,
-                                       layer=None if args.layer < 0 else args.layer)
+                                       layer=None if args.layer < 0 else args.layer,
+                                       fraction=args.flag_fraction or None)
     is_qa = np.asarray([it.task == "qa" for it in items])
     flagging = {"fraction_flagged": float(flags.mean()), "flagged_qa": float(flags[is_qa].mean()),
                 "flagged_free": float(flags[~is_qa].mean()), "s_m_qa": float(scores[is_qa].mean()),

@@ -324,3 +324,16 @@ def test_template_without_chat_template_and_short_needles_are_refused(chat):
         context_tasks.nih_grid(tokenizer, [10], [0.5], seed=0, filler=["a b c d."] * 10)
     with pytest.raises(ValueError, match="depths must lie"):
         context_tasks.nih_grid(tokenizer, [100], [1.5], seed=0, filler=["a b c d."] * 10)
+
+
+def test_flag_items_by_beta_or_by_fraction(chat):
+    model, tokenizer = chat
+    items = context_tasks.extractive_qa(2, seed=0) + context_tasks.context_free(2, seed=0)
+    scores, flags = context.flag_items(model, tokenizer, items, beta=0.5)
+    want = [context.dependency_score(model, tokenizer, context.conversation_of(it))[0] for it in items]
+    np.testing.assert_allclose(scores, want)
+    np.testing.assert_array_equal(flags, np.asarray(want) > 0.5)
+    _, top = context.flag_items(model, tokenizer, items, fraction=0.25)
+    assert top.sum() == 1 and top[int(np.argmax(want))]
+    marked = context.with_indicators(items, top, "[IND]")
+    assert [m.prompt.endswith(" [IND]") for m in marked] == list(top)
