@@ -91,7 +91,7 @@ def nih_heatmap(path, grid: np.ndarray, lengths: Sequence[int], depths: Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(lengths), 1.0 + 0.35 * len(depths)))
+    fig, ax = plt.subplots(figsize=(3.0 + 0.45 * len(lengths), 2.5 + 0.35 * len(depths)))
     image = ax.imshow(grid.T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], rotation=90)
     ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
@@ -112,7 +112,7 @@ def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence
     ``context_indicator`` is appended to the context-dependent prompts (NIH and the ``"qa"`` set),
     never to the others. A finished arm's file is read back instead of recomputed (resume).
 
-    Returns ``{"nih_recall", "grid" [lengths, depths], "nih_tests_per_s", "<set>_<metric>"...}``.
+    Returns ``{"nih_recall", "grid" [lengths, depths], "nih_tests_per_s", "nih_answers", "<set>_<metric>"...}``.
     """
     path = Path(path)
     if path.exists():
@@ -123,7 +123,7 @@ def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence
     seconds = time.perf_counter() - start
     grid, _, _ = nih_recall_grid(tests, answers)
     out = {"nih_recall": float(np.nanmean(grid)), "grid": grid.tolist(), "nih_seconds": seconds,
-           "nih_tests_per_s": len(tests) / seconds}
+           "nih_tests_per_s": len(tests) / seconds, "nih_answers": answers}
     for name, items in sets.items():
         indicator = context_indicator if name == "qa" else None
         scores = evaluate_items(model, tokenizer, items, indicator=indicator, **kwargs) if items else {}

@@ -76,6 +76,7 @@ def context_nih(cfg: RunConfig, run: RunDir) -> dict:
     for name, template, alpha in arms:
         methods[name] = context.run_arm(model, tokenizer, tests, sets, run.subdir("arms") / f"{name}.json",
                                         template=template, alpha=alpha, **gen)
+        methods[name].pop("nih_answers", None)  # kept in arms/<arm>.json
         grid = np.asarray(methods[name].pop("grid"))
         context.nih_heatmap(run.plot_path(f"nih_{name}"), grid, sorted(args.lengths), sorted(args.depths), name)
     probes = [t.prompt for t in tests if t.length == min(args.lengths)]
@@ -168,4 +169,5 @@ def context_sft(cfg: RunConfig, run: RunDir) -> dict:
                                        context_indicator=context.INDICATOR if arm == "indicator" else None, **gen)
     for scores_ in methods.values():
         scores_.pop("grid")
+        scores_.pop("nih_answers", None)  # kept in arms/<arm>.json
     return {"methods": methods, "metrics": flagging}
