@@ -75,6 +75,8 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "posttrain_data": "posttrain",
     "posttrain_train": "posttrain",
     "posttrain_merge": "posttrain",
+    "context_nih": "context",
+    "context_sft": "context",
 }
 
 

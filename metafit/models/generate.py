@@ -14,10 +14,17 @@ Token choice at each step, from logits :math:`z`:
 
 Sequences that emit a stop token are padded with ``pad_token_id`` afterwards; the loop ends
 early when every sequence has stopped.
+
+Attention steering (``steer=(user_mask, alpha)``, :mod:`metafit.context`): every layer and head
+adds :math:`\log\alpha` to the pre-softmax score of each key that is not a user token, i.e.
+:math:`p'(x, y) \propto p(x, y)` for user keys and :math:`\alpha\, p(x, y)` otherwise. The user
+mask is left-aligned with the prompt and extended over the ``max_new_tokens`` cache slots here
+(generated tokens are not user tokens), so the bias always lands on the slots it names.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Sequence
 
 import jax
@@ -63,12 +70,16 @@ def _choose(logits, key, temperature, top_p, *, sample: bool, top_k, use_top_p: 
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "sample", "use_top_p", "use_cache")
 )
-def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, *,
-              max_new_tokens, top_k, sample, use_top_p, use_cache):
+def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, steer_mask=None,
+              log_alpha=None, *, max_new_tokens, top_k, sample, use_top_p, use_cache):
     model = nnx.merge(graphdef, state)
     b, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
     full_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)
+    bias = None
+    if steer_mask is not None:  # [b, 1, 1, T]: broadcast over heads and query rows, one for every layer
+        user = jnp.concatenate([steer_mask != 0, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+        bias = jnp.where(user, 0.0, log_alpha)[:, None, None, :].astype(jnp.float32)
     positions = positions_from_mask(full_mask)
     tokens = jnp.concatenate([ids, jnp.full((b, max_new_tokens), pad_id, ids.dtype)], axis=1)
     choose = functools.partial(_choose, sample=sample, top_k=top_k, use_top_p=use_top_p)
@@ -79,18 +90,18 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id
             fed = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
             out = model.forward(
                 fed, full_mask, position_ids=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
-                cache=cache, cache_index=slot, compute_logits=False,
+                cache=cache, cache_index=slot, attention_bias=bias, compute_logits=False,
             )
             return model.logits(out.hidden_states[:, 0]), out.cache
         # Reference path: recompute the whole fixed-size buffer; causality hides later slots.
-        out = model.forward(tokens, full_mask, position_ids=positions, compute_logits=False)
+        out = model.forward(tokens, full_mask, position_ids=positions, attention_bias=bias, compute_logits=False)
         hidden = jax.lax.dynamic_index_in_dim(out.hidden_states, slot, axis=1, keepdims=False)
         return model.logits(hidden), None
 
     if use_cache:
         prefill = model.forward(
             ids, full_mask, position_ids=positions[:, :prompt_len],
-            cache=model.init_cache(b, total), cache_index=0, compute_logits=False,
+            cache=model.init_cache(b, total), cache_index=0, attention_bias=bias, compute_logits=False,
         )
         logits, cache = model.logits(prefill.hidden_states[:, -1]), prefill.cache
     else:
@@ -116,10 +127,45 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id
     return tokens
 
 
-def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Moves each row's padding to the left (generation appends on the right)."""
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Moves each row's padding to the left (generation appends on the right).
+
+    ``aligned`` arrays of the same shape (a steering user mask) are permuted the same way.
+    """
     order = np.argsort(attention_mask != 0, axis=1, kind="stable")  # pads (False) first, order kept
-    return np.take_along_axis(input_ids, order, 1), np.take_along_axis(attention_mask, order, 1)
+    arrays = (input_ids, attention_mask) + aligned
+    return tuple(np.take_along_axis(a, order, 1) for a in arrays)
+
+
+def require_attention_hook(model) -> None:
+    """Raises a ``TypeError`` unless ``model.forward`` takes ``attention_bias`` and returns attentions."""
+    forward = getattr(model, "forward", None)
+    params = inspect.signature(forward).parameters if callable(forward) else {}
+    if not {"attention_bias", "return_attentions"} <= set(params) or not hasattr(model, "init_cache"):
+        raise TypeError(f"{type(model).__name__} has no attention hook: context methods need a metafit causal LM "
+                        "whose forward takes attention_bias= and return_attentions= and that has init_cache() "
+                        "(metafit.models Llama family or GPT-2)")
+
+
+def steering_inputs(steer, shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
+    """Checks ``steer = (user_mask, alpha)`` against the prompt shape; returns ``(mask [b, P], log alpha)``.
+
+    Raises:
+      ValueError: ``alpha`` outside ``(0, 1]`` or a mask whose shape is not the prompt's.
+    """
+    try:
+        user_mask, alpha = steer
+    except (TypeError, ValueError):
+        raise ValueError("steer must be a pair (user_mask, alpha), e.g. steer=(user_mask, 0.9)") from None
+    alpha = float(alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"steering alpha must lie in (0, 1] (1 = no steering), got {alpha}")
+    user_mask = np.asarray(user_mask)
+    user_mask = user_mask[None] if user_mask.ndim == 1 else user_mask
+    if user_mask.shape != shape:
+        raise ValueError(f"steering user_mask shape {user_mask.shape} differs from the prompt shape {shape}: "
+                         "it needs one entry per prompt token (1 = user token)")
+    return (user_mask != 0).astype(np.int32), float(np.log(alpha))
 
 
 def generate(
@@ -135,6 +181,7 @@ def generate(
     pad_token_id: int | None = None,
     key: Array | None = None,
     use_cache: bool = True,
+    steer: tuple | None = None,
 ) -> Array:
     """Generates continuations of ``input_ids`` with a causal LM.
 
@@ -150,6 +197,10 @@ def generate(
       pad_token_id: filler after a sequence stops; default the model's pad, else first stop, else 0.
       key: ``jax.random`` key for sampling (step ``i`` uses ``fold_in(key, i)``).
       use_cache: False recomputes the full sequence each step (a reference path, same output).
+      steer: ``(user_mask, alpha)`` attention steering: ``user_mask`` ``[b, P]`` (or ``[P]``)
+        marks the user tokens of the prompt (1), ``alpha`` in ``(0, 1]`` scales the attention on
+        every other key (prompt tokens, padding aside, and all generated tokens) in every layer
+        and head; see :func:`metafit.context.steering_bias`. None = no steering.
 
     Returns:
       ``[b, P + max_new_tokens]`` int32: the left-aligned prompt followed by the generated
@@ -172,8 +223,12 @@ def generate(
     mask = mask[None] if mask.ndim == 1 else mask
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    user_mask, log_alpha = (None, None) if steer is None else steering_inputs(steer, ids.shape)
+    if steer is not None:
+        require_attention_hook(model)
     if not mask[:, -1].all():
-        ids, mask = left_align(ids, mask)
+        ids, mask, *rest = left_align(ids, mask, *(() if user_mask is None else (user_mask,)))
+        user_mask = rest[0] if rest else None
     config = model.config
     stops = tuple(config.eos_token_ids) if stop_tokens is None else tuple(stop_tokens)
     if pad_token_id is None:
@@ -189,6 +244,8 @@ def generate(
         jnp.float32(1.0 if top_p is None else top_p),
         jnp.asarray(stops if stops else (-1,), jnp.int32),
         jnp.int32(pad_token_id),
+        None if user_mask is None else jnp.asarray(user_mask),
+        None if log_alpha is None else jnp.float32(log_alpha),
         max_new_tokens=int(max_new_tokens),
         top_k=None if top_k is None else int(top_k),
         sample=bool(sample),

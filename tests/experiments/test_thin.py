@@ -14,6 +14,8 @@ ALLOWED = {
     "merge.py": {"functions": {"merge_atm", "merge_compatible"}, "classes": {"ATMArgs", "CompatibleArgs"}},
     "merge_lm.py": {"functions": {"merge_lm", "check_args"}, "classes": {"MergeLMArgs"}},
     "finetune.py": {"functions": {"lora_sft"}, "classes": {"FinetuneArgs"}},
+    "context.py": {"functions": {"context_nih", "context_sft", "validate_nih", "validate_sft"},
+                   "classes": {"NIHArgs", "SFTArgs"}},
 }
 
 

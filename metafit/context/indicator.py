@@ -1,0 +1,114 @@
+r"""The context-dependency indicator token: vocabulary, embedding row, and a loss that trains the row.
+
+Indicator-conditioned SFT (Wang et al. 2024, Method 2) appends a new special token ``[IND]`` to
+user turns whose answer depends on the context (:func:`metafit.context.mark_dependent`), and at
+evaluation to queries that need the context. :func:`add_indicator` adds the token to a copy of
+the tokenizer and grows the model's vocabulary by one: the new input-embedding row starts at the
+mean of the existing rows (so its first forward is in distribution), an untied output head gets
+the mean column. With tied embeddings the one matrix serves both ends.
+
+The new row must train even when the rest of the embedding is frozen (LoRA). The trainer's
+parameters are therefore ``{"model": model_state, "indicator": row}`` (:func:`indicator_params`):
+the loss writes ``row`` into the embedding at the indicator id before the forward
+(:func:`with_indicator_row`), so the gradient reaches ``row``, which is always trainable, while
+the model's own copy of that row receives zero gradient. :func:`indicator_trainable` builds
+the ``trainable=`` mask of :func:`metafit.train.fit` from the model's own mask (LoRA or full).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+INDICATOR = "[IND]"
+_INPUT_EMBEDDINGS = ("embed_tokens", "wte")
+
+
+def _is_input_embedding(path) -> bool:
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return "embedding" in keys and any(name in keys for name in _INPUT_EMBEDDINGS)
+
+
+def _grow(leaf: np.ndarray, vocab: int) -> np.ndarray:
+    """Appends the mean slice along the (single) axis of length ``vocab``."""
+    axis = leaf.shape.index(vocab)
+    return np.concatenate([leaf, leaf.mean(axis=axis, keepdims=True)], axis=axis)
+
+
+def add_indicator(model, tokenizer, token: str = INDICATOR):
+    """A copy of ``model`` and ``tokenizer`` with ``token`` added; returns ``(model, tokenizer, token_id)``.
+
+    Parameters whose shape has the vocabulary size on one axis (input embedding, untied output
+    head) gain one slice equal to the mean of the others; everything else is copied unchanged.
+    Add the token before applying LoRA.
+
+    Raises:
+      ValueError: the token is already in the vocabulary, or the model's config has no
+        ``vocab_size``.
+    """
+    if token in tokenizer.get_vocab():
+        raise ValueError(f"{token!r} is already in the tokenizer's vocabulary; pick another indicator token")
+    config = model.config
+    if not hasattr(config, "vocab_size"):
+        raise ValueError(f"{type(model).__name__} has no vocab_size in its config; the indicator needs a causal LM")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([token], special_tokens=True)
+    token_id = int(tokenizer.convert_tokens_to_ids(token))
+    vocab = config.vocab_size
+    if token_id != vocab:
+        raise ValueError(f"the tokenizer gave {token!r} id {token_id}, but the model's vocabulary has {vocab} rows: "
+                         "the tokenizer and the model disagree on the vocabulary size")
+    grown = type(model)(dataclasses.replace(config, vocab_size=vocab + 1), rngs=nnx.Rngs(0))
+    old = dict(jax.tree_util.tree_leaves_with_path(nnx.state(model)))
+    new_state = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(_grow(np.asarray(old[path]), vocab) if old[path].shape != leaf.shape
+                                       else old[path], leaf.dtype),
+        nnx.state(grown))
+    nnx.update(grown, new_state)
+    return grown, tokenizer, token_id
+
+
+def indicator_params(model, token_id: int) -> dict[str, Any]:
+    """Trainer parameters ``{"model": nnx.state(model), "indicator": the token's embedding row}``."""
+    embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+                 if _is_input_embedding(path)]
+    if len(embedding) != 1:
+        raise ValueError(f"found {len(embedding)} input embeddings in {type(model).__name__}; expected one")
+    return {"model": nnx.state(model), "indicator": embedding[0][token_id]}
+
+
+def with_indicator_row(params: dict[str, Any], token_id: int):
+    """The model state of ``params`` with the ``indicator`` row written into the input embedding."""
+    row = params["indicator"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf.at[token_id].set(row.astype(leaf.dtype)) if _is_input_embedding(path) else leaf,
+        params["model"])
+
+
+def indicator_loss(model_loss: Callable, token_id: int) -> Callable:
+    """Wraps a trainer loss over model states into one over :func:`indicator_params` trees."""
+
+    def loss_fn(params, batch, key):
+        return model_loss(with_indicator_row(params, token_id), batch, key)
+
+    return loss_fn
+
+
+def indicator_trainable(params: dict[str, Any], model_mask: Any = True) -> dict[str, Any]:
+    """``trainable=`` mask of :func:`indicator_params` trees: the row always trains.
+
+    ``model_mask`` is the model's own mask (e.g. :func:`metafit.peft.trainable_mask` under LoRA),
+    or one bool for the whole model (True = full fine-tuning, False = only the row).
+    """
+    if isinstance(model_mask, bool):
+        model_mask = jax.tree.map(lambda _: model_mask, params["model"])
+    return {"model": model_mask, "indicator": True}
+
+
+__all__ = ["INDICATOR", "add_indicator", "indicator_params", "with_indicator_row", "indicator_loss",
+           "indicator_trainable"]

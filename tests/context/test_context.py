@@ -1,0 +1,339 @@
+"""metafit.context: steering, user attention, s_M, user masks, the indicator token, against direct computation."""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import metafit.models as mm
+from metafit import context, peft
+from metafit.data import context_tasks
+from metafit.models.layers import positions_from_mask
+from metafit.train import TrainConfig, fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from models_tiny import build, forward, llama_config, save  # noqa: E402
+from tiny_lm import make_tiny_llama  # noqa: E402
+
+NEW = 5
+TEXTS = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "hello world, the cat sat on the mat.",
+         "The secret code of the silver harbor is 4817."] * 20
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return mm.load(save(build("LlamaForCausalLM", llama_config()), tmp_path_factory.mktemp("llama")))[0]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A tiny random Llama with a trained BPE tokenizer and a chat template."""
+    return mm.load(str(make_tiny_llama(tmp_path_factory.mktemp("chat"), TEXTS)))
+
+
+def _prompts():
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, 97, (2, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    user = (rng.rand(2, 9) < 0.5).astype(np.int32) * mask
+    return np.where(mask == 1, ids, 0), mask, user
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Anna keeps a tiger in the kitchen.\nWhat does Anna keep?"},
+    {"role": "assistant", "content": "tiger"},
+    {"role": "user", "content": "hello world"},
+    {"role": "assistant", "content": "the cat sat on the mat."},
+]
+
+
+# ----------------------------------------------------------------------------------- steering
+
+
+def test_alpha_one_leaves_logits_unchanged(llama):
+    ids, mask, user = _prompts()
+    plain = forward(llama, ids, mask)
+    steered = forward(llama, ids, mask, attention_bias=context.steering_bias(user, 1.0))
+    np.testing.assert_array_equal(steered, plain)
+
+
+def test_steering_scales_non_user_attention_by_alpha(llama):
+    """Layer 0 sees the same inputs with and without the bias, so p' = p * a(y) / Z exactly."""
+    ids, mask, user = _prompts()
+    alpha = 0.3
+    bias = context.steering_bias(user, alpha)
+    assert bias.shape == (2, 1, 1, 9)
+    np.testing.assert_allclose(np.asarray(bias)[:, 0, 0], np.where(user == 1, 0.0, np.log(alpha)), rtol=1e-6)
+    p = forward(llama.model, ids, mask, return_attentions=True)[1][0]
+    q = forward(llama.model, ids, mask, return_attentions=True, attention_bias=bias)[1][0]
+    scaled = p * np.where(user == 1, 1.0, alpha)[:, None, None, :]
+    real_queries = np.broadcast_to(mask[:, None, :, None] == 1, p.shape)  # padded queries see no key at all
+    np.testing.assert_allclose(q[real_queries], (scaled / scaled.sum(-1, keepdims=True))[real_queries], atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_steered_generate_equals_full_forward_with_bias(llama, use_cache):
+    """Greedy tokens are the argmax of one full forward over the output with the bias on every slot."""
+    ids, mask, user = _prompts()
+    alpha = 0.2
+    out = np.asarray(mm.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(),
+                                 steer=(user, alpha), use_cache=use_cache))
+    full_mask = np.concatenate([mask, np.ones((2, NEW), np.int32)], axis=1)
+    slot_user = np.concatenate([user, np.zeros((2, NEW), np.int32)], axis=1)  # generated tokens are not user
+    logits = forward(llama, out, full_mask, position_ids=np.asarray(positions_from_mask(jnp.asarray(full_mask))),
+                     attention_bias=context.steering_bias(slot_user, alpha))
+    np.testing.assert_array_equal(out[:, 9:], np.argmax(logits[:, 8:-1], axis=-1))
+    unsteered = forward(llama, out, full_mask, position_ids=np.asarray(positions_from_mask(jnp.asarray(full_mask))))
+    assert (np.argmax(unsteered[:, 8:-1], -1) != out[:, 9:]).any(), "alpha=0.2 should change some greedy token"
+
+
+def test_generate_without_steer_is_unchanged_by_alpha_one(llama):
+    ids, mask, user = _prompts()
+    plain = np.asarray(mm.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=()))
+    steered = np.asarray(mm.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(),
+                                     steer=(user, 1.0)))
+    np.testing.assert_array_equal(steered, plain)
+
+
+def test_right_padded_steer_mask_moves_with_the_prompt(llama):
+    ids, mask, user = _prompts()
+    right = lambda a: np.stack([np.roll(a[0], 0), np.roll(a[1], -3)])  # noqa: E731  (row 1 right-padded)
+    left = np.asarray(mm.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(),
+                                  steer=(user, 0.2)))
+    moved = np.asarray(mm.generate(llama, right(ids), attention_mask=right(mask), max_new_tokens=NEW,
+                                   stop_tokens=(), steer=(right(user), 0.2)))
+    np.testing.assert_array_equal(moved, left)
+
+
+# ----------------------------------------------------------------------------------- user attention
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_user_attention_equals_last_row_of_the_full_map(llama, alpha):
+    ids, mask, user = _prompts()
+    mass = np.asarray(context.user_attention(llama, ids, user, attention_mask=mask, alpha=alpha))
+    bias = context.steering_bias(user, alpha)
+    maps = forward(llama, ids, mask, method="forward", position_ids=np.asarray(positions_from_mask(jnp.asarray(mask))),
+                   return_attentions=True, attention_bias=bias).attentions
+    want = np.stack([(a[:, :, -1, :] * user[:, None, :]).sum(-1).mean(0) for a in maps])
+    assert mass.shape == (2, 4)
+    np.testing.assert_allclose(mass, want, atol=1e-5)
+
+
+def test_retrieval_head_is_the_middle_layer_argmax(chat):
+    model, tokenizer = chat
+    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "hello world, the cat sat on the mat."]
+    mass = context.prompt_attention(model, tokenizer, probes)
+    maps = []
+    for p in probes:  # direct: full forward of each probe alone, last row
+        enc = context.encode_conversation(tokenizer, [{"role": "user", "content": p}], generation_prompt=True)
+        att = forward(model, enc.ids[None], method="forward", return_attentions=True).attentions
+        maps.append(np.stack([(a[0, :, -1, :] * enc.user_mask).sum(-1) for a in att]))
+    np.testing.assert_allclose(mass, np.mean(maps, axis=0), atol=1e-5)
+    layer, head = context.retrieval_head(model, tokenizer, probes, layers=[1])
+    assert (layer, head) == (1, int(np.argmax(mass[1])))
+
+
+# ----------------------------------------------------------------------------------- masks and s_M
+
+
+def test_user_mask_covers_exactly_the_user_contents(chat):
+    _, tokenizer = chat
+    enc = context.encode_conversation(tokenizer, CONVERSATION)
+    user_text = tokenizer.decode(enc.ids[enc.user_mask == 1])
+    assert user_text == CONVERSATION[1]["content"] + CONVERSATION[3]["content"]
+    for (role, start, end), message in zip(enc.turns, CONVERSATION):
+        assert role == message["role"] and tokenizer.decode(enc.ids[start:end]) == message["content"]
+    assert "<|im_start|>" in tokenizer.decode(enc.ids) and "user" not in user_text
+
+
+def test_dependency_score_equals_the_formula(chat):
+    model, tokenizer = chat
+    enc = context.encode_conversation(tokenizer, CONVERSATION)
+    att = forward(model, enc.ids[None], method="forward", return_attentions=True).attentions[1][0]  # [h, s, s]
+    sinks = {tokenizer.eos_token_id} | {i for i in set(enc.ids.tolist()) if tokenizer.decode([i]).strip() == ""
+                                        and "\n" in tokenizer.decode([i])}
+    want = []
+    for role, start, end in enc.turns:
+        if role != "assistant":
+            continue
+        per_token = []
+        for y in range(start, end):
+            best = 0.0
+            for h in range(att.shape[0]):
+                kept = sum(att[h, y, x] for x in range(len(enc.ids)) if enc.ids[x] not in sinks)
+                user = sum(att[h, y, x] for x in range(len(enc.ids)) if enc.user_mask[x] and enc.ids[x] not in sinks)
+                best = max(best, user / kept)
+            per_token.append(best)
+        want.append(np.mean(per_token))
+    got = context.dependency_score(model, tokenizer, CONVERSATION, layer=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert len(got) == 2 and all(0.0 <= s <= 1.0 for s in got)
+
+
+def test_turn_scores_closed_form():
+    """Uniform attention over 5 keys, one a sink, two user keys: every head gives 2/4."""
+    probs = np.full((2, 5, 5), 0.2)
+    user, sinks = np.array([1, 1, 0, 0, 0]), np.array([0, 0, 1, 0, 0])
+    assert context.turn_scores(probs, user, sinks, (("user", 0, 2), ("assistant", 3, 5))) == pytest.approx([0.5])
+
+
+def test_mark_dependent_appends_the_indicator_to_flagged_turns():
+    marked, flags = context.mark_dependent(CONVERSATION, [0.7, 0.2], beta=0.6)
+    assert flags == [True, False]
+    assert marked[1]["content"].endswith(" [IND]") and marked[3]["content"] == "hello world"
+    assert CONVERSATION[1]["content"].endswith("keep?")  # the input is not modified
+
+
+# ----------------------------------------------------------------------------------- indicator token
+
+
+def test_add_indicator_keeps_old_logits_and_trains_its_row_under_lora(chat):
+    model, tokenizer = chat
+    grown, tok, ind = context.add_indicator(model, tokenizer)
+    assert ind == model.config.vocab_size and len(tok) == ind + 1 and "[IND]" not in tokenizer.get_vocab()
+    ids = np.asarray(tokenizer("hello world", add_special_tokens=False)["input_ids"], np.int32)[None]
+    np.testing.assert_allclose(forward(grown, ids)[..., :ind], forward(model, ids), atol=1e-6)
+    embedding = np.asarray(grown.model.embed_tokens.embedding[...])
+    np.testing.assert_allclose(embedding[ind], embedding[:ind].mean(0), atol=1e-6)
+
+    peft.apply(grown, peft.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(grown)
+    params = context.indicator_params(grown, ind)
+    text = context.with_indicator("Anna keeps a tiger. What does Anna keep?")
+    batch = tok([text + " tiger"], add_special_tokens=False, return_tensors="np")
+    data = {"input_ids": batch["input_ids"].astype(np.int32), "loss_mask": np.ones(batch["input_ids"].shape, np.float32)}
+    assert ind in data["input_ids"]
+    from metafit.train.losses import next_token_loss
+    loss = context.indicator_loss(next_token_loss(graphdef), ind)
+    result = fit(loss, params, lambda step: data, TrainConfig(steps=3, lr=0.1, log_every=3), key=jax.random.key(0),
+                 trainable=context.indicator_trainable(params, peft.trainable_mask(state)), progress=False)
+    new_state = context.with_indicator_row(result.params, ind)
+    after = np.asarray(jax.tree_util.tree_leaves(new_state["model"]["embed_tokens"])[0])
+    assert np.abs(after[ind] - embedding[ind]).max() > 1e-3  # the indicator row trained
+    np.testing.assert_array_equal(after[:ind], embedding[:ind])  # the frozen rows did not
+
+
+def test_add_indicator_grows_an_untied_head(llama):
+    class Tok:  # the smallest tokenizer add_indicator needs
+        def __init__(self):
+            self.vocab = {f"t{i}": i for i in range(97)}
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def add_tokens(self, tokens, special_tokens=False):
+            self.vocab.update({t: len(self.vocab) for t in tokens})
+
+        def convert_tokens_to_ids(self, token):
+            return self.vocab[token]
+
+    grown, _, ind = context.add_indicator(llama, Tok())
+    head = np.asarray(grown.lm_head.kernel[...])
+    assert head.shape == (32, 98)
+    np.testing.assert_allclose(head[:, ind], np.asarray(llama.lm_head.kernel[...]).mean(1), atol=1e-6)
+    ids, mask, _ = _prompts()
+    np.testing.assert_allclose(forward(grown, ids, mask)[..., :97], forward(llama, ids, mask), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- data and answering
+
+
+def test_nih_grid_places_the_needle_and_fits_the_length(chat):
+    _, tokenizer = chat
+    filler = [f"Sentence number {i} talks about the weather today." for i in range(200)]
+    tests = context_tasks.nih_grid(tokenizer, [200, 300], [0.0, 0.5, 1.0], seed=0, filler=filler)
+    assert [(t.length, t.depth) for t in tests] == [(200, 0.0), (200, 0.5), (200, 1.0), (300, 0.0), (300, 0.5), (300, 1.0)]
+    for t in tests:
+        n = len(tokenizer(t.prompt, add_special_tokens=False)["input_ids"])
+        assert 0.6 * t.length <= n <= t.length
+        haystack = t.prompt.split("\n\n")[0]
+        needle = f"is {t.answer}."
+        assert needle in haystack
+        position = haystack.index("The secret code") / len(haystack)
+        assert abs(position - t.depth) < 0.35
+    assert tests[0].prompt.startswith("The secret code") and tests[2].prompt.split("\n\n")[0].endswith(f"{tests[2].answer}.")
+
+
+def test_qa_and_scores():
+    items = context_tasks.extractive_qa(5, seed=1)
+    for it in items:
+        assert f"keeps a {it.answer} in" in it.prompt
+    assert context_tasks.token_f1("the red tiger", "tiger") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    assert context_tasks.contains("It is 4817.", "4817") and not context_tasks.contains("4871", "4817")
+    mix = context_tasks.skewed_sft_mix(40, seed=0, context_fraction=0.25)
+    assert sum(it.task == "qa" for it in mix) == 10 and len(mix) == 40
+
+
+def test_bucketed_answers_equal_plain_batched_generation(chat):
+    model, tokenizer = chat
+    prompts = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "hello"]
+    got = context.answer(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, bucket=16, alpha=0.5)
+    encoded = [context.encode_conversation(tokenizer, [{"role": "user", "content": p}], generation_prompt=True)
+               for p in prompts]
+    ids, mask = context.left_pad([e.ids for e in encoded][::-1])  # another order and padding than answer()'s
+    user, _ = context.left_pad([e.user_mask for e in encoded][::-1])
+    out = np.asarray(mm.generate(model, ids, attention_mask=mask, max_new_tokens=4, steer=(user, 0.5)))
+    want = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)[::-1]
+    assert got == [w.strip() for w in want]
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.5, 1.5, float("nan")])
+def test_alpha_outside_unit_interval_is_refused(llama, alpha):
+    ids, mask, user = _prompts()
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\]"):
+        context.steering_bias(user, alpha)
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\]"):
+        mm.generate(llama, ids, attention_mask=mask, max_new_tokens=2, steer=(user, alpha))
+
+
+def test_user_mask_of_the_wrong_shape_is_refused(llama):
+    ids, mask, user = _prompts()
+    with pytest.raises(ValueError, match="user_mask shape"):
+        mm.generate(llama, ids, attention_mask=mask, max_new_tokens=2, steer=(user[:, :-1], 0.9))
+    with pytest.raises(ValueError, match="user_mask shape"):
+        context.user_attention(llama, ids, user[:1], attention_mask=mask)
+
+
+def test_model_without_the_attention_hook_is_refused(llama):
+    mlp = mm.mlp.MLP if hasattr(mm, "mlp") and hasattr(mm.mlp, "MLP") else object
+    with pytest.raises(TypeError, match="no attention hook"):
+        context.user_attention(object(), np.ones((1, 3), np.int32), np.ones((1, 3)))
+    with pytest.raises(TypeError, match="no attention hook"):
+        mm.generate(mlp, np.ones((1, 3), np.int32), max_new_tokens=2, steer=(np.ones((1, 3)), 0.9))
+
+
+def test_template_without_chat_template_and_short_needles_are_refused(chat):
+    _, tokenizer = chat
+    import copy
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        context.encode_conversation(plain, CONVERSATION)
+    assert len(context.encode_conversation(plain, CONVERSATION, template=False).ids) > 0
+    with pytest.raises(ValueError, match="leaves no room for the needle"):
+        context_tasks.nih_grid(tokenizer, [10], [0.5], seed=0, filler=["a b c d."] * 10)
+    with pytest.raises(ValueError, match="depths must lie"):
+        context_tasks.nih_grid(tokenizer, [100], [1.5], seed=0, filler=["a b c d."] * 10)
+
+
+def test_flag_items_by_beta_or_by_fraction(chat):
+    model, tokenizer = chat
+    items = context_tasks.extractive_qa(2, seed=0) + context_tasks.context_free(2, seed=0)
+    scores, flags = context.flag_items(model, tokenizer, items, beta=0.5)
+    want = [context.dependency_score(model, tokenizer, context.conversation_of(it))[0] for it in items]
+    np.testing.assert_allclose(scores, want)
+    np.testing.assert_array_equal(flags, np.asarray(want) > 0.5)
+    _, top = context.flag_items(model, tokenizer, items, fraction=0.25)
+    assert top.sum() == 1 and top[int(np.argmax(want))]
+    marked = context.with_indicators(items, top, "[IND]")
+    assert [m.prompt.endswith(" [IND]") for m in marked] == list(top)
