@@ -119,11 +119,14 @@ def objective_value(objective: Objective, selected) -> float:
     return float((np.minimum(cover, cap) - np.minimum(floor, cap)).sum() + bonus[idx].sum())
 
 
-def _gains(objective: Objective, cover: jax.Array) -> jax.Array:
-    """Marginal gain of every candidate ``[n]`` given the current coverage ``[n]``."""
+def _gains(objective: Objective, cover: jax.Array, candidates: jax.Array | None = None) -> jax.Array:
+    """Marginal gains given the current coverage ``[n]``: of every candidate, or of ``candidates`` only."""
+    kernel, bonus = objective.kernel, objective.bonus
+    if candidates is not None:
+        kernel, bonus = kernel[:, candidates], bonus[candidates]
     capped = jnp.minimum(cover, objective.cap)
-    new = jnp.minimum(jnp.maximum(cover[:, None], objective.kernel), objective.cap[:, None])
-    return (new - capped[:, None]).sum(0) + objective.bonus
+    new = jnp.minimum(jnp.maximum(cover[:, None], kernel), objective.cap[:, None])
+    return (new - capped[:, None]).sum(0) + bonus
 
 
 def _check_budget(budget: int, n: int) -> None:
@@ -161,7 +164,7 @@ def _stochastic_greedy(objective: Objective, key: jax.Array, budget: int, sample
         cover, taken, order = carry
         noise = jax.random.uniform(jax.random.fold_in(key, t), (n,))
         _, looked_at = jax.lax.top_k(jnp.where(taken, -1.0, noise), sample)  # a random untaken subset
-        gains = _gains(objective, cover)[looked_at]
+        gains = _gains(objective, cover, looked_at)
         gains = jnp.where(taken[looked_at], -jnp.inf, gains)
         best = jnp.argmax(gains)
         # Among equal gains prefer the lowest index, as greedy does.

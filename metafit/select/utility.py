@@ -153,6 +153,11 @@ def _round_up(n: int, multiple: int = PAD_TO) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def _power_of_two(n: int) -> int:
+    """Head lengths vary most, so they round to powers of two (fewer compilations)."""
+    return max(PAD_TO, 1 << (n - 1).bit_length())
+
+
 def _pad_rows(rows: Sequence[Sequence[int]], length: int, count: int | None = None) -> np.ndarray:
     out = np.zeros((count or len(rows), length), np.int32)
     for r, ids in enumerate(rows):
@@ -231,7 +236,7 @@ class _Tiler:
     def with_cache(self, heads: list[list[int]], query_rows: np.ndarray) -> np.ndarray:
         """``[2, len(query_rows), len(heads)]`` distances via the shared-prefix cache."""
         n_heads = _round_up(len(heads), self.chunk)
-        head_ids = _pad_rows(heads, _round_up(max(map(len, heads))), n_heads)
+        head_ids = _pad_rows(heads, _power_of_two(max(map(len, heads))), n_heads)
         head_len = np.array([len(h) for h in heads] + [1] * (n_heads - len(heads)), np.int32)
         out = _tile_with_prefix_cache(self.graphdef, self.state, jnp.asarray(head_ids), jnp.asarray(head_len),
                                       *map(jnp.asarray, self._queries(query_rows)), chunk=self.chunk)

@@ -23,6 +23,12 @@ def exact_match(model, tokenizer, examples: Sequence[Instruction], max_new_token
     Prompts are left-padded to ``max(bucket, longest prompt)`` tokens, so equal buckets share a
     compiled generation.
     """
+    answers = greedy_answers(model, tokenizer, examples, max_new_tokens, bucket)
+    return float(np.mean([a == ex.response for a, ex in zip(answers, examples)]))
+
+
+def greedy_answers(model, tokenizer, examples: Sequence[Instruction], max_new_tokens: int, bucket: int) -> list[str]:
+    """Greedy answers (decoded up to the end-of-turn token, stripped) to the chat-formatted prompts."""
     prompts = [tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
     length = max(bucket, max(len(p) for p in prompts))
     ids = np.zeros((len(prompts), length), np.int32)
@@ -31,8 +37,7 @@ def exact_match(model, tokenizer, examples: Sequence[Instruction], max_new_token
         ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
     out = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                               max_new_tokens=max_new_tokens))
-    answers = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-    return float(np.mean([a.strip() == ex.response for a, ex in zip(answers, examples)]))
+    return [a.strip() for a in tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)]
 
 
 class InstructionScorer:
