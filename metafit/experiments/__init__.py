@@ -72,6 +72,7 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "merge_lm": "merge_lm",
     "robust": "robust",
     "pretrain_small_lm": "small_lm",
+    "delift": "select",
 }
 
 
