@@ -91,7 +91,7 @@ def kmeans_subset(embeddings, budget: int, *, clusters: int = 8, seed: int = 0) 
 def gradient_features(model, tokenizer, examples: Sequence[Instruction], *, lora: peft.LoraConfig, dim: int = 256,
                       key: jax.Array, buckets: Sequence[int] = (64, 128), batch_size: int = 16) -> np.ndarray:
     """LESS-style features ``[n, dim]``: projected, normalised per-example LoRA gradients."""
-    adapted = peft.apply(nnx.clone(model), lora, rngs=nnx.Rngs(params=jax.random.key_data(key)[-1]))
+    adapted = peft.apply(nnx.clone(model), lora, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**31 - 1))))
     graphdef, adapter, frozen = peft.split(adapted)
     loss_fn = next_token_loss(graphdef)
 

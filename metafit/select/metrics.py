@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -32,20 +33,20 @@ def exact_match_rate(predictions: Sequence[str], references: Sequence[str]) -> f
     return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, ids, mask):
+    return mean_pool(nnx.merge(graphdef, state)(ids, mask), mask)
+
+
 def embed_texts(encoder, tokenizer, texts: Sequence[str], *, max_len: int = 64, batch_size: int = 64) -> np.ndarray:
     """Normalised mean-pooled sentence embeddings ``[n, hidden]`` of a BERT-family encoder (MiniLM)."""
     graphdef, state = nnx.split(encoder)
-
-    @jax.jit
-    def embed(ids, mask):
-        return mean_pool(nnx.merge(graphdef, state)(ids, mask), mask)
-
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
         chunk += [""] * (batch_size - len(chunk))
         enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
-        out.append(np.asarray(embed(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))))
+        out.append(np.asarray(_embed(graphdef, state, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))))
     return np.concatenate(out)[: len(texts)]
 
 
