@@ -51,7 +51,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=32, help="queries = examples = n (n^2 pairs)")
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--torch-batch", type=int, default=32)
-    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads (2 threads were far slower than 1 on the loaded 2-core CPU)")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 

@@ -14,6 +14,7 @@ ALLOWED = {
     "merge.py": {"functions": {"merge_atm", "merge_compatible"}, "classes": {"ATMArgs", "CompatibleArgs"}},
     "merge_lm.py": {"functions": {"merge_lm", "check_args"}, "classes": {"MergeLMArgs"}},
     "finetune.py": {"functions": {"lora_sft"}, "classes": {"FinetuneArgs"}},
+    "select.py": {"functions": {"delift"}, "classes": {"DeliftArgs"}},
 }
 
 
