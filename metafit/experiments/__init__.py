@@ -77,6 +77,7 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "posttrain_merge": "posttrain",
     "context_nih": "context",
     "context_sft": "context",
+    "delift": "select",
 }
 
 

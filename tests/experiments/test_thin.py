@@ -16,6 +16,7 @@ ALLOWED = {
     "finetune.py": {"functions": {"lora_sft"}, "classes": {"FinetuneArgs"}},
     "context.py": {"functions": {"context_nih", "context_sft", "validate_nih", "validate_sft"},
                    "classes": {"NIHArgs", "SFTArgs"}},
+    "select.py": {"functions": {"delift"}, "classes": {"DeliftArgs"}},
 }
 
 

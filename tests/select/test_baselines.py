@@ -1,0 +1,55 @@
+"""Selection baselines, metrics and the JSONL pair files, against hand-computed values."""
+import jax
+import numpy as np
+import pytest
+
+from metafit.data.instructions import Instruction
+from metafit.select import baselines, metrics, study
+
+
+def test_metrics_against_hand_computed_values():
+    # LCS("a b c", "a b d") = 2 of 3 tokens each side: P = R = F1 = 2/3.
+    assert metrics.rouge_l(["a b c", "x"], ["a b d", "x"]) == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics.exact_match_rate([" 12", "ab"], ["12", "ba"]) == 0.5
+
+
+def test_scores_uncertainty_random_and_gradient_subsets():
+    assert baselines.top_scores([0.1, 0.9, 0.5, 0.9], 3).tolist() == [1, 3, 2]
+    assert baselines.self_uncertainty_subset([2.0, 0.5, 1.0], 2).tolist() == [1, 2]
+    picked = baselines.random_subset(10, 4, key=jax.random.key(0))
+    assert len(set(picked.tolist())) == 4 and picked.max() < 10
+    pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+    assert baselines.gradient_subset(pool, 2, np.array([[1.0, 0.1]])).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="budget must be in"):
+        baselines.top_scores([1.0, 2.0], 3)
+
+
+def test_kmeans_takes_shares_per_cluster_from_both_ends():
+    rng = np.random.default_rng(0)
+    a = np.array([1.0, 0.0]) + 0.05 * rng.standard_normal((6, 2))
+    b = np.array([0.0, 1.0]) + 0.05 * rng.standard_normal((4, 2))
+    x = np.concatenate([a, b])
+    picked = baselines.kmeans_subset(x, 5, clusters=2)
+    assert len(set(picked.tolist())) == 5
+    assert sum(i < 6 for i in picked) == 3 and sum(i >= 6 for i in picked) == 2  # shares 3 and 2 of 5
+
+
+def test_embedding_kernel_is_scaled_cosine():
+    e = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    k = baselines.embedding_kernel(e)
+    cos = np.array([[1, 0, 0.5 ** 0.5], [0, 1, 0.5 ** 0.5], [0.5 ** 0.5, 0.5 ** 0.5, 1]])
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(k[off], (cos[off] - 0) / (0.5 ** 0.5), rtol=1e-6)
+
+
+def test_pair_files(tmp_path):
+    pairs = [Instruction("add", "Add 1 and 2.", "3"), Instruction("user", "Say hi.", "hi")]
+    study.write_pairs(tmp_path / "p.jsonl", pairs)
+    assert study.read_pairs(tmp_path / "p.jsonl") == pairs
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
+        study.read_pairs(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="use_case must be"):
+        study.use_case_sets("other", n_pool=4, n_side=2, n_eval=2, seed=0)
+    sets = study.use_case_sets("task", n_pool=12, n_side=4, n_eval=4, seed=0)
+    assert {p.task for p in sets.side} == {"reverse", "sort"} == {p.task for p in sets.eval}
