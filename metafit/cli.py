@@ -6,6 +6,7 @@ Commands:
   metafit list                      registered experiments and methods, by family
   metafit show RUN_DIR              the results table of a finished run
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
+  metafit repro PAPER [--scale S] [--jobs N] [--table-only]   run a paper's grid, rebuild its table
   metafit --version
 
 Also ``python -m metafit``. This module imports only the standard library, PyYAML and
@@ -28,6 +29,7 @@ examples:
   metafit run configs/quickstart.yaml --set train.steps=200
   metafit config quickstart > my.yaml && metafit run my.yaml
   metafit run my.yaml --set experiment=mypackage.mymodule:my_experiment
+  metafit repro amfs --table-only        # rebuild a paper's table from its committed results
 """
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err, 2)
     except Exception as err:
         # Error classes of heavy modules are looked up only if the module was loaded, keeping start-up light.
-        if _is_instance(err, "metafit.runs", "RunDirError"):
+        if _is_instance(err, "metafit.runs", "RunDirError") or _is_instance(err, "metafit.sweep", "SweepError"):
             return _fail(err, 2)
         if _is_instance(err, "metafit.train", "NonFiniteLossError"):
             return _fail(err, 3)
@@ -105,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("recipe", type=Path)
     merge.add_argument("--out", type=Path, required=True, help="output folder")
     merge.set_defaults(func=_merge)
+
+    repro = commands.add_parser(
+        "repro", help="run a paper's grid (experiments/PAPER.yaml) and rebuild its table from the results",
+        description="Run the jobs of experiments/PAPER.yaml that the committed results (sweep.json) do not hold yet, "
+                    "then rebuild the paper's tables from the results. Finished jobs are skipped; a failed job is "
+                    "recorded with its error and shown as failed. With --table-only nothing runs and files change "
+                    "only if their contents do; a table is never rebuilt from fewer results than are committed.",
+        epilog="Run from the repository root (where experiments/ and paper_repro/ are). Grids: experiments/*.yaml.",
+    )
+    repro.add_argument("paper", help="amfs, clear, prompt, atm, compatible (or a grid YAML path)")
+    repro.add_argument("--scale", default=None, help="a scale of the grid, e.g. cpu or gpu (default: the grid's)")
+    repro.add_argument("--jobs", type=int, default=1, help="jobs at once (more than 1: one subprocess per job)")
+    repro.add_argument("--table-only", action="store_true", help="run nothing; rebuild the tables from the results")
+    repro.add_argument("--executor", choices=("inprocess", "subprocess", "ray", "slurm"), default=None,
+                       help="where jobs run (default: inprocess for --jobs 1, else subprocess); ray and slurm need "
+                            "pip install 'metafit[cluster]'")
+    repro.add_argument("--budget-s", type=float, default=None, help="start no job after this many seconds")
+    repro.add_argument("--only", action="append", default=[], metavar="GLOB", help="run only jobs matching (repeatable)")
+    repro.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: runs/repro/PAPER/SCALE)")
+    repro.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    repro.set_defaults(func=_repro)
     return parser
 
 
@@ -184,6 +207,23 @@ def _merge(args: argparse.Namespace) -> int:
     summary = run_recipe(args.recipe, args.out)
     print(f"{summary['method']}: merged {summary['tensors']} tensors in {summary['seconds']:.1f}s -> {summary['out_dir']}")
     return 0
+
+
+def _repro(args: argparse.Namespace) -> int:
+    _user_modules_importable()
+    from metafit.sweep import find_grid, run_sweep
+
+    report = run_sweep(find_grid(args.paper), args.scale, jobs=args.jobs, executor=args.executor,
+                       budget_s=args.budget_s, only=args.only, table_only=args.table_only, runs_dir=args.runs_dir,
+                       ray_address=args.ray_address)
+    for name, text in report.tables.items():
+        print(f"--- {name}\n{text}")
+    print(f"{len(report.done)} jobs done, {len(report.failed)} failed, {len(report.skipped)} already done, "
+          f"{len(report.not_started)} not started (budget); "
+          + (f"wrote {', '.join(report.written)}" if report.written else "no file changed"))
+    for name, error in report.failed.items():
+        print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _print_results(results: dict, title: str) -> None:
