@@ -185,6 +185,10 @@ def _list(args: argparse.Namespace) -> int:
     from metafit.registry import catalogue
 
     load_all()
+    if not sys.stdout.isatty():  # logs and pipes: one line per family, nothing wrapped or cut
+        for family, registry in catalogue().items():
+            print(f"{family}: {', '.join(registry.names())}")
+        return 0
     table = Table(title="metafit registries")
     table.add_column("family")
     table.add_column("names")
@@ -227,6 +231,11 @@ def _repro(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, title: str) -> None:
+    """A rich table on a terminal; Markdown elsewhere (logs, CI, nohup), where rich would cut wide tables to 80
+    columns and show every number as "0…"."""
+    if not sys.stdout.isatty():
+        print(_results_markdown(results, title))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -246,21 +255,42 @@ def _print_results(results: dict, title: str) -> None:
     Console().print(table)
 
 
+def _results_markdown(results: dict, title: str) -> str:
+    """The results as a Markdown table with every name and text value made inert (see :func:`_inert`)."""
+    from metafit.runs import results_markdown
+
+    def cell(value):
+        return _inert(value).replace("|", "\\|") if isinstance(value, str) else value
+
+    def row(mapping):
+        return {cell(key): cell(value) for key, value in mapping.items()}
+
+    safe = {}
+    if "methods" in results:
+        safe["methods"] = {cell(method): row(values) for method, values in results["methods"].items()}
+    if "metrics" in results:
+        safe["metrics"] = row(results["metrics"])
+    return results_markdown(safe, cell(title))
+
+
+def _inert(text: str) -> str:
+    """Control characters shown escaped, so a results file cannot move the cursor or hide lines."""
+    import unicodedata
+
+    return "".join(ch if unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def _cell(value):
     """Results text as inert terminal text: no Rich markup, control characters shown escaped.
 
     ``results.json`` may come from anyone (a shared run folder); printing it raw would let it
     move the cursor, retitle the terminal or hide lines.
     """
-    import unicodedata
-
     from rich.text import Text
 
     from metafit.runs import _fmt
 
-    text = _fmt(value)
-    shown = "".join(ch if unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text)
-    return Text(shown)  # a Text is never parsed as markup
+    return Text(_inert(_fmt(value)))  # a Text is never parsed as markup
 
 
 if __name__ == "__main__":

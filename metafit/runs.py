@@ -37,8 +37,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from metafit.train.metrics import MetricsWriter
-
 
 class RunDirError(RuntimeError):
     """The run folder cannot be used (different config, not writable, ...)."""
@@ -52,6 +50,8 @@ class RunDir:
     """A run folder (see the module docstring). Create with :meth:`open`; :meth:`close` releases its lock."""
 
     def __init__(self, path: Path, lock_fd: int | None = None):
+        from metafit.train.metrics import MetricsWriter  # here, not at the top: reading results needs no JAX
+
         self.path = path
         self.metrics = MetricsWriter(path / "metrics.jsonl", tensorboard=path / "tensorboard")
         self._lock_fd = lock_fd
