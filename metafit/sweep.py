@@ -35,7 +35,8 @@ until the time budget is spent:
 * ``ray``: the same subprocess per job as Ray tasks (``ray.init(address=...)``; a local
   cluster when no address is given); run folders must be on a filesystem every node sees;
 * ``slurm``: one Slurm job per sweep job through ``submitit`` (``slurm:`` section of the grid
-  or ``slurm_options``: partition, timeout, GPUs, ...).
+  or ``slurm_options``: submitit's parameters such as ``slurm_partition``, ``timeout_min``,
+  ``gpus_per_node``; ``cluster: local`` runs the same path without Slurm).
 
 Ray and submitit are the optional extra ``pip install metafit[cluster]``.
 
@@ -478,7 +479,9 @@ def _execute_ray(todo, grid, runs, record, jobs, started, address, cache) -> Non
 
 def _execute_slurm(todo, grid, runs, record, started, options, log) -> None:
     submitit = _optional("submitit")
-    executor = submitit.AutoExecutor(folder=runs / "slurm")
+    options = dict(options)
+    # cluster: None picks Slurm when sbatch is there; "local" runs each job as a local process, "debug" in this one
+    executor = submitit.AutoExecutor(folder=runs / "slurm", cluster=options.pop("cluster", None))
     executor.update_parameters(**options)
     submitted = [(job, executor.submit(_timed_inprocess, job, grid.root, runs / job.name))
                  for job in todo if started(job)]
