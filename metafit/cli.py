@@ -222,8 +222,10 @@ def _repro(args: argparse.Namespace) -> int:
                        ray_address=args.ray_address)
     for name, text in report.tables.items():
         print(f"--- {name}\n{text}")
-    print(f"{len(report.done)} jobs done, {len(report.failed)} failed, {len(report.skipped)} already done, "
-          f"{len(report.not_started)} not started (budget); "
+    if not args.table_only:
+        print(f"this run: {len(report.done)} jobs done, {len(report.failed)} failed, {len(report.skipped)} already "
+              f"done before, {len(report.not_started)} not started (budget spent)")
+    print(f"tables from {report.results_done} finished and {report.results_failed} failed jobs; "
           + (f"wrote {', '.join(report.written)}" if report.written else "no file changed"))
     for name, error in report.failed.items():
         print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)

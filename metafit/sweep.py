@@ -324,6 +324,8 @@ class SweepReport:
     not_started: list[str] = dataclasses.field(default_factory=list)  # budget spent
     written: list[str] = dataclasses.field(default_factory=list)
     tables: dict[str, str] = dataclasses.field(default_factory=dict)  # built Markdown files by name
+    results_done: int = 0    # finished jobs of the grid the tables were built from
+    results_failed: int = 0  # failed jobs shown as failed
 
 
 def run_sweep(
@@ -528,6 +530,7 @@ def _build(grid: Grid, scale: str, builder, records, committed, all_jobs: list[J
         raise SweepError(f"refusing to rebuild {out}: the grid at scale '{scale}' covers {done_count(view)} finished "
                          f"jobs but the committed results hold {before} (not in the grid: {', '.join(lost[:5])}"
                          f"{', ...' if len(lost) > 5 else ''}); restore the grid's jobs or move the results aside")
+    report.results_done, report.results_failed = done_count(view), len(failed_errors(view))
     files = builder.build(view, scale, grid.variables(scale))
     for name, content in files.items():
         if write_if_changed(out / name, content):
