@@ -424,7 +424,7 @@ def _execute(todo: list[Job], grid: Grid, runs: Path, record, *, jobs: int, exec
              report: SweepReport, ray_address: str | None, slurm_options: Mapping[str, Any], log) -> None:
     start = time.monotonic()
     deadline = start + budget_s if budget_s is not None else float("inf")
-    finished = [job for job in todo if (runs / job.name / "results.json").is_file()]
+    finished = [job for job in todo if _finished_as_configured(job, grid.root, runs / job.name)]
     for job in finished:  # run before, not collected (interrupted sweep): collect without rerunning
         record(job, None, 0.0)
     todo = [job for job in todo if job not in finished]
@@ -494,6 +494,20 @@ def _execute_slurm(todo, grid, runs, record, started, options, log) -> None:
         except Exception as err:  # the Slurm job died (time limit, node failure, preemption)
             error, seconds = f"slurm job {handle.job_id} failed: {type(err).__name__}: {err}"[:2000], 0.0
         record(job, error, seconds)
+
+
+def _finished_as_configured(job: Job, root: Path, run_dir: Path) -> bool:
+    """True if ``run_dir`` holds finished results of exactly this job's resolved config (not of an older grid)."""
+    if not (run_dir / "results.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    from metafit.config import dump_yaml
+    from metafit.experiments import load_run_config, validate_config
+
+    try:
+        expected = dump_yaml(validate_config(load_run_config(root / job.config, list(job.overrides))))
+    except (ValueError, ImportError):  # an invalid job: running it records the error
+        return False
+    return (run_dir / "config.yaml").read_text() == expected
 
 
 def _timed_subprocess(job, root, run_dir, log_path, cache) -> tuple[str | None, float]:

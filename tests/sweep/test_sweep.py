@@ -51,6 +51,15 @@ def test_runs_records_failures_and_resumes(fake_project):
     collected = run_sweep(fake_project, only=["x2_*"], log=lambda _: None)
     assert collected.done == ["x2_s1"] and _calls(root)["x2_s1"] == 1
 
+    # ... but a run folder of another config (the grid's overrides changed since) is run again
+    store_path.write_text(json.dumps(data))
+    config = root / "runs/repro/fake/tiny/x2_s1/config.yaml"
+    config.write_text(config.read_text().replace("x: 2.0", "x: 3.0"))
+    rerun = run_sweep(fake_project, only=["x2_*"], log=lambda _: None)
+    assert (root / "runs/repro/fake/tiny/x2_s1.old-1").is_dir()  # the other config's run is moved aside, not lost
+    assert rerun.done == ["x2_s1"] and _calls(root)["x2_s1"] == 1 and load_store(root / "paper_repro/fake/results/tiny")["jobs"]["x2_s1"]["data"] == {
+        "y": 5.0}
+
 
 def test_table_only_changes_nothing_and_fewer_results_are_refused(fake_project):
     root = fake_project.parent.parent
