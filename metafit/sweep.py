@@ -254,11 +254,6 @@ def done_count(records: Mapping[str, Mapping[str, Any]]) -> int:
     return sum(record.get("status") == "done" for record in records.values())
 
 
-def done_data(records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """``{job name: collected data}`` of the finished jobs."""
-    return {name: r["data"] for name, r in records.items() if r.get("status") == "done"}
-
-
 def failed_errors(records: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """``{job name: error}`` of the failed jobs."""
     return {name: r.get("error", "") for name, r in records.items() if r.get("status") == "failed"}
@@ -553,6 +548,6 @@ def _build(grid: Grid, scale: str, builder, records, committed, all_jobs: list[J
             report.tables[name] = content
 
 
-__all__ = ["Grid", "Job", "STORE", "SweepError", "SweepReport", "done_count", "done_data", "failed_errors",
+__all__ = ["Grid", "Job", "STORE", "SweepError", "SweepReport", "done_count", "failed_errors",
            "find_grid", "load_grid", "load_builder", "load_store", "run_sweep", "run_job_inprocess",
            "run_job_subprocess", "write_if_changed"]
