@@ -128,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: runs/repro/PAPER/SCALE)")
     repro.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     repro.set_defaults(func=_repro)
+    export = commands.add_parser(
+        "export", help="write a run's trained model as an HF folder (adapter merged or kept; sharded safetensors)",
+        description="Write the model a run folder holds (an HF PEFT adapter, merged into its base model or kept "
+                    "beside it, or an HF model folder) as a folder transformers loads.")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="a new or empty output folder")
+    export.add_argument("--keep-adapter", action="store_true",
+                        help="write the base model with adapter/ beside it instead of merging the adapter")
+    export.add_argument("--model", default=None, help="which model of the run (its path in the run folder)")
+    export.add_argument("--base", default=None, help="the adapter's base model, if not the one it names")
+    export.add_argument("--max-shard-size", default="5GB",
+                        help="split weights into safetensors shards of at most this size (default 5GB)")
+    export.add_argument("--dtype", default=None, help="cast the weights on disk, e.g. bfloat16")
+    export.set_defaults(func=_export)
     return parser
 
 
@@ -230,6 +244,16 @@ def _repro(args: argparse.Namespace) -> int:
     for name, error in report.failed.items():
         print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from metafit.export import export_run
+
+    summary = export_run(args.run_dir, args.out, merge=not args.keep_adapter, model=args.model, base=args.base,
+                         max_shard_size=args.max_shard_size, dtype=args.dtype)
+    how = "merged into its base" if summary["merged"] else "as is"
+    print(f"{summary['source']} ({summary['kind']}, {how}) -> {summary['out']}: {', '.join(summary['weight_files'])}")
+    return 0
 
 
 def _print_results(results: dict, title: str) -> None:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_metafit
+from conftest import run_cli, run_metafit
 
 TINY = ["--set", "args.hidden=[32]", "--set", "train.eval_every=0"]
 
@@ -64,26 +64,26 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
 
 def test_bad_input_errors(repo, tmp_path):
     config = str(repo / "configs/quickstart.yaml")
-    missing = run_metafit("run", str(tmp_path / "nope.yaml"))
+    missing = run_cli("run", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "config file not found" in missing.stderr
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("experiment: quickstart\ntrain: {steps: 3\n")
-    syntax = run_metafit("run", str(broken))
+    syntax = run_cli("run", str(broken))
     assert syntax.returncode == 2 and "YAML syntax error at line" in syntax.stderr
 
-    typo = run_metafit("run", config, "--set", "train.stpes=3", "--workdir", str(tmp_path / "t"))
+    typo = run_cli("run", config, "--set", "train.stpes=3", "--workdir", str(tmp_path / "t"))
     assert typo.returncode == 2 and "unknown key 'train.stpes'; did you mean 'steps'?" in typo.stderr
     assert not (tmp_path / "t").exists()  # validated before anything was written
 
-    wrong_type = run_metafit("run", config, "--set", "train.steps=many")
+    wrong_type = run_cli("run", config, "--set", "train.steps=many")
     assert wrong_type.returncode == 2 and "train.steps: expected int, got 'many'" in wrong_type.stderr
 
-    first = run_metafit("run", config, *TINY, "--set", "train.steps=20", "--workdir", str(tmp_path / "w"))
+    first = run_cli("run", config, *TINY, "--set", "train.steps=20", "--workdir", str(tmp_path / "w"))
     assert first.returncode == 0, first.stderr
-    other = run_metafit("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"))
+    other = run_cli("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"))
     assert other.returncode == 2 and "different config" in other.stderr and "--force-new" in other.stderr
-    forced = run_metafit("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"),
+    forced = run_cli("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"),
                          "--force-new")
     assert forced.returncode == 0, forced.stderr
     assert (tmp_path / "w.old-1" / "results.json").exists()  # the old run was moved aside, not lost
@@ -92,11 +92,11 @@ def test_bad_input_errors(repo, tmp_path):
     readonly.mkdir()
     readonly.chmod(0o500)
     if os.geteuid() != 0:  # root ignores permissions
-        unwritable = run_metafit("run", config, "--workdir", str(readonly / "run"))
+        unwritable = run_cli("run", config, "--workdir", str(readonly / "run"))
         assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
     blocked = tmp_path / "file"
     blocked.write_text("x")
-    not_a_dir = run_metafit("run", config, *TINY, "--workdir", str(blocked / "run"))
+    not_a_dir = run_cli("run", config, *TINY, "--workdir", str(blocked / "run"))
     assert not_a_dir.returncode == 2 and "cannot write to run folder" in not_a_dir.stderr
 
 

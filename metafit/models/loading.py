@@ -321,8 +321,8 @@ def load(
     return model, tok
 
 
-def save(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
-    """Writes an HF folder (``config.json``, ``model.safetensors``, tokenizer files).
+def save(model, directory: str | Path, tokenizer=None, *, dtype=None, max_shard_size: int | str | None = None) -> Path:
+    """Writes an HF folder (``config.json``, safetensors weights, tokenizer files).
 
     transformers' PyTorch classes load the folder back with the same logits. Adapter
     parameters (``nnx.LoRAParam``) are not written: merge them first (``metafit.peft``).
@@ -332,12 +332,15 @@ def save(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
       directory: created if missing; existing files of the same names are overwritten.
       tokenizer: a transformers tokenizer to save alongside, optional.
       dtype: cast the weights (e.g. ``"bfloat16"``) instead of keeping the model dtype.
+      max_shard_size: bytes (``int``) or a size such as ``"5GB"``/``"500MiB"``. Weights larger
+        than this are split into ``model-0000i-of-0000N.safetensors`` with a
+        ``model.safetensors.index.json``, as transformers writes them (a tensor larger than the
+        limit gets a shard of its own). ``None``: always one ``model.safetensors``.
 
     Returns:
       The directory.
     """
-    import safetensors.numpy
-
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -347,20 +350,91 @@ def save(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
     if dtype is not None:
         hf_config.dtype = jnp.dtype(dtype).name
     hf_config.save_pretrained(str(directory))
-    tensors = to_hf_tensors(model, None if dtype is None else jnp.dtype(dtype))
-    # Written beside and renamed, so an existing model.safetensors survives a failed or killed save.
-    partial = directory / f"model.safetensors.partial-{os.getpid()}"
-    try:
-        safetensors.numpy.save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, directory / "model.safetensors")
-    finally:
-        partial.unlink(missing_ok=True)
+    write_weights(directory, to_hf_tensors(model, None if dtype is None else jnp.dtype(dtype)), limit)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
 
 
-def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None) -> Path:
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5000``, ``"5GB"`` (10^9, as transformers counts) or ``"5GiB"`` (2^30)."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"a size must be a number of bytes or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        text = size.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):]
+        try:
+            value = int(float(number) * _SIZE_UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"cannot read the size {size!r}: write bytes or a number with one of "
+                             "KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '5GB')") from None
+    if value <= 0:
+        raise ValueError(f"a shard size must be positive, got {size!r}")
+    return value
+
+
+def shard_plan(tensors: dict[str, np.ndarray], limit: int | None) -> list[list[str]]:
+    """Tensor names grouped into shards of at most ``limit`` bytes, in order (one group if it all fits)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, value in tensors.items():
+        if limit is not None and shards[-1] and size + value.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += value.nbytes
+    return shards
+
+
+def write_weights(directory: Path, tensors: dict[str, np.ndarray], limit: int | None) -> None:
+    """Writes the safetensors file(s) of an HF folder; the previous weights stay until the new ones are in place.
+
+    Every file is written beside its final name and renamed, so a failed or killed save leaves the
+    old weights readable; weights of the other layout (a single file vs shards) are removed only
+    after the new ones are complete, since loaders prefer ``model.safetensors`` when both exist.
+    """
+    import json
+
+    import safetensors.numpy
+
+    plan = shard_plan(tensors, limit)
+    if len(plan) == 1:
+        names = {"model.safetensors": plan[0]}
+    else:
+        names = {f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors": group for i, group in enumerate(plan)}
+    written: list[tuple[Path, Path]] = []
+    try:
+        for file_name, group in names.items():
+            partial = directory / f"{file_name}.partial-{os.getpid()}"
+            written.append((partial, directory / file_name))
+            safetensors.numpy.save_file({n: tensors[n] for n in group}, str(partial), metadata={"format": "pt"})
+        if len(plan) > 1:
+            index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                     "weight_map": {n: file_name for file_name, group in names.items() for n in group}}
+            partial = directory / f"model.safetensors.index.json.partial-{os.getpid()}"
+            written.append((partial, directory / "model.safetensors.index.json"))
+            partial.write_text(json.dumps(index, indent=2) + "\n")
+        for partial, final in written:
+            os.replace(partial, final)
+    finally:
+        for partial, _ in written:
+            partial.unlink(missing_ok=True)
+    keep = {final.name for _, final in written}
+    stale = [p for p in directory.glob("model-*-of-*.safetensors") if p.name not in keep]
+    stale += [directory / n for n in ("model.safetensors", "model.safetensors.index.json") if n not in keep]
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None,
+                max_shard_size: int | str | None = None) -> Path:
     """:func:`save` into a whole new folder, written under a temporary name and renamed.
 
     A folder that exists is therefore complete (weights, config and tokenizer), which is what
@@ -369,7 +443,7 @@ def save_folder(model, directory: str | Path, tokenizer=None, *, dtype=None) -> 
     directory = Path(directory)
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    save(model, partial, tokenizer, dtype=dtype)
+    save(model, partial, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
     return directory

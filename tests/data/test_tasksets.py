@@ -91,10 +91,11 @@ def test_glyph_split_file_is_small_disjoint_by_alphabet_and_reproducible():
 
 
 def test_glyph_tasks_shapes_labels_and_distinct_classes():
-    tasks = get_tasksets("glyphs", ways=5, shots=1, queries=2, instances=6)
+    # 12-pixel drawings, 3 per class: rendering every class of three splits is the test's whole cost
+    tasks = get_tasksets("glyphs", ways=5, shots=1, queries=2, instances=3, image_size=12)
     assert tasks.info["classes"]["train"] > 1000 and tasks.info["alphabets"]["test"] >= 5
     task = jax.jit(tasks.test.sample)(jax.random.key(3))
-    assert task.support[0].shape == (5, 28, 28, 1) and task.query[0].shape == (10, 28, 28, 1)
+    assert task.support[0].shape == (5, 12, 12, 1) and task.query[0].shape == (10, 12, 12, 1)
     assert task.support[0].dtype == jnp.float32 and 0.0 <= float(task.support[0].min()) <= float(
         task.support[0].max()) <= 1.0
     np.testing.assert_array_equal(task.support[1], np.arange(5))
