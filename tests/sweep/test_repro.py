@@ -27,7 +27,7 @@ def test_table_only_rebuilds_every_paper_from_committed_results_without_changing
         assert "no file changed" in capsys.readouterr().out, paper
     seconds = time.perf_counter() - start
     assert _hashes() == before
-    assert seconds < 60, seconds  # seconds, not a rerun (a few s each on a loaded 2-core CPU)
+    assert seconds < 120, seconds  # seconds, not a rerun (hours); ~30 s for all six at load 13 on 2 cores
 
 
 def test_repro_errors_name_what_to_do(monkeypatch, capsys):
