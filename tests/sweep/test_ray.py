@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from metafit.sweep import load_store, run_sweep
+from sweep_project import fake_project  # noqa: F401 (a fixture)
 
 
 REPO = Path(__file__).resolve().parents[2]

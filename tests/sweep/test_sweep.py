@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_grid
+from sweep_project import fake_project, write_grid  # noqa: F401 (fake_project is a fixture)
 from metafit.config import ConfigError
 from metafit.sweep import STORE, SweepError, load_grid, load_store, run_sweep
 
