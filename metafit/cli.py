@@ -6,6 +6,7 @@ Commands:
   metafit list                      registered experiments and methods, by family
   metafit show RUN_DIR              the results table of a finished run
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
+  metafit repro PAPER [--scale S] [--jobs N] [--table-only]   run a paper's grid, rebuild its table
   metafit --version
 
 Also ``python -m metafit``. This module imports only the standard library, PyYAML and
@@ -28,6 +29,7 @@ examples:
   metafit run configs/quickstart.yaml --set train.steps=200
   metafit config quickstart > my.yaml && metafit run my.yaml
   metafit run my.yaml --set experiment=mypackage.mymodule:my_experiment
+  metafit repro amfs --table-only        # rebuild a paper's table from its committed results
 """
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err, 2)
     except Exception as err:
         # Error classes of heavy modules are looked up only if the module was loaded, keeping start-up light.
-        if _is_instance(err, "metafit.runs", "RunDirError"):
+        if _is_instance(err, "metafit.runs", "RunDirError") or _is_instance(err, "metafit.sweep", "SweepError"):
             return _fail(err, 2)
         if _is_instance(err, "metafit.train", "NonFiniteLossError"):
             return _fail(err, 3)
@@ -106,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="output folder")
     merge.set_defaults(func=_merge)
 
+    repro = commands.add_parser(
+        "repro", help="run a paper's grid (experiments/PAPER.yaml) and rebuild its table from the results",
+        description="Run the jobs of experiments/PAPER.yaml that the committed results (sweep.json) do not hold yet, "
+                    "then rebuild the paper's tables from the results. Finished jobs are skipped; a failed job is "
+                    "recorded with its error and shown as failed. With --table-only nothing runs and files change "
+                    "only if their contents do; a table is never rebuilt from fewer results than are committed.",
+        epilog="Run from the repository root (where experiments/ and paper_repro/ are). Grids: experiments/*.yaml.",
+    )
+    repro.add_argument("paper", help="amfs, clear, prompt, atm, compatible (or a grid YAML path)")
+    repro.add_argument("--scale", default=None, help="a scale of the grid, e.g. cpu or gpu (default: the grid's)")
+    repro.add_argument("--jobs", type=int, default=1, help="jobs at once (more than 1: one subprocess per job)")
+    repro.add_argument("--table-only", action="store_true", help="run nothing; rebuild the tables from the results")
+    repro.add_argument("--executor", choices=("inprocess", "subprocess", "ray", "slurm"), default=None,
+                       help="where jobs run (default: inprocess for --jobs 1, else subprocess); ray and slurm need "
+                            "pip install 'metafit[cluster]'")
+    repro.add_argument("--budget-s", type=float, default=None, help="start no job after this many seconds")
+    repro.add_argument("--only", action="append", default=[], metavar="GLOB", help="run only jobs matching (repeatable)")
+    repro.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: runs/repro/PAPER/SCALE)")
+    repro.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    repro.set_defaults(func=_repro)
     export = commands.add_parser(
         "export", help="write a run's trained model as an HF folder (adapter merged or kept; sharded safetensors)",
         description="Write the model a run folder holds (an HF PEFT adapter, merged into its base model or kept "
@@ -177,6 +199,10 @@ def _list(args: argparse.Namespace) -> int:
     from metafit.registry import catalogue
 
     load_all()
+    if not sys.stdout.isatty():  # logs and pipes: one line per family, nothing wrapped or cut
+        for family, registry in catalogue().items():
+            print(f"{family}: {', '.join(registry.names())}")
+        return 0
     table = Table(title="metafit registries")
     table.add_column("family")
     table.add_column("names")
@@ -201,6 +227,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro(args: argparse.Namespace) -> int:
+    _user_modules_importable()
+    from metafit.sweep import find_grid, run_sweep
+
+    report = run_sweep(find_grid(args.paper), args.scale, jobs=args.jobs, executor=args.executor,
+                       budget_s=args.budget_s, only=args.only, table_only=args.table_only, runs_dir=args.runs_dir,
+                       ray_address=args.ray_address)
+    for name, text in report.tables.items():
+        print(f"--- {name}\n{text}")
+    if not args.table_only:
+        print(f"this run: {len(report.done)} jobs done, {len(report.failed)} failed, {len(report.skipped)} already "
+              f"done before, {len(report.not_started)} not started (budget spent)")
+    print(f"tables from {report.results_done} finished and {report.results_failed} failed jobs; "
+          + (f"wrote {', '.join(report.written)}" if report.written else "no file changed"))
+    for name, error in report.failed.items():
+        print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from metafit.export import export_run
 
@@ -212,6 +257,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, title: str) -> None:
+    """A rich table on a terminal; Markdown elsewhere (logs, CI, nohup), where rich would cut wide tables to 80
+    columns and show every number as "0…"."""
+    if not sys.stdout.isatty():
+        print(_results_markdown(results, title))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -231,21 +281,42 @@ def _print_results(results: dict, title: str) -> None:
     Console().print(table)
 
 
+def _results_markdown(results: dict, title: str) -> str:
+    """The results as a Markdown table with every name and text value made inert (see :func:`_inert`)."""
+    from metafit.runs import results_markdown
+
+    def cell(value):
+        return _inert(value).replace("|", "\\|") if isinstance(value, str) else value
+
+    def row(mapping):
+        return {cell(key): cell(value) for key, value in mapping.items()}
+
+    safe = {}
+    if "methods" in results:
+        safe["methods"] = {cell(method): row(values) for method, values in results["methods"].items()}
+    if "metrics" in results:
+        safe["metrics"] = row(results["metrics"])
+    return results_markdown(safe, cell(title))
+
+
+def _inert(text: str) -> str:
+    """Control characters shown escaped, so a results file cannot move the cursor or hide lines."""
+    import unicodedata
+
+    return "".join(ch if unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def _cell(value):
     """Results text as inert terminal text: no Rich markup, control characters shown escaped.
 
     ``results.json`` may come from anyone (a shared run folder); printing it raw would let it
     move the cursor, retitle the terminal or hide lines.
     """
-    import unicodedata
-
     from rich.text import Text
 
     from metafit.runs import _fmt
 
-    text = _fmt(value)
-    shown = "".join(ch if unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text)
-    return Text(shown)  # a Text is never parsed as markup
+    return Text(_inert(_fmt(value)))  # a Text is never parsed as markup
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from metafit.train.metrics import MetricsWriter
-
 
 class RunDirError(RuntimeError):
     """The run folder cannot be used (different config, not writable, ...)."""
@@ -52,6 +50,8 @@ class RunDir:
     """A run folder (see the module docstring). Create with :meth:`open`; :meth:`close` releases its lock."""
 
     def __init__(self, path: Path, lock_fd: int | None = None):
+        from metafit.train.metrics import MetricsWriter  # here, not at the top: reading results needs no JAX
+
         self.path = path
         self.metrics = MetricsWriter(path / "metrics.jsonl", tensorboard=path / "tensorboard")
         self._lock_fd = lock_fd
@@ -164,8 +164,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 
 def plot_curves(path: str | Path, series: Mapping[str, tuple[Any, Any]], *, xlabel: str, ylabel: str,
-                title: str = "", logy: bool = False) -> Path:
-    """Saves a PNG line plot of named ``(x, y)`` series."""
+                title: str = "", logy: bool = False, points: Mapping[str, tuple[Any, Any]] | None = None) -> Path:
+    """Saves a PNG line plot of named ``(x, y)`` series, and of named ``points`` as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,10 +174,12 @@ def plot_curves(path: str | Path, series: Mapping[str, tuple[Any, Any]], *, xlab
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (x, y) in series.items():
         ax.plot(x, y, label=label)
+    for label, (x, y) in (points or {}).items():
+        ax.scatter(x, y, label=label, color="black", zorder=3)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
-    if len(series) > 1:
+    if len(series) + len(points or {}) > 1:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

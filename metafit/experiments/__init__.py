@@ -65,6 +65,7 @@ EXPERIMENTS: Registry[ExperimentFn] = Registry("experiment")
 EXPERIMENT_MODULES: dict[str, str] = {
     "quickstart": "quickstart",
     "meta": "meta",
+    "meta_compare": "meta",
     "prompt_transfer": "bayes",
     "lora_sft": "finetune",
     "merge_atm": "merge",

@@ -19,7 +19,6 @@ training.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal, Optional
 
 import jax
@@ -27,18 +26,9 @@ import numpy as np
 
 from metafit.data.tasks import get_tasksets
 from metafit.experiments import RunConfig, experiment, plot_curves
-from metafit.meta import (
-    batch_meta_loss,
-    build_backbone,
-    evaluate,
-    learner_config,
-    make_learner,
-    meta_value_and_grad,
-    summarize,
-)
-from metafit.parallel import make_mesh
+from metafit.meta import adapted_predictions, learner_config
+from metafit.meta.training import meta_train
 from metafit.runs import RunDir
-from metafit.train import DeviceSampler, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,55 +80,74 @@ class MetaArgs:
 def run_meta(cfg: RunConfig, run: RunDir) -> dict:
     """Meta-trains one learner on one task set; reports held-out query metrics and cost."""
     args = cfg.args
-    tasks = get_tasksets(args.taskset, args.ways, args.shots, args.queries, **args.taskset_options)
-    eval_tasks = tasks if args.eval_queries in (None, args.queries) else get_tasksets(
-        args.taskset, args.ways, args.shots, args.eval_queries, **args.taskset_options)
-    network, params = build_backbone(args.backbone, tasks.input_shape, tasks.output_dim, seed=cfg.seed,
-                                     widths=args.widths, conv_hidden=args.conv_hidden, conv_norm=args.conv_norm)
-    loss = "mse" if tasks.kind == "regression" else "xent"
-    learner = make_learner(args.learner, network, loss=loss, output_dim=tasks.output_dim,
-                           config=learner_config(args.learner, args.learner_args))
-    meta_params = learner.init(params)
-    metric = "query_mse" if loss == "mse" else "query_accuracy"
+    trained = meta_train(cfg, args, args.learner, args.learner_args, run, stage="meta")
+    steps = [h["step"] for h in trained.history]
+    plot_curves(run.plot_path("meta_loss"), {"train meta-loss": (steps, trained.losses)}, xlabel="meta-iteration",
+                ylabel="query loss", title=f"{args.learner} on {args.taskset}", logy=trained.tasks.kind == "regression")
+    return {"metrics": trained.metrics}
 
-    def loss_fn(p, batch, key):
-        return batch_meta_loss(learner, p, batch, key)
 
-    def grad_fn(p, batch, key):
-        return meta_value_and_grad(learner, p, batch, key)
+@dataclasses.dataclass(frozen=True)
+class MetaCompareArgs:
+    """Options of the ``meta_compare`` experiment: several learners, one task set, the same held-out tasks.
 
-    eval_key = jax.random.key(args.eval_seed)
-    val_batch = eval_tasks.validation.sample_batch(jax.random.fold_in(eval_key, 1), args.val_tasks)
+    Attributes:
+      taskset: a regression task set (``sinusoid`` or ``sinusoid_hetero``): the fits are plotted.
+      shots: support points per task (K).
+      queries: query points per task during meta-training.
+      taskset_options: family options, e.g. ``{outlier_fraction: 0.25}``.
+      widths: MLP hidden sizes (the same backbone and initialisation for every learner).
+      learners: ``{learner name: its learner_args}`` (names in ``META_LEARNERS``), trained in turn.
+      eval_tasks: held-out test tasks for the final numbers (the same for every learner).
+      val_tasks: validation tasks used every ``train.eval_every`` steps.
+      eval_seed: seed of the held-out task keys.
+      plot_points: query points of the held-out task drawn in ``fits.png``.
+    """
 
-    def eval_fn(p):
-        scores = summarize(evaluate(learner, p, val_batch, jax.random.fold_in(eval_key, 2)))
-        return {f"val_{metric}": scores[metric], "val_query_loss": scores["query_loss"]}
+    taskset: str = "sinusoid"
+    shots: int = 10
+    queries: int = 10
+    taskset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    widths: tuple[int, ...] = (40, 40)
+    learners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {
+        "maml": {"inner_lr": 0.01, "inner_steps": 1}, "r2d2": {"ridge": 1.0, "learn_ridge": True}})
+    eval_tasks: int = 600
+    val_tasks: int = 100
+    eval_seed: int = 1234
+    plot_points: int = 200
 
-    # One device gains nothing from a mesh, so it is used only when there is something to shard over.
-    mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
-    sampler = DeviceSampler(tasks.train.batch_fn(cfg.train.batch_size), data=tasks.train.data)
-    result = fit(loss_fn, meta_params, sampler, cfg.train, key=jax.random.key(cfg.seed),
-                 workdir=run.checkpoint_dir("meta"), eval_fn=eval_fn, grad_fn=grad_fn, mesh=mesh,
-                 name="meta", log=run.metrics)
+    def __post_init__(self):
+        if not self.learners:
+            raise ValueError("args.learners is empty; name at least one learner, e.g. {maml: {}, r2d2: {}}")
+        for name, options in self.learners.items():
+            learner_config(name, options, path=f"args.learners.{name}")  # fail before any compute
+        if self.taskset not in ("sinusoid", "sinusoid_hetero"):
+            raise ValueError(f"args.taskset must be a regression task set (sinusoid, sinusoid_hetero), got "
+                             f"'{self.taskset}'; for classification compare learners with `experiment: meta` runs")
+        for name in ("eval_tasks", "val_tasks", "plot_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"args.{name} must be >= 1, got {getattr(self, name)}")
 
-    test_batch = eval_tasks.test.sample_batch(jax.random.fold_in(eval_key, 3), args.eval_tasks)
-    scores = summarize(evaluate(learner, result.params, test_batch, jax.random.fold_in(eval_key, 4)))
-    losses = np.array([h["loss"] for h in result.history])
-    metrics = {
-        metric: scores[metric],
-        f"{metric}_ci95": scores[f"{metric}_ci95"],
-        "query_loss": scores["query_loss"],
-        "meta_loss_final": float(losses[-1]),
-        "meta_loss_var": float(np.var(losses[len(losses) // 2:])),
-        "train_seconds": result.timing["seconds"],
-        "steps": result.step,
-        "eval_tasks": args.eval_tasks,
-    }
-    if math.isfinite(result.timing["step_seconds"]):  # NaN when nothing was trained after the first chunk
-        metrics["seconds_per_iter"] = result.timing["step_seconds"]
-    if "kernel_jitter" in result.history[-1]:
-        metrics["kernel_jitter"] = max(h["kernel_jitter"] for h in result.history)
-    steps = [h["step"] for h in result.history]
-    plot_curves(run.plot_path("meta_loss"), {"train meta-loss": (steps, losses)}, xlabel="meta-iteration",
-                ylabel="query loss", title=f"{args.learner} on {args.taskset}", logy=loss == "mse")
-    return {"metrics": metrics}
+
+@experiment("meta_compare", config=MetaCompareArgs)
+def meta_compare(cfg: RunConfig, run: RunDir) -> dict:
+    """Meta-trains each learner of ``args.learners`` on the same tasks; compares held-out error and K-shot fits."""
+    args = cfg.args
+    plot_task = get_tasksets(args.taskset, None, args.shots, args.plot_points, **args.taskset_options).test.sample_batch(
+        jax.random.fold_in(jax.random.key(args.eval_seed), 5), 1)
+    plot_task = jax.tree.map(lambda leaf: leaf[0], plot_task)
+    order = np.argsort(np.asarray(plot_task.query[0][:, 0]))
+    x = np.asarray(plot_task.query[0][order, 0])
+    methods, curves, fits = {}, {}, {"true function": (x, np.asarray(plot_task.query[1][order, 0]))}
+    for name, options in args.learners.items():
+        trained = meta_train(cfg, args, name, options, run, stage=name)
+        methods[name] = trained.metrics
+        curves[name] = ([h["step"] for h in trained.history], trained.losses)
+        predictions = adapted_predictions(trained.learner, trained.params, plot_task, jax.random.key(0))
+        fits[f"{name} (held-out MSE {trained.metrics['query_mse']:.2f})"] = (x, predictions[order, 0])
+    plot_curves(run.plot_path("meta_loss"), curves, xlabel="meta-iteration", ylabel="training query MSE",
+                title=f"meta-training on {args.taskset}, K={args.shots}", logy=True)
+    plot_curves(run.plot_path("fits"), fits, xlabel="x", ylabel="y", points={
+        f"{args.shots} support points": (np.asarray(plot_task.support[0][:, 0]), np.asarray(plot_task.support[1][:, 0]))},
+        title=f"a held-out task after adapting on K={args.shots} points")
+    return {"methods": methods}

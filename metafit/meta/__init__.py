@@ -38,6 +38,7 @@ from metafit.meta.learners import (
     make_learner,
 )
 from metafit.meta.outer import (
+    adapted_predictions,
     batch_meta_loss,
     evaluate,
     meta_loss,
@@ -50,7 +51,7 @@ from metafit.meta.weighting import TASK_WEIGHTINGS, combine_task_grads, gradient
 __all__ = [
     "BACKBONES", "MLP", "Conv4", "Network", "build_backbone", "functional", "KERNELS", "Kernel", "IllConditionedWarning", "ntk_gram", "ntk_cross",
     "regularised_cholesky", "ridge_coefficients", "flow_coefficients", "warn_if_jittered", "LOSSES", "META_LEARNERS", "MetaLearner",
-    "inner_sgd", "learner_config", "make_learner", "meta_loss", "batch_meta_loss", "task_value_and_grad",
+    "inner_sgd", "learner_config", "make_learner", "meta_loss", "adapted_predictions", "batch_meta_loss", "task_value_and_grad",
     "meta_value_and_grad", "evaluate", "summarize", "TASK_WEIGHTINGS", "task_gram", "gradient_agreement",
     "softmax_cosine", "combine_task_grads",
 ]

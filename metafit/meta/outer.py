@@ -44,6 +44,15 @@ def meta_loss(learner: MetaLearner, meta_params: Params, task: Task, key: jax.Ar
     return value, metrics
 
 
+def adapted_predictions(learner: MetaLearner, meta_params: Params, task: Task, key: jax.Array) -> np.ndarray:
+    """The learner's outputs at the query inputs after adapting on the support set (one task).
+
+    The same adaptation :func:`meta_loss` scores: ``predict(adapt(support), x_query)``.
+    """
+    adapted = learner.adapt(meta_params, task.support, key=key)
+    return np.asarray(learner.predict(meta_params, adapted, task.query[0]))
+
+
 def batch_meta_loss(learner: MetaLearner, meta_params: Params, tasks: Task, key: jax.Array):
     """Mean :func:`meta_loss` over a batch of tasks (``vmap``); metrics are task means."""
     keys = jax.random.split(key, _num_tasks(tasks))

@@ -1,15 +1,15 @@
-"""Builds the ATM table and plot (ours beside the paper's) from finished `merge_atm` runs.
+"""ATM table builder: the table and plot (ours beside the paper's) from the sweep store of ``experiments/atm.yaml``.
 
-    for s in 0 1 2; do metafit run configs/merge/atm_digits.yaml --workdir runs/atm_seeds/seed$s --set seed=$s; done
-    python paper_repro/atm/make_table.py runs/atm_seeds/seed0 runs/atm_seeds/seed1 runs/atm_seeds/seed2
+    metafit repro atm                 # runs the missing seeds of configs/merge/atm_digits.yaml, rebuilds the table
+    metafit repro atm --table-only    # rebuilds table.md, results.json, atm_vs_budget.png from sweep.json
 
-With one run the table shows its numbers; with several (seeds), mean ± standard deviation over
-runs. table.md, atm_vs_budget.png and results.json (the per-seed and mean rows) are written next
-to this script; pass --out DIR to write them elsewhere.
+:func:`collect` keeps a finished run's ``methods`` table; :func:`build` shows one run's numbers,
+or the mean ± standard deviation over runs (seeds), and writes ``table.md``,
+``atm_vs_budget.png`` and ``results.json`` (the per-seed and mean rows).
 """
 from __future__ import annotations
 
-import argparse
+import io
 import json
 from pathlib import Path
 
@@ -27,16 +27,9 @@ OURS_FOR_PAPER_ROW = {"TA": "TA (1/T)", "Breadcrumbs": "Breadcrumbs (tuned)", "T
                       "DARE": "DARE (tuned)", "ATM": "PA-ATM"}
 
 
-def load_runs(run_dirs: list[str]) -> list[dict]:
-    """The ``methods`` tables of finished runs (a clear error for a run without results)."""
-    tables = []
-    for run_dir in run_dirs:
-        path = Path(run_dir) / "results.json"
-        if not path.is_file():
-            raise SystemExit(f"{path} does not exist: run `metafit run configs/merge/atm_digits.yaml "
-                             f"--workdir {run_dir}` first (or resume it with the same command)")
-        tables.append(json.loads(path.read_text())["methods"])
-    return tables
+def collect(run_dir: Path, results: dict) -> dict:
+    """The run's ``methods`` table."""
+    return results["methods"]
 
 
 def summarise(tables: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -55,16 +48,16 @@ def _cell(mean_std: tuple[float, float], spread: bool) -> str:
     return f"{mean:.2f} ± {std:.2f}" if spread else f"{mean:.2f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="merge_atm run folders (one per seed)")
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for table.md, plot, results.json")
-    args = parser.parse_args(argv)
-    tables = load_runs(args.runs)
+def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
+    """``table.md``, ``results.json`` and ``atm_vs_budget.png`` from the finished seeds."""
+    done = {name: r["data"] for name, r in records.items() if r["status"] == "done"}
+    failed = {name: r["error"] for name, r in records.items() if r["status"] == "failed"}
+    if not done:
+        notes = "".join(f"- {name}: failed ({e.splitlines()[0][:200]})\n" for name, e in failed.items())
+        return {"table.md": "No finished run yet.\n" + (f"\nFailed jobs (error in sweep.json):\n\n{notes}" if notes else "")}
+    tables = list(done.values())
     methods = summarise(tables)
     spread = len(tables) > 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     budgets = [int(k[2:]) for k in methods["PA-ATM"]]
     label = f"mean ± std over {len(tables)} seeds" if spread else "one seed"
     lines = [f"| method (ours: 8 digits tasks, MLP encoder; {label}) | " + " | ".join(f"K={k}" for k in budgets) + " |",
@@ -81,13 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "PH-ATM (ours), rounds on the validation split from the tuned TA merge: "
               + ", ".join(f"{k} {_cell(v, spread)}" for k, v in ph.items()) + " (paper: TA 72.70 -> 80.88 after 5 rounds)",
               f"Zero-shot (ours): {_cell(zero_shot, spread)} (paper: 59.6)"]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"runs": [str(r) for r in args.runs], "per_run": tables,
-         "mean": {n: {c: v[0] for c, v in row.items()} for n, row in methods.items()},
-         "std": {n: {c: v[1] for c, v in row.items()} for n, row in methods.items()}}, indent=1) + "\n")
-    print("\n".join(lines))
+    if failed:
+        lines += ["", "Failed jobs (error in sweep.json):", ""] + [
+            f"- {name}: failed ({error.splitlines()[0][:200]})" for name, error in failed.items()]
+    summary = json.dumps({"runs": list(done), "per_run": tables,
+                          "mean": {n: {c: v[0] for c, v in row.items()} for n, row in methods.items()},
+                          "std": {n: {c: v[1] for c, v in row.items()} for n, row in methods.items()}}, indent=1) + "\n"
+    return {"table.md": "\n".join(lines) + "\n", "results.json": summary, "atm_vs_budget.png": _plot(methods, budgets, label)}
 
+
+def _plot(methods: dict, budgets: list[int], label: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "atm_vs_budget.png", dpi=110)
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'atm_vs_budget.png'}")
-
-
-if __name__ == "__main__":
-    main()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return png.getvalue()

@@ -1,19 +1,20 @@
-"""Builds the CleaR reproduction table and plots from ``run_grid.py``'s ``grid_results.json``.
+"""CleaR table builder: the table and plots from the sweep store of ``experiments/clear.yaml``.
 
-Usage:
-    python paper_repro/clear/make_table.py GRID.json [GRID2.json ...] --out paper_repro/clear/results
+    metafit repro clear --scale gpu          # runs the grid's missing jobs, rebuilds results/
+    metafit repro clear --table-only         # rebuilds results/table.md and the plots from results/sweep.json
 
-Writes the merged ``grid_results.json``, ``table.md`` (mean ± std over seeds of peak / last /
-clean-validation-selected test accuracy, memorisation and
-clean-probability AUROC, per method and noise setting; the CleaR − plain-PEFT gaps) and
-``accuracy_vs_noise.png``, ``memorisation_curves.png``, ``test_accuracy_curves.png``.
+:func:`collect` keeps a finished run's ``results.json`` and its per-epoch curves;
+:func:`build` writes ``table.md`` (mean ± std over seeds of peak / last /
+clean-validation-selected test accuracy, memorisation and clean-probability AUROC, per method
+and noise setting; the CleaR − plain-PEFT gaps) and ``accuracy_vs_noise.png``,
+``memorisation_curves.png``, ``test_accuracy_curves.png``. Failed jobs are listed under the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,12 +36,36 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+EPOCH_SPLIT = "epoch"  # metafit.robust.EPOCH_HOOK: the per-epoch metrics lines (not imported: it loads JAX)
+
+
+def collect(run_dir: Path, results: dict) -> dict:
+    """A finished run's results and per-epoch curves (metrics.jsonl lines of the epoch callback)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    curves = [record for record in map(json.loads, lines) if record.get("split") == EPOCH_SPLIT]
+    return {"results": results, "curves": curves}
+
+
 def rows_of(grid: dict) -> dict[tuple[str, str, float], dict]:
     rows = {}
     for job in grid["jobs"].values():
         for label, row in job["results"]["methods"].items():
             rows[parse_label(label)] = row
     return rows
+
+
+def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
+    """``table.md`` and the plots from the sweep records of one scale."""
+    grid = {"jobs": {name: r["data"] for name, r in records.items() if r["status"] == "done"}}
+    failed = {name: r["error"] for name, r in records.items() if r["status"] == "failed"}
+    rows = rows_of(grid)
+    text = table(rows)
+    if failed:
+        text += "\nFailed jobs (error in sweep.json):\n\n" + "".join(
+            f"- {name}: failed ({error.splitlines()[0][:200]})\n" for name, error in failed.items())
+    with tempfile.TemporaryDirectory() as tmp:
+        plots(grid, rows, Path(tmp))
+        return {"table.md": text, **{p.name: p.read_bytes() for p in sorted(Path(tmp).glob("*.png"))}}
 
 
 def table(rows: dict) -> str:
@@ -92,24 +117,3 @@ def plots(grid: dict, rows: dict, out: Path) -> None:
         if series:
             plot_curves(out / f"{name}.png", series, xlabel="epoch", ylabel=metric,
                         title="BBC News, symmetric η = 0.4 (mean over seeds)")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grids", nargs="+", help="grid_results.json files (jobs are merged; later files win)")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    grid = {"jobs": {}}
-    for path in args.grids:
-        grid["jobs"].update(json.loads(Path(path).read_text())["jobs"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = rows_of(grid)
-    (out / "table.md").write_text(table(rows))
-    (out / "grid_results.json").write_text(json.dumps(grid, indent=1))
-    plots(grid, rows, out)
-    print(table(rows))
-
-
-if __name__ == "__main__":
-    main()

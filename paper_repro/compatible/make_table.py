@@ -1,13 +1,16 @@
-"""Builds the compatible-specialization table and plots from a finished `merge_compatible` run.
+"""Compatible-specialization table builder: the table and plots from the sweep store of ``experiments/compatible.yaml``.
 
-    metafit run configs/merge/compatible_char_gpt.yaml --workdir runs/compatible
-    python paper_repro/compatible/make_table.py runs/compatible   # writes table.md + compatible.png there
+    metafit repro compatible                 # runs configs/merge/compatible_char_gpt.yaml if needed, rebuilds the table
+    metafit repro compatible --table-only    # rebuilds table.md, compatible.png, results.json, cka.json from sweep.json
+
+:func:`collect` keeps the run's ``results.json`` and ``cka.json``; :func:`build` writes them
+back beside ``table.md`` and ``compatible.png``.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
-import sys
 from pathlib import Path
 
 # gsm-hard token cross-entropy from the paper's README (GPT-2 124M experts; lower is better).
@@ -19,10 +22,27 @@ PAPER = {
 }
 
 
-def main(run_dir: str) -> None:
-    run = Path(run_dir)
-    rows = json.loads((run / "results.json").read_text())["methods"]
-    cka = json.loads((run / "cka.json").read_text())
+def collect(run_dir: Path, results: dict) -> dict:
+    """The run's results and its per-layer CKA curves."""
+    return {"results": results, "cka": json.loads((run_dir / "cka.json").read_text())}
+
+
+def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
+    """``table.md``, ``compatible.png``, ``results.json`` and ``cka.json`` from the one run."""
+    done = [r["data"] for r in records.values() if r["status"] == "done"]
+    failed = {name: r["error"] for name, r in records.items() if r["status"] == "failed"}
+    if not done:
+        notes = "".join(f"- {name}: failed ({e.splitlines()[0][:200]})\n" for name, e in failed.items())
+        return {"table.md": "No finished run yet.\n" + (f"\nFailed jobs (error in sweep.json):\n\n{notes}" if notes else "")}
+    results, cka = done[0]["results"], done[0]["cka"]
+    text, interp = table(results["methods"], cka)
+    return {"table.md": text, "compatible.png": _plot(interp, cka),
+            "results.json": json.dumps(results, indent=2) + "\n",  # as the run folder wrote them
+            "cka.json": json.dumps(cka, indent=1)}
+
+
+def table(rows: dict, cka: dict) -> tuple[str, dict]:
+    """The Markdown text and the interpolation curves ``{name: {alpha: loss}}``."""
     lines = ["Target task T (map of a sum), answer-token cross-entropy (nats; lower is better):", "",
              "| method | target loss |", "|---|---|"]
     for name, row in rows.items():
@@ -44,15 +64,17 @@ def main(run_dir: str) -> None:
         if layer != "steps":
             lines.append(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines += ["", "Paper (GPT-2 124M experts, gsm-hard loss):", ""] + [f"- {k}: {v}" for k, v in PAPER.items()]
-    (run / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n", interp
 
+
+def _plot(interp: dict, cka: dict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    alphas = sorted({a for curve in interp.values() for a in curve})
     for name, curve in interp.items():
         left.plot(alphas, [curve[a] for a in alphas], marker="o", label=name)
     left.set(xlabel="alpha (add expert weight)", ylabel="target loss", title="interpolation")
@@ -65,9 +87,7 @@ def main(run_dir: str) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run / "compatible.png", dpi=110)
-    print(f"wrote {run / 'table.md'} and {run / 'compatible.png'}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/compatible")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return png.getvalue()

@@ -1,0 +1,98 @@
+"""The sweep runner on a tiny fake grid (a user experiment y = x^2 + seed), in process and in subprocesses."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sweep_project import fake_project, write_grid  # noqa: F401 (fake_project is a fixture)
+from metafit.config import ConfigError
+from metafit.sweep import STORE, SweepError, load_grid, load_store, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _calls(root: Path) -> dict[str, int]:
+    runs = root / "runs/repro/fake/tiny"
+    return {p.parent.name: len(p.read_text().splitlines()) for p in runs.glob("*/calls.txt")}
+
+
+def test_grid_expands_seeds_and_axes_in_priority_order(fake_project):
+    jobs = load_grid(fake_project).jobs("tiny")
+    assert [j.name for j in jobs] == ["x1_s0", "x2_s0", "x1_s1", "x2_s1", "broken"]
+    assert jobs[3].overrides == ("seed=1", "args.x=2") and dict(jobs[3].tags) == {"x": "2"}
+    with pytest.raises(ConfigError, match="no scale 'huge'.*tiny"):
+        load_grid(fake_project).jobs("huge")
+
+
+def test_runs_records_failures_and_resumes(fake_project):
+    root = fake_project.parent.parent
+    report = run_sweep(fake_project, log=lambda _: None)
+    assert sorted(report.done) == ["x1_s0", "x1_s1", "x2_s0", "x2_s1"]
+    assert list(report.failed) == ["broken"] and "ValueError: x=1.0 was asked to fail" in report.failed["broken"]
+    store = load_store(root / "paper_repro/fake/results/tiny")["jobs"]
+    assert {n: r["data"]["y"] for n, r in store.items() if r["status"] == "done"} == {
+        "x1_s0": 1.0, "x2_s0": 4.0, "x1_s1": 2.0, "x2_s1": 5.0}  # x^2 + seed
+    assert store["broken"]["status"] == "failed" and "asked to fail" in store["broken"]["error"]
+    table = (root / "paper_repro/fake/results/tiny/table.md").read_text()
+    assert "| broken | failed (ValueError: x=1.0 was asked to fail" in table and "| x2_s1 | 5 |" in table
+    assert "not run" not in table
+
+    # rerun: finished jobs are skipped (each ran once), the failure is retried and stays a failure
+    again = run_sweep(fake_project, log=lambda _: None)
+    assert sorted(again.skipped) == ["x1_s0", "x1_s1", "x2_s0", "x2_s1"] and list(again.failed) == ["broken"]
+    assert _calls(root) == {"x1_s0": 1, "x2_s0": 1, "x1_s1": 1, "x2_s1": 1}
+
+    # a finished run folder whose record was lost is collected, not rerun
+    store_path = root / "paper_repro/fake/results/tiny" / STORE
+    data = json.loads(store_path.read_text())
+    del data["jobs"]["x2_s1"]
+    store_path.write_text(json.dumps(data))
+    collected = run_sweep(fake_project, only=["x2_*"], log=lambda _: None)
+    assert collected.done == ["x2_s1"] and _calls(root)["x2_s1"] == 1
+
+    # ... but a run folder of another config (the grid's overrides changed since) is run again
+    store_path.write_text(json.dumps(data))
+    config = root / "runs/repro/fake/tiny/x2_s1/config.yaml"
+    config.write_text(config.read_text().replace("x: 2.0", "x: 3.0"))
+    rerun = run_sweep(fake_project, only=["x2_*"], log=lambda _: None)
+    assert (root / "runs/repro/fake/tiny/x2_s1.old-1").is_dir()  # the other config's run is moved aside, not lost
+    assert rerun.done == ["x2_s1"] and _calls(root)["x2_s1"] == 1 and load_store(root / "paper_repro/fake/results/tiny")["jobs"]["x2_s1"]["data"] == {
+        "y": 5.0}
+
+
+def test_table_only_changes_nothing_and_fewer_results_are_refused(fake_project):
+    root = fake_project.parent.parent
+    run_sweep(fake_project, log=lambda _: None)
+    out = root / "paper_repro/fake/results/tiny"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    report = run_sweep(fake_project, table_only=True)
+    assert report.written == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # not even rewritten
+
+    write_grid(root, xs=[1])  # a grid that lost x=2: its table would hold fewer results
+    with pytest.raises(SweepError, match="covers 2 finished jobs but the committed results hold 4.*x2_s0"):
+        run_sweep(fake_project, table_only=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    with pytest.raises(SweepError, match="no results for 'fake' at scale 'tiny'"):
+        (out / STORE).unlink()
+        run_sweep(fake_project, table_only=True)
+    assert not (out / STORE).exists() and (out / "table.md").read_bytes() == before["table.md"]
+
+
+def test_budget_leaves_jobs_not_started(fake_project):
+    report = run_sweep(fake_project, budget_s=0, log=lambda _: None)
+    assert len(report.not_started) == 5 and not report.done and not report.failed
+    table = (fake_project.parent.parent / "paper_repro/fake/results/tiny/table.md").read_text()
+    assert table == "| job | y |\n|---|---|\n"  # never run: absent, not "failed"
+
+
+def test_subprocess_jobs_in_parallel(fake_project, monkeypatch):
+    root = fake_project.parent.parent
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the subprocesses import this checkout's metafit
+    report = run_sweep(fake_project, jobs=2, only=["x1_s1", "broken"], log=lambda _: None)
+    assert report.done == ["x1_s1"] and "x=1.0 was asked to fail" in report.failed["broken"]
+    assert "exit code" in report.failed["broken"] and (root / "runs/repro/fake/tiny/logs/broken.log").is_file()
+    assert load_store(root / "paper_repro/fake/results/tiny")["jobs"]["x1_s1"]["data"] == {"y": 2.0}
