@@ -1,4 +1,9 @@
-"""LoRA supervised fine-tuning of a causal LM on metafit's generated instruction set.
+"""LoRA supervised fine-tuning of a causal LM on metafit's generated instruction set or your own file.
+
+``data: my.jsonl`` (or ``.csv``, or a ``datasets`` folder) trains on your rows instead
+(:mod:`metafit.data.sft_files`: chat rows or prompt/response fields, loss on assistant tokens);
+``n_eval`` rows are held out by a permutation of the seed. Exact match is scored when every
+held-out row is one user -> assistant exchange.
 
 Chat-formatted examples, loss on response tokens only
 (:func:`metafit.train.losses.next_token_loss`), sequences bucketed to a few fixed lengths,
@@ -17,6 +22,7 @@ from flax import nnx
 from metafit import peft
 from metafit.data.batching import epoch_batches
 from metafit.data.instructions import encode_sft, make_instructions
+from metafit.data.sft_files import as_instructions, encode_chats, read_sft_rows, split_chats
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models import load
 from metafit.parallel import make_mesh
@@ -33,8 +39,11 @@ class FinetuneArgs:
     Attributes:
       model: embedded name, HF folder or GGUF file (see :func:`metafit.models.load`).
       lora: the LoRA settings (rank, alpha, target module patterns, ...).
-      n_train: generated training instructions.
-      n_eval: held-out instructions for eval loss and exact match.
+      data: your SFT rows (``.jsonl``, ``.csv`` or a ``save_to_disk`` folder); empty = generated
+        instructions.
+      prompt_field, response_field: the text fields of prompt/response rows in ``data``.
+      n_train: generated training instructions (with ``data``: every row not held out).
+      n_eval: held-out rows for eval loss and exact match.
       tasks: instruction tasks to draw from (empty = all; see ``metafit list``).
       buckets: padded sequence lengths (one compilation each).
       max_new_tokens: generation budget for exact match.
@@ -44,6 +53,9 @@ class FinetuneArgs:
     model: str = "smollm2-135m-instruct"
     lora: peft.LoraConfig = field(default_factory=lambda: peft.LoraConfig(rank=8, alpha=16.0,
                                                                           targets=("q_proj", "v_proj")))
+    data: str = ""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     n_train: int = 384
     n_eval: int = 48
     tasks: tuple[str, ...] = ()
@@ -52,23 +64,53 @@ class FinetuneArgs:
     export_adapter: bool = True
 
 
-@experiment("lora_sft", config=FinetuneArgs)
+def scored_match(model, tokenizer, eval_set, args: FinetuneArgs) -> dict:
+    """``{"exact_match": ...}``, or nothing when the held-out rows are not single exchanges."""
+    if eval_set is None:
+        return {}
+    return {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
+
+
+def read_rows(args: FinetuneArgs):
+    """The rows of ``args.data``, read and checked (before the model loads)."""
+    return read_sft_rows(args.data, prompt_field=args.prompt_field, response_field=args.response_field)
+
+
+def validate(cfg: RunConfig) -> None:
+    """A bad data file fails before the run folder is written."""
+    if cfg.args.data:
+        train_rows, _ = split_chats(read_rows(cfg.args), cfg.args.n_eval, cfg.seed)
+        if len(train_rows) < cfg.train.batch_size:
+            raise ValueError(f"args.data: {len(train_rows)} training rows (after n_eval={cfg.args.n_eval} held out) "
+                             f"cannot fill a batch of train.batch_size={cfg.train.batch_size}; lower one of them")
+
+
+def sft_data(args: FinetuneArgs, tokenizer, seed: int):
+    """``(train arrays, eval arrays, eval instructions or None)`` from ``args.data`` or generated instructions."""
+    if not args.data:
+        tasks = args.tasks or None
+        train_set = make_instructions(args.n_train, seed=seed, tasks=tasks)
+        eval_set = make_instructions(args.n_eval, seed=seed, tasks=tasks, offset=args.n_train)
+        return encode_sft(tokenizer, train_set, args.buckets), encode_sft(tokenizer, eval_set, args.buckets), eval_set
+    train_chats, eval_chats = split_chats(read_rows(args), args.n_eval, seed)
+    return (encode_chats(tokenizer, train_chats, args.buckets), encode_chats(tokenizer, eval_chats, args.buckets),
+            as_instructions(eval_chats))
+
+
+@experiment("lora_sft", config=FinetuneArgs, validate=validate)
 def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     """LoRA SFT with eval loss and exact match before/after and the adapter exported."""
     args = cfg.args
     model, tokenizer = load(args.model)
-    tasks = args.tasks or None
-    train_set = make_instructions(args.n_train, seed=cfg.seed, tasks=tasks)
-    eval_set = make_instructions(args.n_eval, seed=cfg.seed, tasks=tasks, offset=args.n_train)
-    train_arrays = encode_sft(tokenizer, train_set, args.buckets)
-    eval_batch = jax.tree.map(jnp.asarray, encode_sft(tokenizer, eval_set, args.buckets))
+    train_arrays, eval_arrays, eval_set = sft_data(args, tokenizer, cfg.seed)
+    eval_batch = jax.tree.map(jnp.asarray, eval_arrays)
 
     peft.apply(model, args.lora, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
     loss_fn = next_token_loss(graphdef)
     eval_loss = jax.jit(lambda p: loss_fn(p, eval_batch, None)[0])
     before = {"eval_loss": float(eval_loss(params)),
-              "exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
+              **scored_match(model, tokenizer, eval_set, args)}
 
     result = fit(loss_fn, params, epoch_batches(train_arrays, cfg.train.batch_size, cfg.seed), cfg.train,
                  key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir("sft"),
@@ -76,7 +118,7 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
                  mesh=make_mesh(cfg.mesh), log=run.metrics)
     nnx.update(model, result.params)
     after = {"eval_loss": result.eval["eval_loss"],
-             "exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
+             **scored_match(model, tokenizer, eval_set, args)}
     if args.export_adapter:
         peft.export_hf_peft(model, run.path / "adapter", base_model_name_or_path=args.model)
     plot_curves(run.plot_path("sft_loss"), {
