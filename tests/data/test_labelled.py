@@ -74,22 +74,26 @@ def test_too_few_examples_names_the_class():
 def test_image_folder_tree(tmp_path):
     from PIL import Image
 
-    for c, name in enumerate(["alpha", "beta", "gamma", "delta", "eps"]):
+    names = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    for c, name in enumerate(names):
         (tmp_path / name).mkdir()
         for i in range(3):
             pixels = np.full((4, 5), 10 * c + i, np.uint8)
             Image.fromarray(pixels).save(tmp_path / name / f"{i}.{'png' if i % 2 else 'jpg'}", quality=100)
     (tmp_path / "notes.txt").write_text("not a class")
-    tasks = get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path, class_fractions=(0.6, 0.2, 0.2))
+    tasks = get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path, class_fractions=(0.5, 0.25, 0.25))
     assert tasks.input_shape == (4, 5, 1)
-    assert sum(len(v) for v in tasks.info["classes"].values()) == 5
+    assert sum(len(v) for v in tasks.info["classes"].values()) == 8
     task = tasks.train.sample(jax.random.key(0))
     values = np.round(np.concatenate([task.support[0], task.query[0]]) * 255)
-    classes = [["alpha", "beta", "gamma", "delta", "eps"].index(n) for n in tasks.info["classes"]["train"]]
+    classes = [names.index(n) for n in tasks.info["classes"]["train"]]
     allowed = {10 * c + i for c in classes for i in range(3)}
     assert {int(v) for v in values.ravel()} <= allowed                   # uniform images survive JPEG at q=100
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "eps" / "big.png")
     with pytest.raises(ValueError, match="big.png has shape \\(6, 6, 1\\)"):
         get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images"):
-        get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path / "notes_dir_missing")
+        get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        get_tasksets("image_folder", ways=2, shots=1, queries=1, root=tmp_path / "missing")
