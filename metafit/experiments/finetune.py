@@ -41,7 +41,8 @@ class FinetuneArgs:
       lora: the LoRA settings (rank, alpha, target module patterns, ...).
       data: your SFT rows (``.jsonl``, ``.csv`` or a ``save_to_disk`` folder); empty = generated
         instructions.
-      prompt_field, response_field: the text fields of prompt/response rows in ``data``.
+      prompt_field: the prompt's field in prompt/response rows of ``data`` (chat rows use ``messages``).
+      response_field: the response's field in prompt/response rows of ``data``.
       n_train: generated training instructions (with ``data``: every row not held out).
       n_eval: held-out rows for eval loss and exact match.
       tasks: instruction tasks to draw from (empty = all; see ``metafit list``).
