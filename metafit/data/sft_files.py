@@ -225,6 +225,18 @@ def split_chats(chats: Sequence[Chat], n_eval: int, seed: int) -> tuple[list[Cha
     return [chats[i] for i in order[n_eval:]], [chats[i] for i in order[:n_eval]]
 
 
+def sft_file_split(path: str | Path, n_eval: int, seed: int, *, batch_size: int = 1, prompt_field: str = "prompt",
+                   response_field: str = "response") -> tuple[list[Chat], list[Chat]]:
+    """``(train, eval)`` conversations of a file (:func:`read_sft_rows`, :func:`split_chats`), checked to
+    leave at least ``batch_size`` training rows."""
+    train, held_out = split_chats(read_sft_rows(path, prompt_field=prompt_field, response_field=response_field),
+                                  n_eval, seed)
+    if len(train) < batch_size:
+        raise ValueError(f"{path}: {len(train)} training rows (after n_eval={n_eval} held out) cannot fill a batch "
+                         f"of {batch_size}; lower the batch size or n_eval, or add rows")
+    return train, held_out
+
+
 def as_instructions(chats: Sequence[Chat]) -> list[Instruction] | None:
     """The conversations as instructions (for greedy exact match) if each is one user -> assistant exchange."""
     if all(len(c) == 2 and c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in chats):

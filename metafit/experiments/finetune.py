@@ -22,7 +22,7 @@ from flax import nnx
 from metafit import peft
 from metafit.data.batching import epoch_batches
 from metafit.data.instructions import encode_sft, make_instructions
-from metafit.data.sft_files import as_instructions, encode_chats, read_sft_rows, split_chats
+from metafit.data.sft_files import as_instructions, encode_chats, sft_file_split
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models import load
 from metafit.parallel import make_mesh
@@ -65,45 +65,23 @@ class FinetuneArgs:
     export_adapter: bool = True
 
 
-def scored_match(model, tokenizer, eval_set, args: FinetuneArgs) -> dict:
-    """``{"exact_match": ...}``, or nothing when the held-out rows are not single exchanges."""
-    if eval_set is None:
-        return {}
-    return {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
-
-
-def read_rows(args: FinetuneArgs):
-    """The rows of ``args.data``, read and checked (before the model loads)."""
-    return read_sft_rows(args.data, prompt_field=args.prompt_field, response_field=args.response_field)
-
-
-def validate(cfg: RunConfig) -> None:
-    """A bad data file fails before the run folder is written."""
-    if cfg.args.data:
-        train_rows, _ = split_chats(read_rows(cfg.args), cfg.args.n_eval, cfg.seed)
-        if len(train_rows) < cfg.train.batch_size:
-            raise ValueError(f"args.data: {len(train_rows)} training rows (after n_eval={cfg.args.n_eval} held out) "
-                             f"cannot fill a batch of train.batch_size={cfg.train.batch_size}; lower one of them")
-
-
-def sft_data(args: FinetuneArgs, tokenizer, seed: int):
-    """``(train arrays, eval arrays, eval instructions or None)`` from ``args.data`` or generated instructions."""
-    if not args.data:
-        tasks = args.tasks or None
-        train_set = make_instructions(args.n_train, seed=seed, tasks=tasks)
-        eval_set = make_instructions(args.n_eval, seed=seed, tasks=tasks, offset=args.n_train)
-        return encode_sft(tokenizer, train_set, args.buckets), encode_sft(tokenizer, eval_set, args.buckets), eval_set
-    train_chats, eval_chats = split_chats(read_rows(args), args.n_eval, seed)
-    return (encode_chats(tokenizer, train_chats, args.buckets), encode_chats(tokenizer, eval_chats, args.buckets),
-            as_instructions(eval_chats))
-
-
-@experiment("lora_sft", config=FinetuneArgs, validate=validate)
+@experiment("lora_sft", config=FinetuneArgs, validate=lambda cfg: cfg.args.data and sft_file_split(
+    cfg.args.data, cfg.args.n_eval, cfg.seed, batch_size=cfg.train.batch_size, prompt_field=cfg.args.prompt_field,
+    response_field=cfg.args.response_field))
 def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     """LoRA SFT with eval loss and exact match before/after and the adapter exported."""
     args = cfg.args
     model, tokenizer = load(args.model)
-    train_arrays, eval_arrays, eval_set = sft_data(args, tokenizer, cfg.seed)
+    if args.data:  # your own rows; n_eval of them held out
+        train_chats, eval_chats = sft_file_split(args.data, args.n_eval, cfg.seed, prompt_field=args.prompt_field,
+                                                 response_field=args.response_field)
+        train_arrays, eval_arrays = (encode_chats(tokenizer, c, args.buckets) for c in (train_chats, eval_chats))
+        eval_set = as_instructions(eval_chats)  # None unless every held-out row is one exchange
+    else:
+        tasks = args.tasks or None
+        train_set = make_instructions(args.n_train, seed=cfg.seed, tasks=tasks)
+        eval_set = make_instructions(args.n_eval, seed=cfg.seed, tasks=tasks, offset=args.n_train)
+        train_arrays, eval_arrays = (encode_sft(tokenizer, e, args.buckets) for e in (train_set, eval_set))
     eval_batch = jax.tree.map(jnp.asarray, eval_arrays)
 
     peft.apply(model, args.lora, rngs=nnx.Rngs(cfg.seed))
@@ -111,7 +89,8 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     loss_fn = next_token_loss(graphdef)
     eval_loss = jax.jit(lambda p: loss_fn(p, eval_batch, None)[0])
     before = {"eval_loss": float(eval_loss(params)),
-              **scored_match(model, tokenizer, eval_set, args)}
+              **({} if eval_set is None else
+                 {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])})}
 
     result = fit(loss_fn, params, epoch_batches(train_arrays, cfg.train.batch_size, cfg.seed), cfg.train,
                  key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir("sft"),
@@ -119,7 +98,8 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
                  mesh=make_mesh(cfg.mesh), log=run.metrics)
     nnx.update(model, result.params)
     after = {"eval_loss": result.eval["eval_loss"],
-             **scored_match(model, tokenizer, eval_set, args)}
+             **({} if eval_set is None else
+                {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])})}
     if args.export_adapter:
         peft.export_hf_peft(model, run.path / "adapter", base_model_name_or_path=args.model)
     plot_curves(run.plot_path("sft_loss"), {

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from metafit.data.instructions import Instruction, encode_sft
-from metafit.data.sft_files import as_instructions, encode_chats, read_sft_rows, split_chats
+from metafit.data.sft_files import as_instructions, encode_chats, read_sft_rows, sft_file_split, split_chats
 from metafit.pretrain.tokenizer import SPECIAL_IDS, train_chat_tokenizer
 
 BOS, SYSTEM, USER, ASSISTANT, END, PAD = (SPECIAL_IDS[k] for k in ("bos", "system", "user", "assistant",
@@ -92,6 +92,10 @@ def test_bad_files_and_sizes(tmp_path, tokenizer):
     (tmp_path / "d.csv").write_text("prompt,other\nhi,yo\n")
     with pytest.raises(ValueError, match=r"d.csv line 2: no field \['response'\]"):
         read_sft_rows(tmp_path / "d.csv")
+    (tmp_path / "ok.csv").write_text("prompt,response\nhi,yo\na,b\nc,d\n")
+    assert len(sft_file_split(tmp_path / "ok.csv", 1, seed=0, batch_size=2)[0]) == 2
+    with pytest.raises(ValueError, match="2 training rows .* cannot fill a batch of 4"):
+        sft_file_split(tmp_path / "ok.csv", 1, seed=0, batch_size=4)
     with pytest.raises(ValueError, match="n_eval=2 but the data has 2 rows"):
         split_chats([[], []], 2, seed=0)
     long = [[{"role": "user", "content": "hello world " * 20}, {"role": "assistant", "content": "x"}]]
