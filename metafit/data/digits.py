@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
-from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_scaled_images
+from metafit.data.tasks import TASKSETS, TaskSet, pooled_taskset
 
 TRAIN_CLASSES = (0, 1, 2, 3, 4)
 HELD_OUT_CLASSES = (5, 6, 7, 8, 9)
@@ -101,14 +100,6 @@ def digits(*, ways: int | None, shots: int, queries: int) -> TaskSet:
     """N-way K-shot tasks on sklearn digits (train classes 0-4, held-out classes 5-9)."""
     ways = 5 if ways is None else ways
     pools = digit_pools()
-    samplers = {}
-    for split, pool in pools.items():
-        check_class_pool("digits", split, pool.shape[0], pool.shape[1], ways, shots, queries)
-    for split, pool in pools.items():
-        device_pool = jnp.asarray(pool)
-        samplers[split] = TaskSampler(
-            functools.partial(sample_scaled_images, ways=ways, shots=shots, queries=queries), split, device_pool
-        )
     info = {"train_classes": TRAIN_CLASSES, "held_out_classes": HELD_OUT_CLASSES,
             "per_class": {s: int(p.shape[1]) for s, p in pools.items()}}
-    return TaskSet("digits", "classification", ways, shots, queries, (8, 8, 1), ways, **samplers, info=info)
+    return pooled_taskset("digits", pools, ways=ways, shots=shots, queries=queries, info=info)

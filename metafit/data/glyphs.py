@@ -34,11 +34,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from metafit.cache import cache_dir
-from metafit.data.tasks import TASKSETS, TaskSampler, TaskSet, check_class_pool, sample_scaled_images
+from metafit.data.tasks import TASKSETS, TaskSet, check_class_pool, pooled_taskset
 
 SPLITS_FILE = Path(__file__).with_name("glyph_splits.json")
 
@@ -268,19 +267,13 @@ def glyphs(*, ways: int | None, shots: int, queries: int, image_size: int = 28, 
     ways = 5 if ways is None else ways
     if image_size < 8 or image_size % 2:
         raise ValueError(f"glyphs: image_size must be an even number >= 8, got {image_size}")
-    samplers, info = {}, {"alphabets": {}, "classes": {}, "instances": instances}
     for split in ("train", "validation", "test"):  # validate every split before rendering any
         check_class_pool("glyphs", split, len(split_classes(split)), instances, ways, shots, queries)
-    for split in ("train", "validation", "test"):
-        classes = split_classes(split)
-        pool = jnp.asarray(build_pool(split, image_size, instances))
-        samplers[split] = TaskSampler(
-            functools.partial(sample_scaled_images, ways=ways, shots=shots, queries=queries), split, pool
-        )
-        info["alphabets"][split] = len(load_splits()["splits"][split])
-        info["classes"][split] = len(classes)
-    return TaskSet("glyphs", "classification", ways, shots, queries, (image_size, image_size, 1), ways,
-                   **samplers, info=info)
+    splits = load_splits()["splits"]
+    info = {"alphabets": {s: len(splits[s]) for s in splits}, "classes": {s: len(split_classes(s)) for s in splits},
+            "instances": instances}
+    pools = {split: build_pool(split, image_size, instances) for split in ("train", "validation", "test")}
+    return pooled_taskset("glyphs", pools, ways=ways, shots=shots, queries=queries, info=info)
 
 
 def _main(argv: list[str] | None = None) -> None:

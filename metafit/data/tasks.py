@@ -221,10 +221,37 @@ def sample_scaled_images(pool: Array, key: Array, *, ways: int, shots: int, quer
     return Task(scale(task.support), scale(task.query))
 
 
+def sample_float_images(pool: Array, key: Array, *, ways: int, shots: int, queries: int) -> Task:
+    """:func:`sample_classification_task` on a pool already in the inputs' scale (float32, no rescaling)."""
+    return sample_classification_task(key, pool, ways, shots, queries)
+
+
+def pooled_taskset(name: str, pools: dict[str, Any], *, ways: int, shots: int, queries: int,
+                   info: dict[str, Any] | None = None,
+                   sampler: Callable[..., Task] = sample_scaled_images) -> TaskSet:
+    """An N-way K-shot :class:`TaskSet` over per-split pools ``[num_classes, per_class, *shape]``.
+
+    The one builder behind ``digits``, ``glyphs``, ``arrays`` and ``image_folder``: every split is
+    checked with :func:`check_class_pool` before any pool goes to the device, then sampled by
+    ``sampler`` (``uint8`` pools: :func:`sample_scaled_images`, inputs ``/ 255``; float pools:
+    :func:`sample_float_images`).
+    """
+    for split in ("train", "validation", "test"):
+        pool = pools[split]
+        check_class_pool(name, split, pool.shape[0], pool.shape[1], ways, shots, queries)
+    samplers = {
+        split: TaskSampler(functools.partial(sampler, ways=ways, shots=shots, queries=queries), split,
+                           jnp.asarray(pools[split]))
+        for split in ("train", "validation", "test")
+    }
+    input_shape = tuple(int(d) for d in pools["train"].shape[2:])
+    return TaskSet(name, "classification", ways, shots, queries, input_shape, ways, **samplers, info=info or {})
+
+
 def _merge_ways(x: Array) -> Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 # The built-in families register themselves on import (they import matplotlib, scipy and
 # scikit-learn lazily, so this is cheap); at the bottom because they import this module.
-from metafit.data import digits, glyphs, sinusoid  # noqa: E402,F401
+from metafit.data import digits, glyphs, labelled, sinusoid  # noqa: E402,F401

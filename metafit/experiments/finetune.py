@@ -1,4 +1,9 @@
-"""LoRA supervised fine-tuning of a causal LM on metafit's generated instruction set.
+"""LoRA supervised fine-tuning of a causal LM on metafit's generated instruction set or your own file.
+
+``data: my.jsonl`` (or ``.csv``, or a ``datasets`` folder) trains on your rows instead
+(:mod:`metafit.data.sft_files`: chat rows or prompt/response fields, loss on assistant tokens);
+``n_eval`` rows are held out by a permutation of the seed. Exact match is scored when every
+held-out row is one user -> assistant exchange.
 
 Chat-formatted examples, loss on response tokens only
 (:func:`metafit.train.losses.next_token_loss`), sequences bucketed to a few fixed lengths,
@@ -17,6 +22,7 @@ from flax import nnx
 from metafit import peft
 from metafit.data.batching import epoch_batches
 from metafit.data.instructions import encode_sft, make_instructions
+from metafit.data.sft_files import as_instructions, encode_chats, sft_file_split
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models import load
 from metafit.parallel import make_mesh
@@ -33,8 +39,12 @@ class FinetuneArgs:
     Attributes:
       model: embedded name, HF folder or GGUF file (see :func:`metafit.models.load`).
       lora: the LoRA settings (rank, alpha, target module patterns, ...).
-      n_train: generated training instructions.
-      n_eval: held-out instructions for eval loss and exact match.
+      data: your SFT rows (``.jsonl``, ``.csv`` or a ``save_to_disk`` folder); empty = generated
+        instructions.
+      prompt_field: the prompt's field in prompt/response rows of ``data`` (chat rows use ``messages``).
+      response_field: the response's field in prompt/response rows of ``data``.
+      n_train: generated training instructions (with ``data``: every row not held out).
+      n_eval: held-out rows for eval loss and exact match.
       tasks: instruction tasks to draw from (empty = all; see ``metafit list``).
       buckets: padded sequence lengths (one compilation each).
       max_new_tokens: generation budget for exact match.
@@ -44,6 +54,9 @@ class FinetuneArgs:
     model: str = "smollm2-135m-instruct"
     lora: peft.LoraConfig = field(default_factory=lambda: peft.LoraConfig(rank=8, alpha=16.0,
                                                                           targets=("q_proj", "v_proj")))
+    data: str = ""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     n_train: int = 384
     n_eval: int = 48
     tasks: tuple[str, ...] = ()
@@ -52,23 +65,32 @@ class FinetuneArgs:
     export_adapter: bool = True
 
 
-@experiment("lora_sft", config=FinetuneArgs)
+@experiment("lora_sft", config=FinetuneArgs, validate=lambda cfg: cfg.args.data and sft_file_split(
+    cfg.args.data, cfg.args.n_eval, cfg.seed, batch_size=cfg.train.batch_size, prompt_field=cfg.args.prompt_field,
+    response_field=cfg.args.response_field))
 def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     """LoRA SFT with eval loss and exact match before/after and the adapter exported."""
     args = cfg.args
     model, tokenizer = load(args.model)
-    tasks = args.tasks or None
-    train_set = make_instructions(args.n_train, seed=cfg.seed, tasks=tasks)
-    eval_set = make_instructions(args.n_eval, seed=cfg.seed, tasks=tasks, offset=args.n_train)
-    train_arrays = encode_sft(tokenizer, train_set, args.buckets)
-    eval_batch = jax.tree.map(jnp.asarray, encode_sft(tokenizer, eval_set, args.buckets))
+    if args.data:  # your own rows; n_eval of them held out
+        train_chats, eval_chats = sft_file_split(args.data, args.n_eval, cfg.seed, prompt_field=args.prompt_field,
+                                                 response_field=args.response_field)
+        train_arrays, eval_arrays = (encode_chats(tokenizer, c, args.buckets) for c in (train_chats, eval_chats))
+        eval_set = as_instructions(eval_chats)  # None unless every held-out row is one exchange
+    else:
+        tasks = args.tasks or None
+        train_set = make_instructions(args.n_train, seed=cfg.seed, tasks=tasks)
+        eval_set = make_instructions(args.n_eval, seed=cfg.seed, tasks=tasks, offset=args.n_train)
+        train_arrays, eval_arrays = (encode_sft(tokenizer, e, args.buckets) for e in (train_set, eval_set))
+    eval_batch = jax.tree.map(jnp.asarray, eval_arrays)
 
     peft.apply(model, args.lora, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
     loss_fn = next_token_loss(graphdef)
     eval_loss = jax.jit(lambda p: loss_fn(p, eval_batch, None)[0])
     before = {"eval_loss": float(eval_loss(params)),
-              "exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
+              **({} if eval_set is None else
+                 {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])})}
 
     result = fit(loss_fn, params, epoch_batches(train_arrays, cfg.train.batch_size, cfg.seed), cfg.train,
                  key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir("sft"),
@@ -76,7 +98,8 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
                  mesh=make_mesh(cfg.mesh), log=run.metrics)
     nnx.update(model, result.params)
     after = {"eval_loss": result.eval["eval_loss"],
-             "exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])}
+             **({} if eval_set is None else
+                {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])})}
     if args.export_adapter:
         peft.export_hf_peft(model, run.path / "adapter", base_model_name_or_path=args.model)
     plot_curves(run.plot_path("sft_loss"), {

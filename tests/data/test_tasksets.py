@@ -1,4 +1,5 @@
 """Few-shot task sets: shapes, determinism, split hygiene, committed glyph splits, bad input."""
+import hashlib
 import json
 
 import jax
@@ -90,6 +91,28 @@ def test_glyph_split_file_is_small_disjoint_by_alphabet_and_reproducible():
     assert regenerated["splits"] == splits and regenerated["fonts"] == committed["fonts"]
 
 
+def _digest(taskset) -> str:
+    digest = hashlib.sha256()
+    for split in ("train", "validation", "test"):
+        batch = taskset.split(split).sample_batch(jax.random.key(7), 3)
+        for leaf in jax.tree.leaves(batch):
+            leaf = np.asarray(leaf)
+            digest.update(str(leaf.dtype).encode() + str(leaf.shape).encode() + leaf.tobytes())
+    return digest.hexdigest()
+
+
+# Digests of the tasks sampled by the code before digits and glyphs moved onto pooled_taskset
+# (commit 509c3e9, key 7, 3 tasks per split): the shared builder must not change a single bit.
+BEFORE = {
+    "digits": "fd416aea0d88a6154ae4eecdeccb5f5bdf354fe2415b9ddca8a1eea2020578f1",
+    "glyphs": "25c14dcc4364f3b6c81ef3412aa8cc219f13d8fd7def57d58a5c4d99cdab79bc",
+}
+
+
+def test_digits_tasks_are_bit_identical_to_before_the_shared_builder():
+    assert _digest(get_tasksets("digits", ways=3, shots=2, queries=1)) == BEFORE["digits"]
+
+
 def test_glyph_tasks_shapes_labels_and_distinct_classes():
     # 12-pixel drawings, 3 per class: rendering every class of three splits is the test's whole cost
     tasks = get_tasksets("glyphs", ways=5, shots=1, queries=2, instances=3, image_size=12)
@@ -104,6 +127,7 @@ def test_glyph_tasks_shapes_labels_and_distinct_classes():
     flat = np.asarray(task.support[0]).reshape(5, -1)
     assert min(np.abs(flat[i] - flat[j]).sum() for i in range(5) for j in range(i + 1, 5)) > 1.0
     assert np.abs(np.asarray(task.query[0][0]) - np.asarray(task.support[0][0])).sum() > 0.1
+    assert _digest(tasks) == BEFORE["glyphs"]  # the shared builder samples exactly what glyphs did before
 
 
 def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():

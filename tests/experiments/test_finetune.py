@@ -53,3 +53,28 @@ def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
 
     tensors = load_file(adapter / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and np.abs(v).max() > 0 for k, v in tensors.items())
+
+
+def test_lora_sft_on_your_own_jsonl(tiny_model, tmp_path, repo):
+    """``args.data=my.jsonl``: chat and prompt/response rows train; a bad file fails before the run folder exists."""
+    from conftest import run_cli
+
+    data = tmp_path / "my.jsonl"
+    rows = [{"prompt": ex.prompt, "response": ex.response} for ex in make_instructions(20, seed=1, tasks=["upper"])]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--set", f"args.model={tiny_model}", "--set", "train.steps=8", "--set", "train.eval_every=8",
+              "--set", "train.ckpt_every=8", "--set", "train.batch_size=8", "--set", "args.n_eval=4",
+              "--set", "train.lr=3e-2", "--set", "args.buckets=[96]", "--set", "args.export_adapter=false"]
+    out = run_cli("run", str(repo / "configs/finetune/lora_small.yaml"), "--workdir", str(tmp_path / "run"),
+                  "--set", f"args.data={data}", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
+    assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"]
+    assert 0.0 <= results["lora_sft"]["exact_match"] <= 1.0  # held-out rows are single exchanges
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "x"\n')
+    out = run_cli("run", str(repo / "configs/finetune/lora_small.yaml"), "--workdir", str(tmp_path / "bad_run"),
+                  "--set", f"args.data={bad}", *common)
+    assert out.returncode != 0 and "line 2 is not valid JSON" in out.stderr
+    assert not (tmp_path / "bad_run").exists()
