@@ -216,6 +216,10 @@ def _show(args: argparse.Namespace) -> int:
     from metafit.runs import load_results
 
     _print_results(load_results(args.run_dir), str(args.run_dir))
+    if any((Path(args.run_dir) / "posterior").glob("*.nc")):  # Bayesian runs: ArviZ R-hat / ESS of the draws
+        from metafit.bayes.posterior import print_posterior_summaries
+
+        print_posterior_summaries(args.run_dir)
     return 0
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metafit.bayes.data import SimulatorConfig, TransferData, simulate, validate_transfer_data
-from metafit.bayes.inference import Diagnostics, PosteriorDiagnosticsWarning, check_diagnostics, diagnose
+from metafit.bayes.inference import Diagnostics, Draws, PosteriorDiagnosticsWarning, check_diagnostics, diagnose
 from metafit.bayes.methods import TRANSFER_METHODS, MethodConfig, predictive_scores
 from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
 
@@ -91,6 +91,8 @@ class MethodScores(NamedTuple):
       mse: [B] mean squared error of the predictive mean.
       diagnostics: per problem (None for closed-form methods).
       seconds: wall time of the fit (compile excluded) and compile time.
+      draws: the NUTS draws, site arrays ``[B, chains, draws, ...]`` on the host (None for
+        closed-form methods and for scores read back by :func:`load_scores`).
     """
 
     lpd: np.ndarray
@@ -98,6 +100,7 @@ class MethodScores(NamedTuple):
     diagnostics: Optional[list[Diagnostics]]
     seconds: float
     compile_seconds: float
+    draws: Optional[Draws] = None
 
 
 def evaluate_sweep(data: TransferData, methods: Sequence[str], *, n_sources: int, key: jax.Array,
@@ -148,13 +151,14 @@ def evaluate_sweep(data: TransferData, methods: Sequence[str], *, n_sources: int
             results = jax.block_until_ready(results)
             seconds = time.perf_counter() - start
             scores, draws = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-        diagnostics = None
+        diagnostics, kept = None, None
         if draws.diverging is not None:
+            kept = jax.tree.map(np.asarray, draws)
             diagnostics = [diagnose(jax.tree.map(lambda a, b=b: a[b], draws)) for b in range(batch)]
             if warn:
                 _warn_sweep(name, diagnostics)
         out[name] = MethodScores(np.asarray(scores["lpd"]), np.asarray(scores["mse"]), diagnostics, seconds,
-                                 compile_seconds)
+                                 compile_seconds, kept)
     return out
 
 

@@ -9,7 +9,8 @@ no-transfer reference on the same problem), with NUTS diagnostics.
 Run folder extras: ``sweep.json`` / ``sweep.md`` (one row per cell and method, spread over
 seeds), ``methods/<name>.npz`` (per-problem scores; a rerun reuses them, so an interrupted
 run resumes method by method) and, for each swept axis, PNG plots of the negative-transfer
-rate and lpd against it.
+rate and lpd against it; ``posterior/<method>.nc``, each sampled method's NUTS draws for every
+problem as ArviZ netCDF (:mod:`metafit.bayes.posterior`), whose R-hat / ESS ``metafit show`` prints.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from metafit.bayes import (
     sweep_markdown,
     sweep_problems,
 )
+from metafit.bayes.posterior import POSTERIOR_DIR, save_posterior
 from metafit.experiments import RunConfig, experiment
 from metafit.runs import RunDir
 
@@ -86,6 +88,8 @@ def prompt_transfer(cfg: RunConfig, run: RunDir) -> dict:
                 data, [name], n_sources=args.simulator.n_sources, key=jax.random.fold_in(key_fit, step),
                 function=args.simulator.setting, prior=args.prior, config=args.method,
                 mode="vmap" if args.vectorise else "loop")[name]
+            if scores[name].draws is not None:  # written before the scores, which mark the method done
+                save_posterior(run.subdir(POSTERIOR_DIR) / f"{name}.nc", scores[name].draws, coords=cells)
             save_scores(cache / f"{name}.npz", scores[name])
         run.log({"lpd": float(scores[name].lpd.mean()), "mse": float(scores[name].mse.mean()),
                  "seconds": scores[name].seconds}, step=step, stage=name)

@@ -16,6 +16,9 @@ dare_linear        random       none    sum             Yu et al. 2024 (DARE)
 dare_ties          random       sum     disjoint mean   Yu et al. 2024 (DARE on TIES)
 breadcrumbs        breadcrumbs  none    sum             Davari & Belilovsky 2024
 breadcrumbs_ties   breadcrumbs  sum     disjoint mean
+ties_sum           magnitude    sum     sum             (mergekit's ties with normalize: false)
+dare_ties_sum      random       sum     sum             (mergekit's dare_ties default)
+breadcrumbs_ties_sum breadcrumbs sum    sum             (mergekit's breadcrumbs_ties default)
 linear             weighted average of the models (no base)
 slerp              spherical interpolation of two models, per tensor
 model_stock        Jang et al. 2024: θ = t·mean(θ_m) + (1−t)·θ_base, t = M cosθ / (1 + (M−1) cosθ)
@@ -199,6 +202,13 @@ _PRESETS = [
     MergeMethod("breadcrumbs", general_task_arithmetic("breadcrumbs", "none", "sum"),
                 per_model=(("weight", 1.0), ("density", 0.143), ("gamma", 0.007)), prepare=_prepare_counts),
     MergeMethod("breadcrumbs_ties", general_task_arithmetic("breadcrumbs", "sum", "disjoint_mean"),
+                per_model=(("weight", 1.0), ("density", 0.143), ("gamma", 0.007)), prepare=_prepare_counts),
+    # Sign election without the disjoint mean: mergekit's ties / dare_ties / breadcrumbs_ties with normalize: false.
+    MergeMethod("ties_sum", general_task_arithmetic("magnitude", "sum", "sum"),
+                per_model=(("weight", 1.0), ("density", 0.2)), prepare=_prepare_counts),
+    MergeMethod("dare_ties_sum", general_task_arithmetic("random", "sum", "sum"),
+                per_model=(("weight", 1.0), ("drop_rate", 0.9)), needs_key=True),
+    MergeMethod("breadcrumbs_ties_sum", general_task_arithmetic("breadcrumbs", "sum", "sum"),
                 per_model=(("weight", 1.0), ("density", 0.143), ("gamma", 0.007)), prepare=_prepare_counts),
     MergeMethod("linear", _linear_rule, needs_base=False, shared=(("normalize", False),)),
     MergeMethod("slerp", _slerp_rule, needs_base=False, min_models=2, max_models=2, per_model=(),

@@ -62,6 +62,7 @@ import numpy as np
 from metafit.cache import cache_dir
 from metafit.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
 from metafit.merge.io import WEIGHTS_NAME, SafetensorsError
+from metafit.merge.mergekit import from_mergekit, is_mergekit
 from metafit.merge.methods import MergeError, get_method, resolve_params
 from metafit.merge.stream import merge_folders
 from metafit.models import EMBEDDED, load, resolve, save_folder
@@ -110,8 +111,13 @@ class MergeRecipe:
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
-    """Reads and validates a recipe (unknown keys and wrong types raise ``ConfigError``)."""
+    """Reads and validates a recipe, native or mergekit's (:mod:`metafit.merge.mergekit`).
+
+    Unknown keys, wrong types and mergekit features metafit does not have raise ``ConfigError``.
+    """
     raw = load_yaml(path)
+    if is_mergekit(raw):  # mergekit's schema: translated, then validated and run like a native recipe
+        raw = from_mergekit(raw, Path(path).parent)
     if isinstance(raw.get("models"), list):
         raw["models"] = [{"path": m} if isinstance(m, str) else m for m in raw["models"]]
     return from_dict(MergeRecipe, raw, path="")
