@@ -20,7 +20,13 @@ import numpy as np
 from .convert import MalformedWeightsError
 from .model_files import check_layer_claim, open_regular
 
+# GGUF architectures whose tensors use llama.cpp's llama block names (below); their configs come from
+# transformers' own GGUF table. llama.cpp writes Mistral models as "llama" (told apart by
+# general.name, as transformers does), and permutes the q/k rows of both.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_PERMUTED_ROTARY = ("llama", "mistral")
+_REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "layer_norm_eps")
 
 # GGUF tensor name (after "blk.{i}.") -> HF name (after "model.layers.{i}.").
 _BLOCK_NAMES = {
@@ -89,6 +95,9 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.fields, infos = read_gguf(self.path)
         self.architecture = self.fields.get("general.architecture")
+        name = self.fields.get("general.name")
+        # what transformers' GGUF loader does: llama.cpp stores Mistral models under "llama"
+        self.model_type = "mistral" if self.architecture == "llama" and name == "mistral" else self.architecture
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise MalformedWeightsError(
                 f"GGUF architecture {self.architecture!r} (metadata 'general.architecture') in {self.path} is not "
@@ -130,16 +139,23 @@ class GGUFCheckpoint:
         return float(value)
 
     def _hf_config(self):
+        """The HF config, its fields read through transformers' own GGUF table (``GGUF_CONFIG_MAPPING``).
+
+        Each mapped metadata value is checked for type and range (a bad one names its field); the
+        vocabulary size comes from the embedding, ``head_dim`` from ``attention.key_length`` when the
+        file has it, the RoPE scaling and special tokens from their own fields.
+        """
         import transformers
         from huggingface_hub.errors import StrictDataclassError
+        from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
-        hidden = self._int("embedding_length")
-        heads = self._int("attention.head_count")
-        kv_heads = self._int("attention.head_count_kv", heads)
+        kwargs = {**GGUF_CONFIG_DEFAULTS_MAPPING.get(self.model_type, {}), **self._mapped_fields(GGUF_CONFIG_MAPPING)}
+        hidden, heads = kwargs["hidden_size"], kwargs["num_attention_heads"]
+        kv_heads = kwargs.setdefault("num_key_value_heads", heads)
         if heads % kv_heads:
             raise self._bad(f"{self.architecture}.attention.head_count_kv", kv_heads,
                             f"a divisor of the head count {heads}")
-        head_dim = self._int("attention.key_length", max(hidden // heads, 1))
+        head_dim = self._int("attention.key_length", kwargs.get("head_dim", max(hidden // heads, 1)))
         if head_dim % 2:
             raise self._bad(f"{self.architecture}.attention.key_length", head_dim, "an even number (RoPE pairs)")
         embedding = self._tensors.get("model.embed_tokens.weight")
@@ -148,7 +164,44 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor 'token_embd.weight' is "
                 + ("missing" if embedding is None else f"of shape {embedding.shape}, not [vocab, hidden]")
             )
-        rope = {"rope_type": "default", "rope_theta": self._float("rope.freq_base", 10000.0, minimum=1e-30)}
+        check_layer_claim(kwargs["num_hidden_layers"], len(self._tensors),
+                          f"GGUF field '{self.architecture}.block_count'", str(self.path))
+        token_id = lambda key: self._int(f"tokenizer.ggml.{key}", None, minimum=0, arch=False)  # noqa: E731
+        kwargs.update(
+            vocab_size=embedding.shape[0], head_dim=head_dim,
+            tie_word_embeddings="lm_head.weight" not in self._tensors,
+            rope_parameters=self._rope(kwargs.pop("rope_theta", 10000.0)),
+            bos_token_id=token_id("bos_token_id"), eos_token_id=token_id("eos_token_id"),
+            pad_token_id=token_id("padding_token_id"),
+        )
+        kwargs.setdefault("max_position_embeddings", 2048)
+        kwargs.setdefault("rms_norm_eps", 1e-6)
+        if self.model_type == "llama":
+            kwargs["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self._tensors
+        try:
+            return transformers.AutoConfig.for_model(self.model_type, **kwargs)
+        except (ValueError, TypeError, StrictDataclassError) as err:
+            raise MalformedWeightsError(f"{self.path}: its metadata makes an invalid config: {err}") from err
+
+    def _mapped_fields(self, table) -> dict[str, Any]:
+        """``{hf_field: value}`` for every ``<architecture>.<key>`` of transformers' table that the file holds."""
+        fields = {}
+        for key, hf_name in table[self.model_type].items():
+            if hf_name is None or hf_name == "vocab_size":  # the vocabulary is the embedding's row count
+                continue
+            value = self.fields.get(f"{self.architecture}.{key}", _MISSING)
+            if value is _MISSING:
+                if hf_name in _REQUIRED_FIELDS:
+                    raise self._bad(f"{self.architecture}.{key}", value, "an integer >= 1")
+                continue
+            if isinstance(value, float) or hf_name in _FLOAT_FIELDS:
+                fields[hf_name] = self._float(key, _MISSING, minimum=1e-30 if hf_name == "rope_theta" else 0.0)
+            else:
+                fields[hf_name] = self._int(key, minimum=0 if hf_name == "num_hidden_layers" else 1)
+        return fields
+
+    def _rope(self, theta: float) -> dict[str, Any]:
+        rope = {"rope_type": "default", "rope_theta": theta}
         scaling = self.fields.get(f"{self.architecture}.rope.scaling.type")
         if scaling not in (None, "none"):
             if scaling not in ("linear", "yarn"):
@@ -159,32 +212,7 @@ class GGUFCheckpoint:
             rope.update(rope_type=scaling, factor=self._float("rope.scaling.factor", _MISSING, minimum=1e-30))
             if scaling == "yarn":
                 rope["original_max_position_embeddings"] = self._int("rope.scaling.original_context_length")
-        token_id = lambda key: self._int(f"tokenizer.ggml.{key}", None, minimum=0, arch=False)  # noqa: E731
-        layers = self._int("block_count", minimum=0)
-        check_layer_claim(layers, len(self._tensors), f"GGUF field '{self.architecture}.block_count'", str(self.path))
-        kwargs = dict(
-            vocab_size=embedding.shape[0],
-            hidden_size=hidden,
-            intermediate_size=self._int("feed_forward_length"),
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=self._int("context_length", 2048),
-            rms_norm_eps=self._float("attention.layer_norm_rms_epsilon", 1e-6),
-            tie_word_embeddings="lm_head.weight" not in self._tensors,
-            rope_parameters=rope,
-            bos_token_id=token_id("bos_token_id"),
-            eos_token_id=token_id("eos_token_id"),
-            pad_token_id=token_id("padding_token_id"),
-        )
-        try:
-            if self.architecture == "qwen2":
-                return transformers.Qwen2Config(**kwargs)
-            has_bias = "model.layers.0.self_attn.q_proj.bias" in self._tensors
-            return transformers.LlamaConfig(attention_bias=has_bias, **kwargs)
-        except (ValueError, TypeError, StrictDataclassError) as err:
-            raise MalformedWeightsError(f"{self.path}: its metadata makes an invalid config: {err}") from err
+        return rope
 
     def get_tensor(self, name: str) -> np.ndarray:
         """The tensor's values as float32 in HF layout (dequantised, RoPE rows un-permuted)."""
@@ -203,7 +231,7 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {self._gguf_names[name]!r} has type {qtype.name}, which the gguf package "
                 "cannot dequantise"
             ) from None
-        if self.architecture == "llama":
+        if self.model_type in _PERMUTED_ROTARY:
             heads = None
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
                 heads = self.config.num_attention_heads

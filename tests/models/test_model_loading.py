@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import metafit.models as mm
-from metafit.models.gguf_file import gguf_tensor_name, permute_rotary
+from metafit.models.gguf_file import GGUFCheckpoint, gguf_tensor_name, permute_rotary
 from metafit.registry import UnknownNameError
 from models_tiny import batch, build, forward, llama_config, save, torch, torch_out, transformers
 
@@ -94,10 +94,12 @@ def gguf_llama_config():
     return config, tokens
 
 
-def write_gguf(reference, path, tokens, quant=None):
-    """A llama.cpp-style GGUF of ``reference`` (q/k rows permuted as convert_hf_to_gguf does)."""
+def write_gguf(reference, path, tokens, quant=None, arch="llama", model_name=None):
+    """A llama.cpp-style GGUF of ``reference`` (q/k rows permuted for llama/Mistral as convert_hf_to_gguf does)."""
     cfg = reference.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
+    if model_name is not None:
+        writer.add_name(model_name)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -120,9 +122,9 @@ def write_gguf(reference, path, tokens, quant=None):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         array = value.numpy().astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             array = permute_rotary(array, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             array = permute_rotary(array, cfg.num_key_value_heads)
         if quant is not None and array.ndim == 2:
             writer.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(array, quant), raw_dtype=quant)
@@ -154,6 +156,41 @@ def test_gguf_f32_matches_torch_and_transformers_gguf_loader(gguf_pair):
     # transformers' own GGUF reader (independent un-permutation) agrees
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(folder), gguf_file=path.name, attn_implementation="eager")
     np.testing.assert_allclose(got[real], torch_out(theirs, ids, mask)[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("hf_class, arch, model_name", [
+    ("MistralForCausalLM", "llama", "mistral"),  # llama.cpp stores Mistral models as "llama", named "mistral"
+    ("Qwen2ForCausalLM", "qwen2", None),         # q/k/v biases, rows not permuted
+])
+def test_gguf_config_comes_from_transformers_table_for_each_architecture(hf_class, arch, model_name, tmp_path):
+    """Config fields equal transformers' own GGUF parse, and the logits equal the torch model's."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config, tokens = gguf_llama_config()
+    config_class = getattr(transformers, hf_class.replace("ForCausalLM", "Config"))
+    config = config_class(**{k: v for k, v in config.to_dict().items()
+                             if k not in ("model_type", "architectures", "attention_bias", "mlp_bias")})
+    reference = build(hf_class, config)
+    path = write_gguf(reference, tmp_path / f"tiny-{arch}.gguf", tokens, arch=arch, model_name=model_name)
+    model, _ = mm.load(path)
+    assert isinstance(model, mm.LlamaForCausalLM)  # one NNX class for the llama family
+    theirs = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    ours = GGUFCheckpoint(path).config
+    assert ours.model_type == theirs["model_type"] == model.config.model_type == reference.config.model_type
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(ours, field) == theirs[field], field
+    assert ours.rope_parameters["rope_theta"] == pytest.approx(config.rope_parameters["rope_theta"])
+    ids, mask = batch(seed=5)
+    real = mask == 1
+    np.testing.assert_allclose(forward(model, ids, mask)[real], torch_out(reference, ids, mask)[real], atol=1e-4)
+
+
+def test_gguf_architecture_without_a_metafit_model_is_named(gguf_pair, tmp_path):
+    reference, tokens, _, _ = gguf_pair
+    path = write_gguf(reference, tmp_path / "tiny-phi3.gguf", tokens, arch="phi3")
+    with pytest.raises(mm.MalformedWeightsError, match="'phi3'.*supported: llama, qwen2"):
+        mm.load(path)
 
 
 def test_gguf_q8_0_matches_torch_with_dequantised_weights(gguf_pair, tmp_path):
