@@ -19,11 +19,22 @@ a grid are relative to the folder that holds ``experiments/``)::
         priority: 0                           # lower runs first (then lower seed); axis mappings may add theirs
         scales: [cpu]                         # only at these scales (default: all)
         env: {JAX_PLATFORMS: cpu}             # for subprocess jobs
+      - name: "finetune_{learner}_s{seed}"     # a job that reads another job's run folder
+        config: configs/meta/finetune.yaml
+        seeds: $seeds
+        axes: {learner: [maml, amfs]}
+        after: ["sinusoid_k5_{learner}_s{seed}"]            # runs once these jobs are done
+        overrides: ["args.init_run={runs}/sinusoid_k5_{learner}_s{seed}"]   # {runs}: the sweep's run folders
 
 Each block expands to ``seeds x product(axes)`` jobs; an axis value that is a mapping
 (``{setting: 5w1s, ways: 5}``) sets several variables at once. Strings are ``str.format``
 templates over the scale's variables, the axis values and ``seed``; an overrides entry
-``$name`` splices a list-valued variable in.
+``$name`` splices a list-valued variable in. ``{runs}`` stays a placeholder in the grid's jobs and
+store (so committed records do not hold one machine's paths) and becomes the absolute run-folder
+root when a job runs. ``after`` names jobs (templates too) that must be done first: jobs run in
+waves of satisfied dependencies; a job whose dependency failed is recorded as failed (naming it),
+one whose dependency was not started is not started either, and a dependency that the store holds
+as done but whose run folder is missing here (a fresh clone) is run again, since its folder is an input.
 
 A **job** is one ``metafit run CONFIG --set ...`` into ``RUNS/<job name>/``. The runner
 (:func:`run_sweep`) skips jobs the store already holds as done, collects jobs whose run folder
@@ -75,7 +86,8 @@ from metafit.registry import did_you_mean
 STORE = "sweep.json"
 EXECUTORS = ("inprocess", "subprocess", "ray", "slurm")
 _GRID_KEYS = {"paper", "builder", "results", "default_scale", "scales", "blocks", "slurm", "description"}
-_BLOCK_KEYS = {"name", "config", "seeds", "axes", "overrides", "tags", "priority", "env", "scales"}
+_BLOCK_KEYS = {"name", "config", "seeds", "axes", "overrides", "tags", "priority", "env", "scales", "after"}
+RUNS_PLACEHOLDER = "{runs}"
 
 
 class SweepError(RuntimeError):
@@ -93,6 +105,12 @@ class Job:
     tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     priority: int = 0
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    after: tuple[str, ...] = ()  # jobs that must be done before this one runs
+
+    def in_runs(self, runs: Path) -> "Job":
+        """This job with ``{runs}`` in its overrides replaced by the absolute run-folder root."""
+        root = str(Path(runs).resolve())
+        return dataclasses.replace(self, overrides=tuple(o.replace(RUNS_PLACEHOLDER, root) for o in self.overrides))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +143,10 @@ class Grid:
         if duplicates:
             raise ConfigError(f"{self.path}: job names repeat at scale '{scale}' ({', '.join(duplicates[:5])}); "
                               "put every axis into the block's `name` template")
-        return sorted(jobs, key=lambda job: (job.priority, job.seed))
+        jobs = sorted(jobs, key=lambda job: (job.priority, job.seed))
+        _check_after(jobs, self.path)
+        _waves(jobs, self.path)  # there is no cycle
+        return jobs
 
     def results_dir(self, scale: str) -> Path:
         return self.root / _fill(self.results, {**self.variables(scale), "scale": scale}, self.path)
@@ -199,7 +220,7 @@ def _expand(block: Mapping[str, Any], variables: Mapping[str, Any], path: Path) 
     jobs = []
     for seed in seeds:
         for combo in itertools.product(*axes.values()):
-            scope, priority = {**variables, "seed": seed}, int(block.get("priority", 0))
+            scope, priority = {**variables, "seed": seed, "runs": RUNS_PLACEHOLDER}, int(block.get("priority", 0))
             for axis, value in zip(axes, combo):
                 if isinstance(value, Mapping):
                     scope.update(value)
@@ -215,8 +236,38 @@ def _expand(block: Mapping[str, Any], variables: Mapping[str, Any], path: Path) 
                 overrides=tuple(overrides), seed=int(seed),
                 tags={k: _fill(v, scope, path) for k, v in (block.get("tags") or {}).items()},
                 priority=priority, env={k: _fill(v, scope, path) for k, v in (block.get("env") or {}).items()},
+                after=tuple(_fill(name, scope, path) for name in block.get("after") or ()),
             ))
     return jobs
+
+
+def _waves(jobs: Sequence[Job], path: Path | str = "grid") -> list[list[Job]]:
+    """``jobs`` in waves: each job comes after every job of ``jobs`` it names in ``after`` (order kept within a wave).
+
+    Names in ``after`` that are not in ``jobs`` are checked by the caller against the store, except when
+    ``jobs`` is the whole grid, where an unknown name is an error.
+    """
+    names = {job.name for job in jobs}
+    placed: set[str] = set()
+    remaining, waves = list(jobs), []
+    while remaining:
+        wave = [job for job in remaining if all(d in placed or d not in names for d in job.after)]
+        if not wave:
+            cycle = ", ".join(f"{job.name} (after {', '.join(job.after)})" for job in remaining[:4])
+            raise ConfigError(f"{path}: the `after` dependencies form a cycle: {cycle}")
+        waves.append(wave)
+        placed |= {job.name for job in wave}
+        remaining = [job for job in remaining if job.name not in placed]
+    return waves
+
+
+def _check_after(jobs: Sequence[Job], path: Path | str) -> None:
+    names = {job.name for job in jobs}
+    for job in jobs:
+        for name in job.after:
+            if name not in names:
+                raise ConfigError(f"{path}: job '{job.name}' runs after '{name}', which is no job of this scale."
+                                  f"{did_you_mean(name, sorted(names))}")
 
 
 def _resolve(value: Any, scope: Mapping[str, Any], path: Path) -> Any:
@@ -380,6 +431,7 @@ def run_sweep(
                 report.skipped.append(job.name)
             elif not only or any(fnmatch.fnmatch(job.name, p) for p in only):
                 todo.append(job)
+        todo = _with_missing_inputs(todo, all_jobs, grid.root, runs, report, log)
         log(f"{grid.paper} ({scale}): {len(all_jobs)} jobs, {len(report.skipped)} already done, "
             f"{len(todo)} to run -> {runs}")
 
@@ -403,6 +455,8 @@ def run_sweep(
                 entry = {**entry, "status": "failed", "error": error}
                 report.failed[job.name] = error
                 log(f"  {job.name}: FAILED ({error.splitlines()[0][:300]})")
+                if records.get(job.name, {}).get("status") == "done":  # an input run again: keep its result
+                    return
             else:
                 report.done.append(job.name)
                 log(f"  {job.name}: done in {seconds:.0f}s")
@@ -410,16 +464,37 @@ def run_sweep(
             _save_store(out, grid, scale, records, all_jobs)
 
         _execute(todo, grid, runs, record, jobs=jobs, executor=executor, budget_s=budget_s, report=report,
-                 ray_address=ray_address, slurm_options={**grid.slurm, **(slurm_options or {})}, log=log)
+                 ray_address=ray_address, slurm_options={**grid.slurm, **(slurm_options or {})}, log=log,
+                 status=lambda name: records.get(name, {}).get("status"))
     _build(grid, scale, builder, records, committed, all_jobs, out, report)
     return report
 
 
+def _with_missing_inputs(todo: list[Job], all_jobs: list[Job], root: Path, runs: Path, report: SweepReport,
+                         log) -> list[Job]:
+    """``todo`` plus the done jobs whose run folders a job of ``todo`` reads but this machine lacks (in grid order)."""
+    by_name = {job.name: job for job in all_jobs}
+    wanted = {job.name for job in todo}
+    stack = [name for job in todo if job.after and not _finished_as_configured(job.in_runs(runs), root, runs / job.name)
+             for name in job.after]
+    while stack:
+        name = stack.pop()
+        if name in wanted or (runs / name / "results.json").is_file():
+            continue
+        if name in report.skipped:  # done in the store, but its run folder (an input) is not here
+            log(f"  {name}: run again, its run folder is an input of a job to run and is missing from {runs}")
+            report.skipped.remove(name)
+        wanted.add(name)
+        stack += list(by_name[name].after)
+    return [job for job in all_jobs if job.name in wanted]
+
+
 def _execute(todo: list[Job], grid: Grid, runs: Path, record, *, jobs: int, executor: str, budget_s: float | None,
-             report: SweepReport, ray_address: str | None, slurm_options: Mapping[str, Any], log) -> None:
+             report: SweepReport, ray_address: str | None, slurm_options: Mapping[str, Any], log,
+             status: Callable[[str], str | None] = lambda name: None) -> None:
     start = time.monotonic()
     deadline = start + budget_s if budget_s is not None else float("inf")
-    finished = [job for job in todo if _finished_as_configured(job, grid.root, runs / job.name)]
+    finished = [job for job in todo if _finished_as_configured(job.in_runs(runs), grid.root, runs / job.name)]
     for job in finished:  # run before, not collected (interrupted sweep): collect without rerunning
         record(job, None, 0.0)
     todo = [job for job in todo if job not in finished]
@@ -431,6 +506,34 @@ def _execute(todo: list[Job], grid: Grid, runs: Path, record, *, jobs: int, exec
             return False
         return True
 
+    for wave in _waves(todo):
+        runnable = []
+        for job in wave:
+            blocked = _blocked_by(job, status, report)
+            if blocked is None:
+                runnable.append(job)
+            elif blocked[1] == "failed":
+                record(job, f"needs {blocked[0]}, which failed (see its record)", 0.0)
+            else:
+                report.not_started.append(job.name)
+                log(f"  {job.name}: not started, it needs {blocked[0]} ({blocked[1]})")
+        _execute_wave(runnable, grid, runs, record, jobs=jobs, executor=executor, started=started, cache=cache,
+                      ray_address=ray_address, slurm_options=slurm_options, log=log)
+
+
+def _blocked_by(job: Job, status: Callable[[str], str | None], report: SweepReport) -> tuple[str, str] | None:
+    """The first dependency of ``job`` that is not done, with why (``failed``, ``not started``, ``not run``)."""
+    for name in job.after:
+        if name in report.not_started:
+            return name, "not started"
+        state = status(name)
+        if state != "done":
+            return name, "failed" if state == "failed" else "not run"
+    return None
+
+
+def _execute_wave(todo: list[Job], grid: Grid, runs: Path, record, *, jobs: int, executor: str, started, cache: Path,
+                  ray_address: str | None, slurm_options: Mapping[str, Any], log) -> None:
     if executor == "inprocess":
         import jax
 
@@ -438,12 +541,13 @@ def _execute(todo: list[Job], grid: Grid, runs: Path, record, *, jobs: int, exec
         for job in todo:
             if started(job):
                 t = time.monotonic()
-                record(job, run_job_inprocess(job, grid.root, runs / job.name), time.monotonic() - t)
+                record(job, run_job_inprocess(job.in_runs(runs), grid.root, runs / job.name), time.monotonic() - t)
     elif executor == "subprocess":
         def one(job: Job) -> None:
             if started(job):
                 t = time.monotonic()
-                error = run_job_subprocess(job, grid.root, runs / job.name, runs / "logs" / f"{job.name}.log", cache)
+                error = run_job_subprocess(job.in_runs(runs), grid.root, runs / job.name,
+                                           runs / "logs" / f"{job.name}.log", cache)
                 record(job, error, time.monotonic() - t)
 
         with ThreadPoolExecutor(jobs) as pool:
@@ -463,7 +567,8 @@ def _execute_ray(todo, grid, runs, record, jobs, started, address, cache) -> Non
     pending = {}
     for job in todo:
         if started(job):
-            pending[remote.remote(job, grid.root, runs / job.name, runs / "logs" / f"{job.name}.log", cache)] = job
+            pending[remote.remote(job.in_runs(runs), grid.root, runs / job.name, runs / "logs" / f"{job.name}.log",
+                                  cache)] = job
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])
@@ -480,7 +585,7 @@ def _execute_slurm(todo, grid, runs, record, started, options, log) -> None:
     # cluster: None picks Slurm when sbatch is there; "local" runs each job as a local process, "debug" in this one
     executor = submitit.AutoExecutor(folder=runs / "slurm", cluster=options.pop("cluster", None))
     executor.update_parameters(**options)
-    submitted = [(job, executor.submit(_timed_inprocess, job, grid.root, runs / job.name))
+    submitted = [(job, executor.submit(_timed_inprocess, job.in_runs(runs), grid.root, runs / job.name))
                  for job in todo if started(job)]
     log(f"  submitted {len(submitted)} Slurm jobs (logs in {runs / 'slurm'})")
     for job, handle in submitted:

@@ -7,6 +7,8 @@ import pytest
 
 EXPERIMENT = '''
 import dataclasses
+import json
+from pathlib import Path
 
 from metafit.experiments import experiment
 
@@ -15,6 +17,7 @@ from metafit.experiments import experiment
 class SquareArgs:
     x: float = 1.0
     fail: bool = False
+    source: str = ""  # another run folder whose y is added (a chained job)
 
 
 @experiment(config=SquareArgs)
@@ -23,7 +26,8 @@ def square(cfg, run):
     if cfg.args.fail:
         raise ValueError(f"x={cfg.args.x} was asked to fail")
     (run.path / "calls.txt").open("a").write("ran\\n")  # how many times the job really ran
-    return {"metrics": {"y": cfg.args.x ** 2 + cfg.seed}}
+    before = json.loads((Path(cfg.args.source) / "results.json").read_text())["metrics"]["y"] if cfg.args.source else 0.0
+    return {"metrics": {"y": cfg.args.x ** 2 + cfg.seed + before}}
 '''
 
 BUILDER = '''
@@ -60,6 +64,18 @@ blocks:
 '''
 
 
+CHAIN = '''
+  - name: "chain_s{seed}"
+    config: configs/square.yaml
+    seeds: $seeds
+    after: ["x2_s{seed}"]
+    overrides: ["seed={seed}", "args.source={runs}/x2_s{seed}"]
+  - name: after_broken
+    config: configs/square.yaml
+    after: [broken]
+'''
+
+
 def make_project(root: Path, module: str, xs=(1, 2)) -> Path:
     """Writes the fake project under ``root``; returns the grid path."""
     (root / f"{module}.py").write_text(EXPERIMENT)
@@ -70,10 +86,10 @@ def make_project(root: Path, module: str, xs=(1, 2)) -> Path:
     return write_grid(root, xs)
 
 
-def write_grid(root: Path, xs) -> Path:
+def write_grid(root: Path, xs, extra: str = "") -> Path:
     (root / "experiments").mkdir(exist_ok=True)
     path = root / "experiments/fake.yaml"
-    path.write_text(textwrap.dedent(GRID.format(xs=list(xs))))
+    path.write_text(textwrap.dedent(GRID.format(xs=list(xs))) + extra)
     return path
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep_project import fake_project, write_grid  # noqa: F401 (fake_project is a fixture)
+from sweep_project import CHAIN, fake_project, write_grid  # noqa: F401 (fake_project is a fixture)
 from metafit.config import ConfigError
 from metafit.sweep import STORE, SweepError, load_grid, load_store, run_sweep
 
@@ -96,3 +96,49 @@ def test_subprocess_jobs_in_parallel(fake_project, monkeypatch):
     assert report.done == ["x1_s1"] and "x=1.0 was asked to fail" in report.failed["broken"]
     assert "exit code" in report.failed["broken"] and (root / "runs/repro/fake/tiny/logs/broken.log").is_file()
     assert load_store(root / "paper_repro/fake/results/tiny")["jobs"]["x1_s1"]["data"] == {"y": 2.0}
+
+
+def test_after_runs_chained_jobs_in_waves_and_reads_the_earlier_run(fake_project):
+    root = fake_project.parent.parent
+    write_grid(root, xs=[1, 2], extra=CHAIN)
+    jobs = {job.name: job for job in load_grid(fake_project).jobs("tiny")}
+    assert jobs["chain_s1"].after == ("x2_s1",) and jobs["chain_s1"].overrides[1] == "args.source={runs}/x2_s1"
+    report = run_sweep(fake_project, log=lambda _: None)
+    out = root / "paper_repro/fake/results/tiny"
+    store = load_store(out)["jobs"]
+    # y = x^2 + seed + (the x2 run's y = 4 + seed): read from the earlier job's run folder
+    assert store["chain_s0"]["data"] == {"y": 1 + 0 + 4.0} and store["chain_s1"]["data"] == {"y": 1 + 1 + 5.0}
+    assert store["chain_s1"]["overrides"] == ["seed=1", "args.source={runs}/x2_s1"]  # no machine path committed
+    assert store["after_broken"]["status"] == "failed" and "needs broken, which failed" in store["after_broken"]["error"]
+    assert report.done.index("x2_s1") < report.done.index("chain_s1")
+
+    # a fresh clone: the store says x2_s0 is done but its run folder (an input of chain_s0) is gone
+    import shutil
+
+    shutil.rmtree(root / "runs/repro/fake/tiny/x2_s0")
+    shutil.rmtree(root / "runs/repro/fake/tiny/chain_s0")
+    del_chain = json.loads((out / STORE).read_text())
+    del del_chain["jobs"]["chain_s0"]
+    (out / STORE).write_text(json.dumps(del_chain))
+    again = run_sweep(fake_project, only=["chain_s0"], log=lambda _: None)
+    assert again.done == ["x2_s0", "chain_s0"] and load_store(out)["jobs"]["chain_s0"]["data"] == {"y": 5.0}
+
+    # a dependency not started (budget spent) leaves its dependants not started, not failed
+    del_chain["jobs"].pop("x1_s0")
+    for name in ("x2_s1", "chain_s1"):
+        del_chain["jobs"].pop(name)
+    (out / STORE).write_text(json.dumps(del_chain))
+    shutil.rmtree(root / "runs/repro/fake/tiny/x2_s1")
+    shutil.rmtree(root / "runs/repro/fake/tiny/chain_s1")
+    spent = run_sweep(fake_project, budget_s=0, only=["chain_s1"], log=lambda _: None)
+    assert spent.not_started == ["x2_s1", "chain_s1"] and not spent.failed
+
+
+def test_after_errors_name_the_job(fake_project):
+    root = fake_project.parent.parent
+    write_grid(root, xs=[1], extra=CHAIN)  # chain_s* runs after x2_s*, which this grid no longer has
+    with pytest.raises(ConfigError, match="'chain_s0' runs after 'x2_s0', which is no job of this scale.*x1_s0"):
+        load_grid(fake_project).jobs("tiny")
+    write_grid(root, xs=[1, 2], extra=CHAIN.replace("after: [broken]", "after: [after_broken]"))
+    with pytest.raises(ConfigError, match="cycle: after_broken"):
+        load_grid(fake_project).jobs("tiny")
