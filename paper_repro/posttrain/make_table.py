@@ -5,7 +5,7 @@
 
 :func:`collect` keeps each finished run's scores (exact match per category, overall, and the mean
 response-token cross-entropy of the gold answers, nats/token); :func:`build` shows the mean and
-(population) standard deviation over the seeds that finished, per row.
+sample standard deviation (ddof=1; 0.00 for one seed) over the seeds that finished, per row.
 """
 from __future__ import annotations
 
@@ -48,14 +48,19 @@ def rows(records: dict) -> dict[str, dict[str, list]]:
     return collected
 
 
+def _std(values) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def build(records: dict, scale: str, variables: dict) -> dict[str, str]:
     collected = rows(records)
     lines = ["| model | seeds | " + " | ".join(CATEGORIES) + " | overall | gold-answer loss |",
              "|---" * (len(CATEGORIES) + 4) + "|"]
     for label, row in collected.items():
-        cells = [f"{np.mean(row[f'{c}_em']):.2f} ± {np.std(row[f'{c}_em']):.2f}" for c in CATEGORIES + ("mean",)]
-        cells.append(f"{np.mean(row['mean_loss']):.2f} ± {np.std(row['mean_loss']):.2f}")
+        cells = [f"{np.mean(row[f'{c}_em']):.2f} ± {_std(row[f'{c}_em']):.2f}" for c in CATEGORIES + ("mean",)]
+        cells.append(f"{np.mean(row['mean_loss']):.2f} ± {_std(row['mean_loss']):.2f}")
         lines.append(f"| {label} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample standard deviation (ddof = 1) over the seeds listed; one seed shows ± 0.00."]
     failed = {name: r.get("error", "") for name, r in records.items() if r.get("status") == "failed"}
     if failed:
         lines += ["", "Failed jobs (error in sweep.json):", ""] + [
