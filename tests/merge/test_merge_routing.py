@@ -104,6 +104,11 @@ def test_compatible_experiment_smoke(tmp_path):
                  "args.eval_size=16", "train.batch_size=8"]
     _, results = run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides, workdir=tmp_path / "comp")
     rows = results["methods"]
-    assert rows["CKA layer0"]["cka_step0"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["CKA layer0"]["cka_step0"] == pytest.approx(1.0, abs=1e-4)  # the base with itself, by construction
+    # the endpoints of both interpolations are the experts themselves (alpha weighs the add expert)
+    add, map_ = rows["expert add (late)"]["target_loss"], rows["expert map (late)"]["target_loss"]
+    for kind in ("weight", "activation"):
+        assert rows[f"{kind} interp late (step 4) alpha=1"]["target_loss"] == pytest.approx(add, rel=1e-5)
+        assert rows[f"{kind} interp late (step 4) alpha=0"]["target_loss"] == pytest.approx(map_, rel=1e-5)
     assert np.isfinite(rows["per-layer routing late (step 4)"]["target_loss"])
     assert np.isfinite(rows["per-layer routing early (step 2)"]["target_loss"])
