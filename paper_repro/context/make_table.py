@@ -1,33 +1,21 @@
-"""Builds paper_repro/context/results.md from the run folders of run.sh (only numbers found there).
+"""Context-awareness table builder: ``results.md`` from the sweep store of ``experiments/context.yaml``.
 
-Run folders (``runs/``, not committed) are copied to ``results/<run>/`` (results.json, the arms'
-JSON files and the heatmaps), which is committed and read here.
+    metafit repro context                 # runs the missing jobs, rebuilds results.md
+    metafit repro context --table-only    # rebuilds results.md from sweep.json
+
+:func:`collect` keeps a run's ``methods`` (per arm: NIH recall, QA and context-free scores, speed)
+and ``metrics`` (attention masses, retrieval head; SFT: the flagged fractions and s_M means).
 """
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-from pathlib import Path
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-RUNS = HERE / "results"
+NIH_KEYS = ["nih_recall", "qa_contains", "qa_f1", "free_contains", "nih_tests_per_s"]
+SFT_KEYS = ["nih_recall", "qa_contains", "qa_f1", "free_contains", "free_exact"]
 
 
-def copy_runs() -> None:
-    """Copies the committed part of every finished run folder into ``results/``."""
-    for folder in sorted((HERE / "runs").glob("*")):
-        if not (folder / "results.json").exists():
-            continue
-        target = RUNS / folder.name
-        (target / "arms").mkdir(parents=True, exist_ok=True)
-        for path in [folder / "results.json", *folder.glob("*.png"), *(folder / "arms").glob("*.json")]:
-            shutil.copy(path, target / path.relative_to(folder))
-
-
-def _load(folder: Path) -> dict | None:
-    path = folder / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def collect(run_dir, results: dict) -> dict:
+    return {"methods": results["methods"], "metrics": results["metrics"]}
 
 
 def _row(name: str, scores: dict, keys: list[str]) -> str:
@@ -35,44 +23,55 @@ def _row(name: str, scores: dict, keys: list[str]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-def nih_table(results: dict) -> list[str]:
-    keys = ["nih_recall", "qa_contains", "qa_f1", "free_contains", "nih_tests_per_s"]
-    lines = ["| arm (SmolLM2-135M-Instruct) | NIH recall | QA contains | QA F1 | context-free contains | NIH tests/s |",
+def nih_table(title: str, runs: list[tuple[str, dict]]) -> list[str]:
+    lines = [f"| arm ({title}) | NIH recall | QA contains | QA F1 | context-free contains | NIH tests/s |",
              "|---|---|---|---|---|---|"]
-    lines += [_row(name, scores, keys) for name, scores in results["methods"].items()]
-    metrics = results["metrics"]
-    lines += ["", f"User-token attention mass at the last position (mean over layers and heads): template "
-              f"{metrics['template_user_attention_mean']:.3f}, no template {metrics['no_template_user_attention_mean']:.3f}; "
-              f"retrieval head: layer {metrics['retrieval_layer']}, head {metrics['retrieval_head']}."]
+    for _, data in runs:
+        lines += [_row(name, scores, NIH_KEYS) for name, scores in data["methods"].items()]
+    for job, data in runs:
+        m = data["metrics"]
+        if "template_user_attention_mean" in m and "no_template_user_attention_mean" in m:
+            lines += ["", f"User-token attention mass at the last position (mean over layers and heads, `{job}`): template "
+                      f"{m['template_user_attention_mean']:.3f}, no template {m['no_template_user_attention_mean']:.3f}; "
+                      f"retrieval head: layer {m['retrieval_layer']}, head {m['retrieval_head']}."]
     return lines
 
 
 def sft_table(per_seed: dict[int, dict]) -> list[str]:
-    keys = ["nih_recall", "qa_contains", "qa_f1", "free_contains", "free_exact"]
     lines = ["| seed | arm (small LM) | NIH recall | QA contains | QA F1 | context-free contains | context-free exact |",
              "|---|---|---|---|---|---|---|"]
-    for seed, results in sorted(per_seed.items()):
-        for name, scores in results["methods"].items():
-            lines.append(f"| {seed} " + _row(name, scores, keys))
-        m = results["metrics"]
+    for seed, data in sorted(per_seed.items()):
+        for name, scores in data["methods"].items():
+            lines.append(f"| {seed} " + _row(name, scores, SFT_KEYS))
+        m = data["metrics"]
         lines.append(f"| {seed} | fraction flagged {m['fraction_flagged']:.2f} (QA {m['flagged_qa']:.2f}, "
                      f"free {m['flagged_free']:.2f}); mean s_M QA {m['s_m_qa']:.3f}, free {m['s_m_free']:.3f} |||||||")
+    if len(per_seed) > 1:
+        arms = list(next(iter(per_seed.values()))["methods"])
+        lines += ["", f"Mean ± sample standard deviation (ddof = 1) over seeds {', '.join(map(str, sorted(per_seed)))}:", "",
+                  "| arm (small LM) | " + " | ".join(SFT_KEYS) + " |", "|---" * (len(SFT_KEYS) + 1) + "|"]
+        for arm in arms:
+            cells = []
+            for key in SFT_KEYS:
+                values = np.array([d["methods"][arm][key] for d in per_seed.values()], float)
+                cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
 
-def main() -> int:
-    copy_runs()
-    out = ["# Measured (generated by make_table.py from paper_repro/context/runs)", ""]
-    nih = _load(RUNS / "nih_smollm2")
-    out += nih_table(nih) if nih else ["NIH / steering on SmolLM2: not run"]
+def build(records: dict, scale: str, variables: dict) -> dict[str, str]:
+    done = {name: r for name, r in records.items() if r.get("status") == "done"}
+    out = ["# Measured (generated by make_table.py from paper_repro/context/sweep.json)", ""]
+    nih = [(name, r["data"]) for name, r in done.items() if r["tags"].get("kind") == "nih"]
+    out += nih_table("SmolLM2-135M-Instruct, NIH 128-512 tokens", nih) if nih else ["NIH / steering on SmolLM2: not run"]
     out.append("")
-    seeds = {int(p.name.rsplit("seed", 1)[1]): r for p in sorted(RUNS.glob("sft_small_seed*"))
-             if (r := _load(p)) is not None}
+    long = [(name, r["data"]) for name, r in done.items() if r["tags"].get("kind") == "nih_long"]
+    out += nih_table("SmolLM2-135M-Instruct, NIH 1024 tokens", long) if long else ["NIH at 1024 tokens: not run"]
+    out.append("")
+    seeds = {int(r["tags"]["seed"]): r["data"] for r in done.values() if r["tags"].get("kind") == "sft"}
     out += sft_table(seeds) if seeds else ["SFT vanilla vs indicator: not run"]
-    (HERE / "results.md").write_text("\n".join(out) + "\n")
-    print("\n".join(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    failed = {name: r.get("error", "") for name, r in records.items() if r.get("status") == "failed"}
+    if failed:
+        out += ["", "Failed jobs (error in sweep.json):", ""] + [
+            f"- {name}: failed ({error.splitlines()[0][:200] if error else ''})" for name, error in failed.items()]
+    return {"results.md": "\n".join(out) + "\n"}
