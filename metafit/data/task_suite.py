@@ -1,0 +1,208 @@
+"""A suite of eleven instruction tasks of very different sizes, for multi-task fine-tuning and serving.
+
+Every task has an exact answer (so greedy exact match is its validation metric) and is a pure
+function of ``(seed, index)``; one of them is real data (Rotten Tomatoes review snippets), the
+others are generated (the word tasks draw from the 400 most frequent words of the BBC News articles). Three are high-resource, eight low-resource, and one (``pick_flipped``)
+conflicts with another: it asks the same questions as ``pick`` and expects the other
+answer, so no single model can serve both (negative transfer by construction).
+
+==============  =====  =======================================================================
+task            size   prompt -> answer
+==============  =====  =======================================================================
+sentiment       1600   a review snippet + "Fresh or rotten?" -> ``fresh`` / ``rotten`` (Rotten Tomatoes)
+pick            1200   "Choose one: river or stone." -> ``river`` (the first)
+swap            1000   "Swap the two words: river stone." -> ``stone river``
+first_letter     160   "What is the first letter of the word garden?" -> ``g``
+last_letter      120   "What is the last letter of the word garden?" -> ``n``
+append_s         100   "Add the letter s to the end of the word apple." -> ``apples``
+repeat            80   "Write the word tiger twice, separated by a space." -> ``tiger tiger``
+parity            80   "Is 417 odd or even?" -> ``odd``
+double            60   "Double 34." -> ``68``
+pick_flipped      60   the prompts of ``pick`` -> the *second* word (the conflict)
+compare           40   "Which is larger, 417 or 392?" -> ``417``
+==============  =====  =======================================================================
+
+:func:`task_suite` returns each task's training and held-out examples
+(:class:`~metafit.data.instructions.Instruction`, encoded by
+:func:`~metafit.data.instructions.encode_sft`). Held-out prompts never occur in the task's
+training set.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import re
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from metafit.data.instructions import Instruction
+from metafit.registry import Registry
+
+SUITE_TASKS: Registry[Callable[[np.random.Generator], tuple[str, str]]] = Registry("suite-task")
+
+# Default training-set sizes: 3 high-resource tasks, 8 low-resource ones (a 40x spread).
+DEFAULT_SIZES: Mapping[str, int] = {
+    "sentiment": 1600, "pick": 1200, "swap": 1000,
+    "first_letter": 160, "last_letter": 120, "append_s": 100, "repeat": 80, "parity": 80,
+    "double": 60, "pick_flipped": 60, "compare": 40,
+}
+VOCABULARY_SIZE = 400  # word tasks draw from this many frequent words
+REVIEW_CHARS = 40  # review snippets are cut (at a word boundary) to this many characters: every prompt fits 48 tokens
+_HELD_OUT_OFFSET = 1_000_000  # held-out examples draw indices far from the training ones
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task's training and held-out examples."""
+
+    name: str
+    train: tuple[Instruction, ...]
+    held_out: tuple[Instruction, ...]
+
+
+@functools.lru_cache(maxsize=1)
+def _reviews() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from metafit.data.text import load_text_dataset
+
+    data = load_text_dataset("rotten_tomatoes")
+    texts = tuple(t if len(t) <= REVIEW_CHARS else t[:REVIEW_CHARS].rsplit(" ", 1)[0] for t in data.texts)
+    return texts, tuple(data.class_names[int(y)] for y in data.labels)
+
+
+@SUITE_TASKS.register("sentiment")
+def _sentiment(rng):
+    texts, labels = _reviews()
+    i = int(rng.integers(len(texts)))
+    return f"Review: {texts[i]}\nFresh or rotten?", labels[i]
+
+
+@SUITE_TASKS.register("compare")
+def _compare(rng):
+    a, b = rng.choice(np.arange(100, 1000), size=2, replace=False)
+    return f"Which is larger, {a} or {b}? Reply with the number only.", str(max(a, b))
+
+
+@SUITE_TASKS.register("parity")
+def _parity(rng):
+    n = int(rng.integers(100, 1000))
+    return f"Is {n} odd or even? Reply with one word.", "even" if n % 2 == 0 else "odd"
+
+
+def _pick_question(rng) -> tuple[str, str, str]:
+    first, second = _word(rng), _word(rng)
+    return f"Choose one: {first} or {second}. Reply with the word only.", first, second
+
+
+@SUITE_TASKS.register("pick")
+def _pick(rng):
+    prompt, first, _ = _pick_question(rng)
+    return prompt, first
+
+
+@SUITE_TASKS.register("pick_flipped")
+def _pick_flipped(rng):
+    prompt, _, second = _pick_question(rng)
+    return prompt, second
+
+
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    """The ``VOCABULARY_SIZE`` most frequent lower-case words of 4-8 letters in the BBC News articles.
+
+    Frequent words, because a small model's tokenizer keeps them whole: the tasks test copying and
+    spelling, not reading rare word pieces.
+    """
+    from metafit.data.text import load_text_dataset
+
+    counts = collections.Counter(w for text in load_text_dataset("bbc_news").texts
+                                 for w in re.findall(r"\b[a-z]{4,8}\b", text))
+    return tuple(sorted(counts, key=lambda w: (-counts[w], w))[:VOCABULARY_SIZE])
+
+
+def _word(rng) -> str:
+    vocabulary = _vocabulary()
+    return vocabulary[int(rng.integers(len(vocabulary)))]
+
+
+@SUITE_TASKS.register("last_letter")
+def _last_letter(rng):
+    word = _word(rng)
+    return f"What is the last letter of the word {word}? Reply with the letter only.", word[-1]
+
+
+@SUITE_TASKS.register("first_letter")
+def _first_letter(rng):
+    word = _word(rng)
+    return f"What is the first letter of the word {word}? Reply with the letter only.", word[0]
+
+
+@SUITE_TASKS.register("double")
+def _double(rng):
+    n = int(rng.integers(10, 250))
+    return f"Double {n}. Reply with the number only.", str(2 * n)
+
+
+@SUITE_TASKS.register("repeat")
+def _repeat(rng):
+    word = _word(rng)
+    return f"Write the word {word} twice, separated by a space.", f"{word} {word}"
+
+
+@SUITE_TASKS.register("append_s")
+def _append_s(rng):
+    word = _word(rng)
+    return f"Add the letter s to the end of the word {word}. Reply with the new word only.", word + "s"
+
+
+@SUITE_TASKS.register("swap")
+def _swap(rng):
+    first, second = _word(rng), _word(rng)
+    return f"Swap the two words: {first} {second}. Reply with the words only.", f"{second} {first}"
+
+
+def task_examples(task: str, n: int, *, seed: int, offset: int = 0) -> list[Instruction]:
+    """``n`` examples of ``task``; example ``i`` depends only on ``(seed, task, offset + i)``."""
+    make = SUITE_TASKS.get(task)
+    salt = sum(map(ord, task))  # tasks sharing a question (pick, pick_flipped) still draw different rows
+    return [Instruction(task, *make(np.random.default_rng([seed, salt, i]))) for i in range(offset, offset + n)]
+
+
+def task_suite(sizes: Mapping[str, int] | None = None, *, n_held_out: int, seed: int) -> dict[str, TaskData]:
+    """Training and held-out examples of each task (``sizes``: task -> training examples).
+
+    Held-out examples whose prompt is in the task's training set are skipped, so the metric
+    measures answers to unseen prompts; ``n_held_out`` is the same for every task so one
+    compiled evaluation serves them all.
+
+    Raises:
+      ValueError: an unknown task, a size below 1, or a task that cannot produce ``n_held_out``
+        unseen prompts (its prompt space is too small for the training size).
+    """
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    for task, n in sizes.items():
+        SUITE_TASKS.get(task)  # unknown names raise with the valid ones
+        if n < 1:
+            raise ValueError(f"task '{task}' needs at least 1 training example, got {n}")
+    return {task: _task_data(task, n, n_held_out, seed) for task, n in sizes.items()}
+
+
+def _task_data(task: str, n: int, n_held_out: int, seed: int) -> TaskData:
+    train = task_examples(task, n, seed=seed)
+    seen = {ex.prompt for ex in train}
+    held_out: list[Instruction] = []
+    candidates = task_examples(task, 20 * n_held_out, seed=seed, offset=_HELD_OUT_OFFSET)
+    for ex in candidates:
+        if ex.prompt not in seen:
+            held_out.append(ex)
+            seen.add(ex.prompt)
+        if len(held_out) == n_held_out:
+            return TaskData(task, tuple(train), tuple(held_out))
+    raise ValueError(f"task '{task}' has only {len(held_out)} unseen prompts beside {n} training examples, "
+                     f"fewer than n_held_out={n_held_out}; lower its size or n_held_out")
+
+
+def suite_task_names() -> Sequence[str]:
+    """The registered task names, in registration order."""
+    return SUITE_TASKS.names()
