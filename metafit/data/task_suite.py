@@ -2,7 +2,7 @@
 
 Every task has an exact answer (so greedy exact match is its validation metric) and is a pure
 function of ``(seed, index)``; one of them is real data (Rotten Tomatoes review snippets), the
-others are generated (the word tasks draw from the 400 most frequent words of the BBC News articles). Three are high-resource, eight low-resource, and one (``pick_flipped``)
+others are generated (the word tasks ask about pairs of the 30 words of\n:mod:`metafit.data.instructions`, which metafit's small LM was pretrained on; pairs, so that\nthere are enough unseen prompts). Three are high-resource, eight low-resource, and one (``pick_flipped``)
 conflicts with another: it asks the same questions as ``pick`` and expects the other
 answer, so no single model can serve both (negative transfer by construction).
 
@@ -10,12 +10,12 @@ answer, so no single model can serve both (negative transfer by construction).
 task            size   prompt -> answer
 ==============  =====  =======================================================================
 sentiment       1600   a review snippet + "Fresh or rotten?" -> ``fresh`` / ``rotten`` (Rotten Tomatoes)
-pick            1200   "Choose one: river or stone." -> ``river`` (the first)
-swap            1000   "Swap the two words: river stone." -> ``stone river``
-first_letter     160   "What is the first letter of the word garden?" -> ``g``
-last_letter      120   "What is the last letter of the word garden?" -> ``n``
-append_s         100   "Add the letter s to the end of the word apple." -> ``apples``
-repeat            80   "Write the word tiger twice, separated by a space." -> ``tiger tiger``
+pick            1200   "Choose one: 'river' or 'stone'." -> ``river`` (the first)
+swap            1000   "Swap the words 'river' and 'stone'." -> ``stone river``
+first_letters    160   "What are the first letters of 'river' and 'stone'?" -> ``r s``
+last_letters     120   "What are the last letters of 'river' and 'stone'?" -> ``r e``
+append_s         100   "Add the letter s to the end of 'river' and 'stone'." -> ``rivers stones``
+repeat            80   "Write 'river stone' twice." -> ``river stone river stone``
 parity            80   "Is 417 odd or even?" -> ``odd``
 double            60   "Double 34." -> ``68``
 pick_flipped      60   the prompts of ``pick`` -> the *second* word (the conflict)
@@ -29,15 +29,13 @@ training set.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import re
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from metafit.data.instructions import Instruction
+from metafit.data.instructions import _WORDS, Instruction
 from metafit.registry import Registry
 
 SUITE_TASKS: Registry[Callable[[np.random.Generator], tuple[str, str]]] = Registry("suite-task")
@@ -45,10 +43,9 @@ SUITE_TASKS: Registry[Callable[[np.random.Generator], tuple[str, str]]] = Regist
 # Default training-set sizes: 3 high-resource tasks, 8 low-resource ones (a 40x spread).
 DEFAULT_SIZES: Mapping[str, int] = {
     "sentiment": 1600, "pick": 1200, "swap": 1000,
-    "first_letter": 160, "last_letter": 120, "append_s": 100, "repeat": 80, "parity": 80,
+    "first_letters": 160, "last_letters": 120, "append_s": 100, "repeat": 80, "parity": 80,
     "double": 60, "pick_flipped": 60, "compare": 40,
 }
-VOCABULARY_SIZE = 400  # word tasks draw from this many frequent words
 REVIEW_CHARS = 40  # review snippets are cut (at a word boundary) to this many characters: every prompt fits 48 tokens
 _HELD_OUT_OFFSET = 1_000_000  # held-out examples draw indices far from the training ones
 
@@ -91,8 +88,8 @@ def _parity(rng):
 
 
 def _pick_question(rng) -> tuple[str, str, str]:
-    first, second = _word(rng), _word(rng)
-    return f"Choose one: {first} or {second}. Reply with the word only.", first, second
+    first, second = _pair(rng)
+    return f"Choose one: '{first}' or '{second}'. Reply with the word only.", first, second
 
 
 @SUITE_TASKS.register("pick")
@@ -107,59 +104,46 @@ def _pick_flipped(rng):
     return prompt, second
 
 
-@functools.lru_cache(maxsize=1)
-def _vocabulary() -> tuple[str, ...]:
-    """The ``VOCABULARY_SIZE`` most frequent lower-case words of 4-8 letters in the BBC News articles.
-
-    Frequent words, because a small model's tokenizer keeps them whole: the tasks test copying and
-    spelling, not reading rare word pieces.
-    """
-    from metafit.data.text import load_text_dataset
-
-    counts = collections.Counter(w for text in load_text_dataset("bbc_news").texts
-                                 for w in re.findall(r"\b[a-z]{4,8}\b", text))
-    return tuple(sorted(counts, key=lambda w: (-counts[w], w))[:VOCABULARY_SIZE])
+def _pair(rng) -> tuple[str, str]:
+    """Two different words of the instruction vocabulary (the words metafit's small LM was pretrained on)."""
+    first, second = rng.choice(len(_WORDS), size=2, replace=False)
+    return _WORDS[first], _WORDS[second]
 
 
-def _word(rng) -> str:
-    vocabulary = _vocabulary()
-    return vocabulary[int(rng.integers(len(vocabulary)))]
+@SUITE_TASKS.register("swap")
+def _swap(rng):
+    first, second = _pair(rng)
+    return f"Swap the words '{first}' and '{second}'. Reply with the words only.", f"{second} {first}"
 
 
-@SUITE_TASKS.register("last_letter")
-def _last_letter(rng):
-    word = _word(rng)
-    return f"What is the last letter of the word {word}? Reply with the letter only.", word[-1]
+@SUITE_TASKS.register("first_letters")
+def _first_letters(rng):
+    first, second = _pair(rng)
+    return f"What are the first letters of '{first}' and '{second}'? Reply with the letters only.", f"{first[0]} {second[0]}"
 
 
-@SUITE_TASKS.register("first_letter")
-def _first_letter(rng):
-    word = _word(rng)
-    return f"What is the first letter of the word {word}? Reply with the letter only.", word[0]
+@SUITE_TASKS.register("last_letters")
+def _last_letters(rng):
+    first, second = _pair(rng)
+    return f"What are the last letters of '{first}' and '{second}'? Reply with the letters only.", f"{first[-1]} {second[-1]}"
+
+
+@SUITE_TASKS.register("append_s")
+def _append_s(rng):
+    first, second = _pair(rng)
+    return f"Add the letter s to the end of '{first}' and '{second}'. Reply with the words only.", f"{first}s {second}s"
+
+
+@SUITE_TASKS.register("repeat")
+def _repeat(rng):
+    first, second = _pair(rng)
+    return f"Write '{first} {second}' twice. Reply with the words only.", f"{first} {second} {first} {second}"
 
 
 @SUITE_TASKS.register("double")
 def _double(rng):
     n = int(rng.integers(10, 250))
     return f"Double {n}. Reply with the number only.", str(2 * n)
-
-
-@SUITE_TASKS.register("repeat")
-def _repeat(rng):
-    word = _word(rng)
-    return f"Write the word {word} twice, separated by a space.", f"{word} {word}"
-
-
-@SUITE_TASKS.register("append_s")
-def _append_s(rng):
-    word = _word(rng)
-    return f"Add the letter s to the end of the word {word}. Reply with the new word only.", word + "s"
-
-
-@SUITE_TASKS.register("swap")
-def _swap(rng):
-    first, second = _word(rng), _word(rng)
-    return f"Swap the two words: {first} {second}. Reply with the words only.", f"{second} {first}"
 
 
 def task_examples(task: str, n: int, *, seed: int, offset: int = 0) -> list[Instruction]:

@@ -53,22 +53,22 @@ class MultitaskArgs:
       single_runs: the single-task run folders stage 1 compares with (``{task}`` is replaced).
     """
 
-    arm: str = "three_stage"
+    arm: str = "naive"
     task: str = ""
     model: str = "metafit-small-lm"
     lora: peft.LoraConfig = field(default_factory=lambda: peft.LoraConfig(
         rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")))
     sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
-    n_held_out: int = 40
+    n_held_out: int = 32
     bucket: int = 48
     max_new_tokens: int = 8
     high_resource: int = 3
     temperature: float = 3.0
     delta: float = 0.1
     cos_threshold: float = 0.0
-    probe_steps: int = 100
-    stage2_steps: int = 150
-    stage3_steps: int = 150
+    probe_steps: int = 80
+    stage2_steps: int = 120
+    stage3_steps: int = 280
     cosine_rows: int = 32
     single_runs: str = "runs/mt_server/single/{task}"
 
