@@ -145,6 +145,7 @@ def tiny_setup(tmp_path_factory):
     return root, config
 
 
+@pytest.mark.slow  # three real runs (2 single-task + three-stage) on a tiny Llama: compile-bound
 def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_setup):
     from conftest import run_cli
 
