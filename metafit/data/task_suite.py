@@ -110,34 +110,27 @@ def _pair(rng) -> tuple[str, str]:
     return _WORDS[first], _WORDS[second]
 
 
-@SUITE_TASKS.register("swap")
-def _swap(rng):
-    first, second = _pair(rng)
-    return f"Swap the words '{first}' and '{second}'. Reply with the words only.", f"{second} {first}"
+def _register_pair_task(name: str, question: str, answer: Callable[[str, str], str]) -> None:
+    """Registers a task asking ``question`` (with ``{a}``, ``{b}``) about a word pair, answered by ``answer(a, b)``."""
+
+    def make(rng):
+        a, b = _pair(rng)
+        return question.format(a=a, b=b), answer(a, b)
+
+    SUITE_TASKS.register(name)(make)
 
 
-@SUITE_TASKS.register("first_letters")
-def _first_letters(rng):
-    first, second = _pair(rng)
-    return f"What are the first letters of '{first}' and '{second}'? Reply with the letters only.", f"{first[0]} {second[0]}"
-
-
-@SUITE_TASKS.register("last_letters")
-def _last_letters(rng):
-    first, second = _pair(rng)
-    return f"What are the last letters of '{first}' and '{second}'? Reply with the letters only.", f"{first[-1]} {second[-1]}"
-
-
-@SUITE_TASKS.register("append_s")
-def _append_s(rng):
-    first, second = _pair(rng)
-    return f"Add the letter s to the end of '{first}' and '{second}'. Reply with the words only.", f"{first}s {second}s"
-
-
-@SUITE_TASKS.register("repeat")
-def _repeat(rng):
-    first, second = _pair(rng)
-    return f"Write '{first} {second}' twice. Reply with the words only.", f"{first} {second} {first} {second}"
+for _name, _question, _answer in (
+    ("swap", "Swap the words '{a}' and '{b}'. Reply with the words only.", lambda a, b: f"{b} {a}"),
+    ("first_letters", "What are the first letters of '{a}' and '{b}'? Reply with the letters only.",
+     lambda a, b: f"{a[0]} {b[0]}"),
+    ("last_letters", "What are the last letters of '{a}' and '{b}'? Reply with the letters only.",
+     lambda a, b: f"{a[-1]} {b[-1]}"),
+    ("append_s", "Add the letter s to the end of '{a}' and '{b}'. Reply with the words only.",
+     lambda a, b: f"{a}s {b}s"),
+    ("repeat", "Write '{a} {b}' twice. Reply with the words only.", lambda a, b: f"{a} {b} {a} {b}"),
+):
+    _register_pair_task(_name, _question, _answer)
 
 
 @SUITE_TASKS.register("double")
