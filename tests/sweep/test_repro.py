@@ -10,7 +10,8 @@ import pytest
 from metafit import cli
 
 REPO = Path(__file__).resolve().parents[2]
-PAPERS = [("amfs", "cpu"), ("clear", "gpu"), ("clear", "cpu"), ("prompt", "cpu"), ("atm", "cpu"), ("compatible", "cpu")]
+PAPERS = [("amfs", "cpu"), ("clear", "gpu"), ("clear", "cpu"), ("prompt", "cpu"), ("atm", "cpu"), ("compatible", "cpu"),
+          ("mt_server", "cpu")]
 
 
 def _hashes() -> dict[str, str]:
