@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "only if their contents do; a table is never rebuilt from fewer results than are committed.",
         epilog="Run from the repository root (where experiments/ and paper_repro/ are). Grids: experiments/*.yaml.",
     )
-    repro.add_argument("paper", help="amfs, clear, prompt, atm, compatible (or a grid YAML path)")
+    repro.add_argument("paper", help="a grid in experiments/ (amfs, clear, prompt, atm, compatible, posttrain, context, delift, mt_server) or a grid YAML path")
     repro.add_argument("--scale", default=None, help="a scale of the grid, e.g. cpu or gpu (default: the grid's)")
     repro.add_argument("--jobs", type=int, default=1, help="jobs at once (more than 1: one subprocess per job)")
     repro.add_argument("--table-only", action="store_true", help="run nothing; rebuild the tables from the results")

@@ -79,6 +79,7 @@ EXPERIMENT_MODULES: dict[str, str] = {
     "context_nih": "context",
     "context_sft": "context",
     "delift": "select",
+    "multitask": "multitask",
 }
 
 

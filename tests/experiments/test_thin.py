@@ -17,6 +17,7 @@ ALLOWED = {
     "context.py": {"functions": {"context_nih", "context_sft", "validate_nih", "validate_sft"},
                    "classes": {"NIHArgs", "SFTArgs"}},
     "select.py": {"functions": {"delift"}, "classes": {"DeliftArgs"}},
+    "multitask.py": {"functions": {"multitask"}, "classes": {"MultitaskArgs"}},
 }
 
 

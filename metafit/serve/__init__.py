@@ -1,0 +1,1 @@
+"""Multi-task serving: staged multi-task LoRA fine-tuning (:mod:`metafit.serve.multitask`)."""
