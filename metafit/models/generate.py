@@ -110,9 +110,13 @@ def _step_logits(model, context, tokens, cache, slot, use_cache):
     return model.logits(hidden), None
 
 
-def start_decoding(model, ids, mask, key, temperature, top_p, stops, pad_id, steer_mask=None, log_alpha=None, *,
-                   max_new_tokens, top_k, sample, use_top_p, use_cache) -> DecodeState:
-    """Prefills the cache with the prompt and chooses the first new token (step 1 of the loop)."""
+def start_decoding(model, ids, mask, choose, stops, pad_id, steer_mask=None, log_alpha=None, *,
+                   max_new_tokens, use_cache=True) -> DecodeState:
+    """Prefills the cache with the prompt and chooses the first new token (step 1 of the loop).
+
+    ``choose(logits [b, vocab], step) -> [b]`` picks the tokens (:func:`token_chooser` for
+    :func:`generate`'s settings; :mod:`metafit.serve` passes one with per-row settings).
+    """
     b, prompt_len = ids.shape
     context = _context(mask, steer_mask, log_alpha, max_new_tokens)
     tokens = jnp.concatenate([ids, jnp.full((b, max_new_tokens), pad_id, ids.dtype)], axis=1)
@@ -125,51 +129,64 @@ def start_decoding(model, ids, mask, key, temperature, top_p, stops, pad_id, ste
         logits, cache = model.logits(prefill.hidden_states[:, -1]), prefill.cache
     else:
         logits, cache = _step_logits(model, context, tokens, None, prompt_len - 1, use_cache)
-    first = _choose(logits, jax.random.fold_in(key, 0), temperature, top_p, sample=sample, top_k=top_k,
-                    use_top_p=use_top_p)
+    first = choose(logits, 0)
     tokens = tokens.at[:, prompt_len].set(first)
     return DecodeState(jnp.int32(1), tokens, cache, jnp.isin(first, stops))
 
 
-def decode_step(model, state: DecodeState, mask, key, temperature, top_p, stops, pad_id, steer_mask=None,
-                log_alpha=None, *, max_new_tokens, top_k, sample, use_top_p, use_cache) -> DecodeState:
+def decode_step(model, state: DecodeState, mask, choose, stops, pad_id, steer_mask=None, log_alpha=None, *,
+                max_new_tokens, use_cache=True) -> DecodeState:
     """Chooses token ``i + 1`` of every sequence (``pad_id`` for those already stopped)."""
     i, tokens, cache, done = state
     context = _context(mask, steer_mask, log_alpha, max_new_tokens)
     slot = mask.shape[1] + i - 1
     logits, cache = _step_logits(model, context, tokens, cache, slot, use_cache)
-    token = _choose(logits, jax.random.fold_in(key, i), temperature, top_p, sample=sample, top_k=top_k,
-                    use_top_p=use_top_p)
-    token = jnp.where(done, pad_id, token)
+    token = jnp.where(done, pad_id, choose(logits, i))
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], slot + 1, axis=1)
     return DecodeState(i + 1, tokens, cache, done | jnp.isin(token, stops))
 
 
+def token_chooser(key, temperature, top_p, *, sample: bool, top_k, use_top_p: bool):
+    """:func:`generate`'s token choice: step ``i`` uses ``fold_in(key, i)`` (see the module docstring)."""
+    return lambda logits, step: _choose(logits, jax.random.fold_in(key, step), temperature, top_p, sample=sample,
+                                        top_k=top_k, use_top_p=use_top_p)
+
+
 _STATIC = ("graphdef", "max_new_tokens", "top_k", "sample", "use_top_p", "use_cache")
+
+
+def _split_args(mask, key, temperature, top_p, stops, pad_id, steer_mask, log_alpha, *, max_new_tokens, top_k,
+                sample, use_top_p, use_cache):
+    """:func:`generate`'s jitted arguments as ``(decoding args, decoding keywords)`` of :func:`start_decoding`."""
+    choose = token_chooser(key, temperature, top_p, sample=sample, top_k=top_k, use_top_p=use_top_p)
+    return (mask, choose, stops, pad_id, steer_mask, log_alpha), dict(max_new_tokens=max_new_tokens,
+                                                                      use_cache=use_cache)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, steer_mask=None,
               log_alpha=None, **static):
     model = nnx.merge(graphdef, state)
-    args = (mask, key, temperature, top_p, stops, pad_id, steer_mask, log_alpha)
-    carry = start_decoding(model, ids, *args, **static)
+    args, kwargs = _split_args(mask, key, temperature, top_p, stops, pad_id, steer_mask, log_alpha, **static)
+    carry = start_decoding(model, ids, *args, **kwargs)
 
     def cond(carry):
         return (carry.i < static["max_new_tokens"]) & ~jnp.all(carry.done)
 
-    carry = jax.lax.while_loop(cond, lambda carry: decode_step(model, carry, *args, **static), carry)
+    carry = jax.lax.while_loop(cond, lambda carry: decode_step(model, carry, *args, **kwargs), carry)
     return carry.tokens
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _start_jit(graphdef, state, ids, *args, **static):
-    return start_decoding(nnx.merge(graphdef, state), ids, *args, **static)
+def _start_jit(graphdef, state, ids, *arrays, **static):
+    args, kwargs = _split_args(*arrays, **static)
+    return start_decoding(nnx.merge(graphdef, state), ids, *args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
-def _step_jit(graphdef, state, carry, *args, **static):
-    return decode_step(nnx.merge(graphdef, state), carry, *args, **static)
+def _step_jit(graphdef, state, carry, *arrays, **static):
+    args, kwargs = _split_args(*arrays, **static)
+    return decode_step(nnx.merge(graphdef, state), carry, *args, **kwargs)
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -216,6 +233,8 @@ def steering_inputs(steer, shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
 def _settings(model, ids, *, max_new_tokens=None, attention_mask=None, temperature=None, top_k=None, top_p=None,
               stop_tokens=None, pad_token_id=None, key=None, use_cache=True, steer=None):
     """Checks the arguments, fills omitted ones from ``model.config.generation``; returns the jitted call's inputs."""
+    if steer is not None:
+        require_attention_hook(model)
     config = model.config
     defaults = getattr(config, "generation", None) or GenerationDefaults()
     if max_new_tokens is None:
@@ -243,8 +262,6 @@ def _settings(model, ids, *, max_new_tokens=None, attention_mask=None, temperatu
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
     user_mask, log_alpha = (None, None) if steer is None else steering_inputs(steer, ids.shape)
-    if steer is not None:
-        require_attention_hook(model)
     if not mask[:, -1].all():
         ids, mask, *rest = left_align(ids, mask, *(() if user_mask is None else (user_mask,)))
         user_mask = rest[0] if rest else None
