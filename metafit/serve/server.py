@@ -34,6 +34,16 @@ def missing_serve_extra() -> str | None:
     return None
 
 
+def context_length(config) -> int:
+    """The model's context (positions it was trained for): Llama family ``rope``, GPT-2 ``n_positions``."""
+    rope = getattr(config, "rope", None)
+    for value in (getattr(rope, "max_position_embeddings", None), getattr(config, "n_positions", None),
+                  getattr(config, "max_position_embeddings", None)):
+        if value:
+            return int(value)
+    raise ValueError(f"cannot tell the context length of a {type(config).__name__}")
+
+
 def build_state(config: ServeConfig, *, warn: Callable[[str], None] = log.warning):
     """The :class:`~metafit.serve.app.ServerState` of ``config``: model, slots, adapters, engine (not started).
 
@@ -51,7 +61,7 @@ def build_state(config: ServeConfig, *, warn: Callable[[str], None] = log.warnin
     model, tokenizer = mm.load(config.model, dtype=jnp.dtype(config.dtype))
     if tokenizer is None:
         raise ConfigError(f"model: {config.model} has no tokenizer files; the server needs one to read prompts")
-    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    context = context_length(model.config)
     longest = config.prompt_buckets[-1] + config.new_token_buckets[-1]
     if longest > context:
         raise ConfigError(f"prompt_buckets[-1] + new_token_buckets[-1] = {longest} is over the model's context of "
