@@ -191,7 +191,7 @@ class AdapterBank:
 
     Args:
       model: the served base model (its ``targets`` projections are wrapped).
-      classes: ``{rank class: slot count}`` (each a power of two >= 8).
+      classes: ``{rank class: slot count}`` (each a power of two >= 8); empty = no slots (the base model).
       targets: module path patterns to adapt (as :class:`metafit.peft.LoraConfig` ``targets``).
       batch_size: rows per forward (the route's width).
 
@@ -210,12 +210,16 @@ class AdapterBank:
         self.classes = {int(r): int(n) for r, n in sorted(classes.items())}
         self.batch_size = int(batch_size)
         self.route = AdapterRoute(self._zero_route())
+        self.modules: dict[str, BatchedLoRALinear] = {}
+        self.loaded: dict[str, SlotInfo] = {}
+        self.targets: tuple[str, ...] = ()
+        if not self.classes:  # no slots: the plain base model (a baseline for benchmarks)
+            return
         selected = [(p, m) for p, m in select_modules(model, tuple(targets), ("Linear",))
                     if not path_str(p).endswith("lm_head")]
         self.targets = tuple(wrap_selected(model, selected,
                                            lambda _, layer: BatchedLoRALinear(layer, self.classes, self.route)))
         self.modules = {path_str(p): m for p, m in iter_modules(model) if isinstance(m, BatchedLoRALinear)}
-        self.loaded: dict[str, SlotInfo] = {}
 
     def _zero_route(self) -> np.ndarray:
         return np.asarray([[n] * self.batch_size for n in self.classes.values()], np.int32).reshape(
