@@ -173,3 +173,24 @@ def test_concurrent_mixed_requests_are_batched_and_each_matches_alone(served):
     for i, (model, prompt) in enumerate(jobs):
         want = _expected(served, "a" if ":" in model else None, tokenizer(prompt)["input_ids"])
         assert results[i].choices[0].text == want
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(served):  # last: it stops the module's server
+    server, engine = served["server"], served["state"].engine
+    body = {"model": "tiny", "prompt": "bye", "max_tokens": NEW, "temperature": 0}
+    result = {}
+    with engine._lock:  # the request is taken by the worker and held there while shutdown starts
+        thread = threading.Thread(target=lambda: result.update(response=_post(served, "/v1/completions", body)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not engine.busy_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.server.should_exit = True
+        time.sleep(0.5)
+    thread.join(60)
+    assert result["response"].status_code == 200
+    assert result["response"].json()["choices"][0]["text"] == _expected(served, None, served["tokenizer"]("bye")["input_ids"])
+    server.thread.join(60)
+    assert not server.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=5)
