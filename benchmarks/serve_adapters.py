@@ -37,10 +37,10 @@ RANKS = (8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32)  # 11 adapters, three rank clas
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_adapters(model_name: str, folder: Path) -> list[Path]:
+def make_adapters(model_name: str, folder: Path, ranks=RANKS) -> list[Path]:
     paths = []
-    for i, rank in enumerate(RANKS):
-        path = folder / f"task{i}"
+    for i, rank in enumerate(ranks):
+        path = folder / f"task{i}-r{rank}"
         if not (path / "adapter_config.json").is_file():
             model, _ = mm.load(model_name, tokenizer=False)
             peft.apply(model, peft.LoraConfig(rank=rank, alpha=rank, targets=TARGETS, init="random"),
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results/serve_adapters.json")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="one rank per adapter")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "metafit-serve-adapters"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -90,11 +91,13 @@ def main() -> None:
     vocab = len(tokenizer)
     prompts = [rng.integers(10, vocab, rng.integers(args.prompt_len // 2, args.prompt_len + 1)).tolist()
                for _ in range(args.requests)]
-    names = [f"task{int(i)}" for i in rng.integers(0, len(RANKS), args.requests)]
+    ranks = tuple(args.ranks)
     base_model, _ = mm.load(args.model, tokenizer=False)
-    adapters = [read_lora_adapter(base_model, p, p.name) for p in make_adapters(args.model, Path(args.work))]
+    paths = make_adapters(args.model, Path(args.work), ranks)
+    names = [paths[int(i)].name for i in rng.integers(0, len(ranks), args.requests)]
+    adapters = [read_lora_adapter(base_model, p, p.name) for p in paths]
 
-    mixed = engine(args.model, default_classes(RANKS, 0), args.batch, args, adapters)
+    mixed = engine(args.model, default_classes(ranks, 0), args.batch, args, adapters)
     waiting = requests(prompts, names, args.max_tokens)
     mixed_s, mixed_tokens = timed((mixed, waiting[i:i + args.batch]) for i in range(0, len(waiting), args.batch))
     del mixed
@@ -118,7 +121,7 @@ def main() -> None:
     single_s, single_tokens = timed(one_at_a_time())
     result = {
         "model": args.model, "requests": args.requests, "batch": args.batch, "max_tokens": args.max_tokens,
-        "adapters": len(RANKS), "ranks": list(RANKS), "load_average": os.getloadavg()[0],
+        "adapters": len(ranks), "ranks": list(ranks), "load_average": os.getloadavg()[0],
         "mixed_tokens_per_s": mixed_tokens / mixed_s, "one_adapter_at_a_time_tokens_per_s": single_tokens / single_s,
         "base_alone_tokens_per_s": base_tokens / base_s,
         "tokens": {"mixed": mixed_tokens, "one_at_a_time": single_tokens, "base": base_tokens},
