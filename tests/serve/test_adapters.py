@@ -20,7 +20,7 @@ SPECS = {  # rank 4 -> class 8, rank 9 (rsLoRA) -> class 16 padded, rank 16 -> c
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    folder = tiny_folder(root / "base")
+    folder = tiny_folder(root / "base", num_hidden_layers=1)
     references = {}
     for seed, (name, spec) in enumerate(SPECS.items()):
         model, _ = mm.load(folder, tokenizer=False)
