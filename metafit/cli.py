@@ -7,6 +7,7 @@ Commands:
   metafit show RUN_DIR              the results table of a finished run
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
   metafit repro PAPER [--scale S] [--jobs N] [--table-only]   run a paper's grid, rebuild its table
+  metafit serve CONFIG [--host H] [--port N] [--api-key K]    an OpenAI-compatible server (base + adapters)
   metafit --version
 
 Also ``python -m metafit``. This module imports only the standard library, PyYAML and
@@ -142,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split weights into safetensors shards of at most this size (default 5GB)")
     export.add_argument("--dtype", default=None, help="cast the weights on disk, e.g. bfloat16")
     export.set_defaults(func=_export)
+    serve = commands.add_parser(
+        "serve", help="serve a base model and its LoRA adapters over an OpenAI-compatible HTTP API",
+        description="Serve the model and adapters of a serve config (e.g. configs/serve/smollm2_tasks.yaml) on "
+                    "/v1/completions, /v1/chat/completions and /v1/models; requests for different adapters share "
+                    "one batched forward. Ctrl-C finishes the requests in flight, then exits.")
+    serve.add_argument("config", type=Path)
+    serve.add_argument("--host", default=None, help="address to listen on (default from the config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default from the config: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("METAFIT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $METAFIT_API_KEY; none = open)")
+    serve.set_defaults(func=_serve)
     return parser
 
 
@@ -257,6 +269,21 @@ def _export(args: argparse.Namespace) -> int:
                          max_shard_size=args.max_shard_size, dtype=args.dtype)
     how = "merged into its base" if summary["merged"] else "as is"
     print(f"{summary['source']} ({summary['kind']}, {how}) -> {summary['out']}: {', '.join(summary['weight_files'])}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from metafit.serve.config import load_serve_config
+    from metafit.serve.server import missing_serve_extra, serve
+
+    config = load_serve_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
+    missing = missing_serve_extra()
+    if missing:
+        return _fail(missing, 2)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve(config)
     return 0
 
 

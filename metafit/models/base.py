@@ -22,6 +22,28 @@ MODELS: Registry["Family"] = Registry("model")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationDefaults:
+    """A model's default generation settings (an HF folder's ``generation_config.json``).
+
+    :func:`metafit.models.generate` uses them for every argument left ``None``, as transformers'
+    ``generate`` does. The defaults here (no file) are greedy decoding with the config's eos ids.
+
+    Attributes:
+      eos_token_ids: ids that end a sequence; None = the model config's ``eos_token_ids``.
+      do_sample: sample (at ``temperature``, ``top_k``, ``top_p``) instead of greedy decoding.
+      temperature, top_k, top_p: sampling settings (``top_k``/``top_p`` None = off).
+      max_new_tokens: default number of tokens to generate (None = the caller must say).
+    """
+
+    eos_token_ids: Optional[tuple[int, ...]] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    max_new_tokens: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CommonConfig:
     """Fields every family config has. Frozen and hashable: it lives in the NNX graphdef.
 
@@ -30,6 +52,7 @@ class CommonConfig:
       bos_token_id, pad_token_id: special token ids from the HF config (or None).
       eos_token_ids: all end-of-sequence ids (HF allows an int or a list).
       id2label: class names of a sequence-classification head, in label order.
+      generation: default generation settings (from ``generation_config.json`` when loaded from a folder).
     """
 
     dtype: str = "float32"
@@ -37,6 +60,7 @@ class CommonConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
     id2label: tuple[str, ...] = ()
+    generation: GenerationDefaults = GenerationDefaults()
 
     @property
     def jnp_dtype(self):

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .base import GenerationDefaults
 from .layers import positions_from_mask
 
 Array = jax.Array
@@ -67,64 +68,125 @@ def _choose(logits, key, temperature, top_p, *, sample: bool, top_k, use_top_p: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "sample", "use_top_p", "use_cache")
-)
-def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, steer_mask=None,
-              log_alpha=None, *, max_new_tokens, top_k, sample, use_top_p, use_cache):
-    model = nnx.merge(graphdef, state)
-    b, prompt_len = ids.shape
-    total = prompt_len + max_new_tokens
+class DecodeState(NamedTuple):
+    """The loop carry: step ``i`` (tokens generated so far), the token buffer, the cache, who has stopped."""
+
+    i: Array
+    tokens: Array
+    cache: Any
+    done: Array
+
+
+class _Context(NamedTuple):
+    full_mask: Array
+    positions: Array
+    bias: Array | None
+
+
+def _context(mask, steer_mask, log_alpha, max_new_tokens) -> _Context:
+    """Mask, positions and steering bias over the ``P + max_new_tokens`` slots (pure function of the prompt)."""
+    b = mask.shape[0]
     full_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)
     bias = None
     if steer_mask is not None:  # [b, 1, 1, T]: broadcast over heads and query rows, one for every layer
         user = jnp.concatenate([steer_mask != 0, jnp.zeros((b, max_new_tokens), bool)], axis=1)
         bias = jnp.where(user, 0.0, log_alpha)[:, None, None, :].astype(jnp.float32)
-    positions = positions_from_mask(full_mask)
+    return _Context(full_mask, positions_from_mask(full_mask), bias)
+
+
+def _step_logits(model, context, tokens, cache, slot, use_cache):
+    """Logits predicting slot ``slot + 1`` (only token ``slot`` is fed when caching)."""
+    if use_cache:
+        fed = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
+        out = model.forward(
+            fed, context.full_mask, position_ids=jax.lax.dynamic_slice_in_dim(context.positions, slot, 1, axis=1),
+            cache=cache, cache_index=slot, attention_bias=context.bias, compute_logits=False,
+        )
+        return model.logits(out.hidden_states[:, 0]), out.cache
+    # Reference path: recompute the whole fixed-size buffer; causality hides later slots.
+    out = model.forward(tokens, context.full_mask, position_ids=context.positions, attention_bias=context.bias,
+                        compute_logits=False)
+    hidden = jax.lax.dynamic_index_in_dim(out.hidden_states, slot, axis=1, keepdims=False)
+    return model.logits(hidden), None
+
+
+def start_decoding(model, ids, mask, choose, stops, pad_id, steer_mask=None, log_alpha=None, *,
+                   max_new_tokens, use_cache=True) -> DecodeState:
+    """Prefills the cache with the prompt and chooses the first new token (step 1 of the loop).
+
+    ``choose(logits [b, vocab], step) -> [b]`` picks the tokens (:func:`token_chooser` for
+    :func:`generate`'s settings; :mod:`metafit.serve` passes one with per-row settings).
+    """
+    b, prompt_len = ids.shape
+    context = _context(mask, steer_mask, log_alpha, max_new_tokens)
     tokens = jnp.concatenate([ids, jnp.full((b, max_new_tokens), pad_id, ids.dtype)], axis=1)
-    choose = functools.partial(_choose, sample=sample, top_k=top_k, use_top_p=use_top_p)
-
-    def step_logits(tokens, cache, slot):
-        """Logits predicting slot ``slot + 1`` (only token ``slot`` is fed when caching)."""
-        if use_cache:
-            fed = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
-            out = model.forward(
-                fed, full_mask, position_ids=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
-                cache=cache, cache_index=slot, attention_bias=bias, compute_logits=False,
-            )
-            return model.logits(out.hidden_states[:, 0]), out.cache
-        # Reference path: recompute the whole fixed-size buffer; causality hides later slots.
-        out = model.forward(tokens, full_mask, position_ids=positions, attention_bias=bias, compute_logits=False)
-        hidden = jax.lax.dynamic_index_in_dim(out.hidden_states, slot, axis=1, keepdims=False)
-        return model.logits(hidden), None
-
     if use_cache:
         prefill = model.forward(
-            ids, full_mask, position_ids=positions[:, :prompt_len],
-            cache=model.init_cache(b, total), cache_index=0, attention_bias=bias, compute_logits=False,
+            ids, context.full_mask, position_ids=context.positions[:, :prompt_len],
+            cache=model.init_cache(b, prompt_len + max_new_tokens), cache_index=0, attention_bias=context.bias,
+            compute_logits=False,
         )
         logits, cache = model.logits(prefill.hidden_states[:, -1]), prefill.cache
     else:
-        logits, cache = step_logits(tokens, None, prompt_len - 1)
-    first = choose(logits, jax.random.fold_in(key, 0), temperature, top_p)
+        logits, cache = _step_logits(model, context, tokens, None, prompt_len - 1, use_cache)
+    first = choose(logits, 0)
     tokens = tokens.at[:, prompt_len].set(first)
-    done = jnp.isin(first, stops)
+    return DecodeState(jnp.int32(1), tokens, cache, jnp.isin(first, stops))
+
+
+def decode_step(model, state: DecodeState, mask, choose, stops, pad_id, steer_mask=None, log_alpha=None, *,
+                max_new_tokens, use_cache=True) -> DecodeState:
+    """Chooses token ``i + 1`` of every sequence (``pad_id`` for those already stopped)."""
+    i, tokens, cache, done = state
+    context = _context(mask, steer_mask, log_alpha, max_new_tokens)
+    slot = mask.shape[1] + i - 1
+    logits, cache = _step_logits(model, context, tokens, cache, slot, use_cache)
+    token = jnp.where(done, pad_id, choose(logits, i))
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], slot + 1, axis=1)
+    return DecodeState(i + 1, tokens, cache, done | jnp.isin(token, stops))
+
+
+def token_chooser(key, temperature, top_p, *, sample: bool, top_k, use_top_p: bool):
+    """:func:`generate`'s token choice: step ``i`` uses ``fold_in(key, i)`` (see the module docstring)."""
+    return lambda logits, step: _choose(logits, jax.random.fold_in(key, step), temperature, top_p, sample=sample,
+                                        top_k=top_k, use_top_p=use_top_p)
+
+
+_STATIC = ("graphdef", "max_new_tokens", "top_k", "sample", "use_top_p", "use_cache")
+
+
+def _split_args(mask, key, temperature, top_p, stops, pad_id, steer_mask, log_alpha, *, max_new_tokens, top_k,
+                sample, use_top_p, use_cache):
+    """:func:`generate`'s jitted arguments as ``(decoding args, decoding keywords)`` of :func:`start_decoding`."""
+    choose = token_chooser(key, temperature, top_p, sample=sample, top_k=top_k, use_top_p=use_top_p)
+    return (mask, choose, stops, pad_id, steer_mask, log_alpha), dict(max_new_tokens=max_new_tokens,
+                                                                      use_cache=use_cache)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(graphdef, state, ids, mask, key, temperature, top_p, stops, pad_id, steer_mask=None,
+              log_alpha=None, **static):
+    model = nnx.merge(graphdef, state)
+    args, kwargs = _split_args(mask, key, temperature, top_p, stops, pad_id, steer_mask, log_alpha, **static)
+    carry = start_decoding(model, ids, *args, **kwargs)
 
     def cond(carry):
-        i, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (carry.i < static["max_new_tokens"]) & ~jnp.all(carry.done)
 
-    def body(carry):
-        i, tokens, cache, done = carry
-        slot = prompt_len + i - 1
-        logits, cache = step_logits(tokens, cache, slot)
-        token = choose(logits, jax.random.fold_in(key, i), temperature, top_p)
-        token = jnp.where(done, pad_id, token)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], slot + 1, axis=1)
-        return i + 1, tokens, cache, done | jnp.isin(token, stops)
+    carry = jax.lax.while_loop(cond, lambda carry: decode_step(model, carry, *args, **kwargs), carry)
+    return carry.tokens
 
-    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))
-    return tokens
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _start_jit(graphdef, state, ids, *arrays, **static):
+    args, kwargs = _split_args(*arrays, **static)
+    return start_decoding(nnx.merge(graphdef, state), ids, *args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
+def _step_jit(graphdef, state, carry, *arrays, **static):
+    args, kwargs = _split_args(*arrays, **static)
+    return decode_step(nnx.merge(graphdef, state), carry, *args, **kwargs)
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, *aligned: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -168,13 +230,66 @@ def steering_inputs(steer, shape: tuple[int, ...]) -> tuple[np.ndarray, float]:
     return (user_mask != 0).astype(np.int32), float(np.log(alpha))
 
 
+def _settings(model, ids, *, max_new_tokens=None, attention_mask=None, temperature=None, top_k=None, top_p=None,
+              stop_tokens=None, pad_token_id=None, key=None, use_cache=True, steer=None):
+    """Checks the arguments, fills omitted ones from ``model.config.generation``; returns the jitted call's inputs."""
+    if steer is not None:
+        require_attention_hook(model)
+    config = model.config
+    defaults = getattr(config, "generation", None) or GenerationDefaults()
+    if max_new_tokens is None:
+        max_new_tokens = defaults.max_new_tokens
+        if max_new_tokens is None:
+            raise ValueError("max_new_tokens is not set and the model has no default (generation_config.json "
+                             "max_new_tokens): pass max_new_tokens=N")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature is None:
+        temperature = defaults.temperature if defaults.do_sample else 0.0
+        top_k = defaults.top_k if top_k is None and defaults.do_sample else top_k
+        top_p = defaults.top_p if top_p is None and defaults.do_sample else top_p
+        if temperature > 0 and key is None:
+            raise ValueError(f"the model's generation_config.json asks for sampling (do_sample=true, temperature="
+                             f"{temperature}): pass key=jax.random.key(...) to sample, or temperature=0 for greedy")
+    sample = temperature > 0
+    if sample and key is None:
+        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(...)")
+    ids = np.asarray(ids, dtype=np.int32)
+    squeeze = ids.ndim == 1
+    ids = ids[None] if squeeze else ids
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
+    mask = mask[None] if mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    user_mask, log_alpha = (None, None) if steer is None else steering_inputs(steer, ids.shape)
+    if not mask[:, -1].all():
+        ids, mask, *rest = left_align(ids, mask, *(() if user_mask is None else (user_mask,)))
+        user_mask = rest[0] if rest else None
+    stops = _stop_ids(model, stop_tokens)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    arrays = (
+        jnp.asarray(mask),
+        key if key is not None else jax.random.key(0),
+        jnp.float32(temperature if sample else 1.0),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.asarray(stops if stops else (-1,), jnp.int32),
+        jnp.int32(pad_token_id),
+        None if user_mask is None else jnp.asarray(user_mask),
+        None if log_alpha is None else jnp.float32(log_alpha),
+    )
+    static = dict(max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k),
+                  sample=bool(sample), use_top_p=top_p is not None and top_p < 1.0, use_cache=bool(use_cache))
+    return jnp.asarray(ids), arrays, static, squeeze
+
+
 def generate(
     model,
     input_ids,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     attention_mask=None,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] | None = None,
@@ -185,15 +300,22 @@ def generate(
 ) -> Array:
     """Generates continuations of ``input_ids`` with a causal LM.
 
+    Arguments left ``None`` come from ``model.config.generation`` (an HF folder's
+    ``generation_config.json``, read by :func:`metafit.models.load`), as in transformers: its eos
+    id list, ``do_sample``/``temperature``/``top_k``/``top_p`` and ``max_new_tokens``; without
+    that file decoding is greedy and stops at the config's ``eos_token_ids``.
+
     Args:
       model: a metafit causal LM (Llama family, GPT-2).
       input_ids: ``[b, P]`` (or ``[P]``) prompt token ids; padded rows need ``attention_mask``.
       max_new_tokens: tokens to append (static: a new value compiles once more).
       attention_mask: ``[b, P]`` 1 = token, 0 = padding (left or right; rows are left-aligned).
-      temperature: 0 = greedy decoding; > 0 = sampling at this temperature (needs ``key``).
+      temperature: 0 = greedy decoding; > 0 = sampling at this temperature (needs ``key``);
+        None = the model's default (greedy unless its generation config has ``do_sample``).
       top_k: sample among the ``top_k`` most likely tokens only.
       top_p: nucleus sampling mass (``None``/1.0 = off).
-      stop_tokens: ids that end a sequence; default the model's ``eos_token_ids``; ``()`` = none.
+      stop_tokens: ids that end a sequence; default the generation config's eos ids, else the
+        model's ``eos_token_ids``; ``()`` = none. For stop *strings* see :func:`stream_text`.
       pad_token_id: filler after a sequence stops; default the model's pad, else first stop, else 0.
       key: ``jax.random`` key for sampling (step ``i`` uses ``fold_in(key, i)``).
       use_cache: False recomputes the full sequence each step (a reference path, same output).
@@ -211,45 +333,128 @@ def generate(
       >>> out = generate(model, ids, max_new_tokens=16, temperature=0.7, top_p=0.9,
       ...                key=jax.random.key(0))                               # doctest: +SKIP
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sample = temperature > 0
-    if sample and key is None:
-        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(...)")
-    ids = np.asarray(input_ids, dtype=np.int32)
-    squeeze = ids.ndim == 1
-    ids = ids[None] if squeeze else ids
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
-    mask = mask[None] if mask.ndim == 1 else mask
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    user_mask, log_alpha = (None, None) if steer is None else steering_inputs(steer, ids.shape)
-    if steer is not None:
-        require_attention_hook(model)
-    if not mask[:, -1].all():
-        ids, mask, *rest = left_align(ids, mask, *(() if user_mask is None else (user_mask,)))
-        user_mask = rest[0] if rest else None
-    config = model.config
-    stops = tuple(config.eos_token_ids) if stop_tokens is None else tuple(stop_tokens)
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    ids, arrays, static, squeeze = _settings(
+        model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, key=key, use_cache=use_cache,
+        steer=steer)
     graphdef, state = nnx.split(model)
-    tokens = _generate(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        key if key is not None else jax.random.key(0),
-        jnp.float32(temperature if sample else 1.0),
-        jnp.float32(1.0 if top_p is None else top_p),
-        jnp.asarray(stops if stops else (-1,), jnp.int32),
-        jnp.int32(pad_token_id),
-        None if user_mask is None else jnp.asarray(user_mask),
-        None if log_alpha is None else jnp.float32(log_alpha),
-        max_new_tokens=int(max_new_tokens),
-        top_k=None if top_k is None else int(top_k),
-        sample=bool(sample),
-        use_top_p=top_p is not None and top_p < 1.0,
-        use_cache=bool(use_cache),
-    )
+    tokens = _generate(graphdef, state, ids, *arrays, **static)
     return tokens[0] if squeeze else tokens
+
+
+def stream(model, input_ids, **kwargs) -> Iterator[np.ndarray]:
+    """Yields the new tokens of every sequence as they are produced: ``[b]`` per step (``[]`` for a 1-D prompt).
+
+    Takes :func:`generate`'s arguments and produces the same tokens (same prefill, same step
+    function, same per-step keys), one jitted step per token instead of one ``while_loop``.
+    Sequences that stopped yield ``pad_token_id``; the iterator ends after ``max_new_tokens``
+    steps or when every sequence has stopped. Closing it early (``break``) stops generating.
+
+    Example:
+      >>> for token in stream(model, ids, max_new_tokens=16):                 # doctest: +SKIP
+      ...     print(tokenizer.decode(token))
+    """
+    ids, arrays, static, squeeze = _settings(model, input_ids, **kwargs)
+    graphdef, state = nnx.split(model)
+    prompt_len = ids.shape[1]
+    carry = _start_jit(graphdef, state, ids, *arrays, **static)
+    while True:
+        step = int(carry.i)
+        token, done = np.asarray(carry.tokens[:, prompt_len + step - 1]), np.asarray(carry.done)
+        yield token[0] if squeeze else token
+        if step >= static["max_new_tokens"] or done.all():
+            return
+        carry = _step_jit(graphdef, state, carry, *arrays, **static)
+
+
+class TextStream:
+    """Turns generated token ids into text pieces, holding back what may start a stop string.
+
+    Each :meth:`push` decodes all tokens so far (``skip_special_tokens``) and returns the new
+    text that is final: not ending in an incomplete UTF-8 character and not a possible start of
+    a stop string. When a stop string appears, the text is cut just before its first occurrence
+    and :attr:`stopped` is set (push nothing more). :meth:`flush` returns what was held back
+    once generation ends without a stop.
+
+    Args:
+      tokenizer: a transformers tokenizer.
+      stop: stop strings (empty strings are refused).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        if isinstance(stop, str):
+            stop = (stop,)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already returned
+        self.stopped = False
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Adds one token; returns the text that became final (may be empty)."""
+        self.ids.append(int(token_id))
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.text = True, self.text[:cut]
+            return self._emit(len(self.text))
+        final = len(self.text) - (1 if self.text.endswith("\ufffd") else 0)
+        held = max((n for s in self.stop for n in range(1, len(s)) if self.text[:final].endswith(s[:n])), default=0)
+        return self._emit(final - held)
+
+    def flush(self) -> str:
+        """The rest of the text (call once generation ended)."""
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+
+def stream_text(model, tokenizer, input_ids, *, stop: Sequence[str] = (), **kwargs) -> Iterator[str]:
+    """Yields the text of one prompt's continuation piece by piece, ending before any stop string.
+
+    Generation stops at the first stop string (checked on the decoded text, so a stop split
+    across tokens is found) or at a stop token; the text returned never contains the stop string.
+    Other keyword arguments are :func:`generate`'s.
+
+    Example:
+      >>> ids = tokenizer("Q: 2+2?\nA:")["input_ids"]                         # doctest: +SKIP
+      >>> "".join(stream_text(model, tokenizer, ids, stop=["\n"], max_new_tokens=20))
+    """
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 1:
+        raise ValueError(f"stream_text takes one prompt ([P] token ids), got shape {ids.shape}; "
+                         "batch with generate() or metafit.serve")
+    text = TextStream(tokenizer, stop)
+    steps = stream(model, ids, **kwargs)
+    stops = set(_stop_ids(model, kwargs.get("stop_tokens")))
+    for token in steps:
+        if int(token) in stops:
+            break
+        piece = text.push(int(token))
+        if piece:
+            yield piece
+        if text.stopped:
+            steps.close()
+            return
+    rest = text.flush()
+    if rest:
+        yield rest
+
+
+def generate_text(model, tokenizer, input_ids, *, stop: Sequence[str] = (), **kwargs) -> str:
+    """The continuation of one prompt as text, cut before the first stop string (see :func:`stream_text`)."""
+    return "".join(stream_text(model, tokenizer, input_ids, stop=stop, **kwargs))
+
+
+def _stop_ids(model, stop_tokens) -> tuple[int, ...]:
+    """The stop token ids :func:`generate` uses for ``stop_tokens``."""
+    if stop_tokens is not None:
+        return tuple(stop_tokens)
+    defaults = getattr(model.config, "generation", None) or GenerationDefaults()
+    return tuple(defaults.eos_token_ids if defaults.eos_token_ids is not None else model.config.eos_token_ids)

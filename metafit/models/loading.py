@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,8 @@ from metafit.registry import Registry, did_you_mean
 
 from .base import family_of
 from .convert import CheckpointMismatch, MalformedWeightsError, check_checkpoint_layout, load_hf_tensors, to_hf_tensors
-from .model_files import file_in_folder, present, read_hf_config, read_index, read_safetensors_header
+from .model_files import (file_in_folder, present, read_generation_config, read_hf_config, read_index,
+                          read_safetensors_header)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
@@ -291,6 +293,12 @@ def build_model(
     return load_hf_tensors(model, get_tensor, names, base_prefix=family.base_prefix, source=source)
 
 
+def with_generation_defaults(model, generation) -> Any:
+    """Sets ``model.config.generation`` (what :func:`~metafit.models.generate` uses for omitted arguments)."""
+    model.config = dataclasses.replace(model.config, generation=generation)
+    return model
+
+
 def load(
     path_or_name: str | Path,
     *,
@@ -309,6 +317,8 @@ def load(
       dtype: parameter and compute dtype (``jnp.float32``, ``jnp.bfloat16``).
       allow_pickle: permit ``.bin``/``.pt``/``.pkl`` checkpoints (unpickling can run code).
       tokenizer: also load the tokenizer (``None`` is returned when the folder has none).
+        A folder's ``generation_config.json`` becomes ``model.config.generation`` (eos ids,
+        default sampling and ``max_new_tokens`` for :func:`~metafit.models.generate`).
       architecture: HF class name to build instead of the config's ``architectures[0]``,
         e.g. ``"BertForSequenceClassification"``.
 
@@ -360,6 +370,7 @@ def load(
         hf_config, ckpt.names, ckpt.get_tensor, dtype=dtype, architecture=architecture, source=str(path),
         shapes=ckpt.shapes, config_source=str(folder / "config.json"),
     )
+    with_generation_defaults(model, read_generation_config(folder))
     tok = None
     if tokenizer and any(present(folder, f) for f in _TOKENIZER_FILES):
         import transformers
@@ -397,10 +408,25 @@ def save(model, directory: str | Path, tokenizer=None, *, dtype=None, max_shard_
     if dtype is not None:
         hf_config.dtype = jnp.dtype(dtype).name
     hf_config.save_pretrained(str(directory))
+    write_generation_config(directory, config)
     write_weights(directory, to_hf_tensors(model, None if dtype is None else jnp.dtype(dtype)), limit)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def write_generation_config(directory: Path, config) -> None:
+    """``generation_config.json`` for non-default generation settings (read back by :func:`load`)."""
+    from .base import GenerationDefaults
+
+    generation = getattr(config, "generation", GenerationDefaults())
+    if generation == GenerationDefaults():
+        return
+    fields = {"do_sample": generation.do_sample, "temperature": generation.temperature,
+              "top_k": generation.top_k or 0, "top_p": generation.top_p, "max_new_tokens": generation.max_new_tokens,
+              "eos_token_id": None if generation.eos_token_ids is None else list(generation.eos_token_ids)}
+    text = json.dumps({k: v for k, v in fields.items() if v is not None}, indent=2)
+    (directory / "generation_config.json").write_text(text + "\n")
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -408,3 +408,52 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "TOKENIZER_FILES",
 ]
+
+
+def _generation_field(path: Path, raw: dict, field: str, kinds: tuple[type, ...], check=None, what: str = ""):
+    value = raw.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or (check and not check(value)):
+        raise MalformedWeightsError(f"{path}: '{field}' is {value!r}; expected {what}")
+    return value
+
+
+def read_generation_config(folder: str | Path):
+    """The :class:`~metafit.models.base.GenerationDefaults` of an HF folder's ``generation_config.json``.
+
+    Read as transformers' ``GenerationConfig`` reads it: ``eos_token_id`` (an int or a list),
+    ``do_sample``, ``temperature`` (default 1.0), ``top_k`` (default 50, as transformers),
+    ``top_p``, ``max_new_tokens``. Other fields (beam search, penalties) have no counterpart in
+    :func:`metafit.models.generate` and are ignored. No file: the greedy defaults.
+
+    Raises:
+      MalformedWeightsError: the file breaks the JSON rules above or a used field has a wrong type.
+    """
+    from .base import GenerationDefaults
+
+    folder = Path(folder)
+    if not present(folder, "generation_config.json"):
+        return GenerationDefaults()
+    path = file_in_folder(folder, "generation_config.json", "generation config")
+    raw = read_json(path, "generation config")
+    if not isinstance(raw, dict):
+        raise MalformedWeightsError(f"{path}: expected a JSON object, found a {type(raw).__name__}")
+    eos = raw.get("eos_token_id")
+    eos_list = [eos] if _is_int(eos) else eos
+    if eos is not None and not (isinstance(eos_list, list) and eos_list and all(_is_int(e) and e >= 0 for e in eos_list)):
+        raise MalformedWeightsError(f"{path}: 'eos_token_id' is {eos!r}; expected a token id or a list of them")
+    positive = "a number > 0"
+    temperature = _generation_field(path, raw, "temperature", (int, float), lambda v: v > 0, positive)
+    top_k = _generation_field(path, raw, "top_k", (int,), lambda v: v >= 0, "an integer >= 0 (0 = off)")
+    top_p = _generation_field(path, raw, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")
+    max_new = _generation_field(path, raw, "max_new_tokens", (int,), lambda v: v >= 1, "an integer >= 1")
+    do_sample = _generation_field(path, raw, "do_sample", (bool,), None, "true or false")
+    return GenerationDefaults(
+        eos_token_ids=None if eos is None else tuple(int(e) for e in eos_list),
+        do_sample=bool(do_sample),
+        temperature=1.0 if temperature is None else float(temperature),
+        top_k=50 if "top_k" not in raw else (int(top_k) or None),
+        top_p=None if top_p is None or top_p >= 1.0 else float(top_p),
+        max_new_tokens=max_new,
+    )

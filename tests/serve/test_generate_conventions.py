@@ -1,0 +1,109 @@
+"""Generation conventions: generation_config.json, stop strings, streaming (= the non-streaming tokens)."""
+import jax
+import numpy as np
+import pytest
+
+import metafit.models as mm
+from metafit.models.generate import TextStream, generate_text, stream, stream_text
+from serve_tiny import set_generation_config, tiny_folder, torch, transformers
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny"), num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return mm.load(folder)
+
+
+def _prompt(tokenizer, text="hello there"):
+    return np.asarray(tokenizer(text)["input_ids"], np.int32)
+
+
+def test_generation_config_eos_list_and_max_new_tokens_match_transformers(folder, loaded, tmp_path):
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer)
+    free = np.asarray(mm.generate(model, ids, max_new_tokens=NEW, stop_tokens=()))[len(ids):]
+    at = next(k for k in range(1, NEW) if free[k] not in free[:k] and 2 not in free[:k + 1])  # first seen at step k
+    stop = int(free[at])  # becomes a second eos id
+    import shutil
+    shutil.copytree(folder, tmp_path / "gc")
+    set_generation_config(tmp_path / "gc", eos_token_id=[2, stop], max_new_tokens=NEW, pad_token_id=0)
+    model2, _ = mm.load(tmp_path / "gc")
+    assert model2.config.generation.eos_token_ids == (2, stop)
+    assert model2.config.generation.max_new_tokens == NEW and not model2.config.generation.do_sample
+    got = np.asarray(mm.generate(model2, ids))  # eos list and length from the file
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "gc")).eval()
+    with torch.no_grad():  # transformers reads the same generation_config.json
+        want = reference.generate(torch.as_tensor(ids[None], dtype=torch.long), do_sample=False).numpy()[0]
+    assert got.shape == (len(ids) + NEW,)
+    np.testing.assert_array_equal(got[:len(want)], want)
+    assert got[len(ids) + at] == stop and (got[len(ids) + at + 1:] == 0).all()
+
+
+def test_generation_config_sampling_defaults(folder, tmp_path):
+    import shutil
+    shutil.copytree(folder, tmp_path / "gc")
+    set_generation_config(tmp_path / "gc", do_sample=True, temperature=0.7, top_p=0.9)
+    model, tokenizer = mm.load(tmp_path / "gc")
+    generation = model.config.generation
+    assert (generation.do_sample, generation.temperature, generation.top_p, generation.top_k) == (True, 0.7, 0.9, 50)
+    ids = _prompt(tokenizer)
+    with pytest.raises(ValueError, match="do_sample=true"):
+        mm.generate(model, ids, max_new_tokens=3)
+    key = jax.random.key(4)
+    by_default = mm.generate(model, ids, max_new_tokens=NEW, key=key)
+    explicit = mm.generate(model, ids, max_new_tokens=NEW, key=key, temperature=0.7, top_p=0.9, top_k=50)
+    np.testing.assert_array_equal(np.asarray(by_default), np.asarray(explicit))
+    mm.save(model, tmp_path / "resaved")  # written back, read back
+    assert mm.load(tmp_path / "resaved", tokenizer=False)[0].config.generation == generation
+
+
+def test_bad_generation_config_names_the_field(folder, tmp_path):
+    import shutil
+    shutil.copytree(folder, tmp_path / "gc")
+    set_generation_config(tmp_path / "gc", temperature=-1)
+    with pytest.raises(mm.MalformedWeightsError, match="temperature"):
+        mm.load(tmp_path / "gc")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_stream_yields_the_tokens_of_generate(loaded, temperature):
+    model, tokenizer = loaded
+    ids = np.stack([_prompt(tokenizer, "abcdef"), _prompt(tokenizer, "uvwxyz")])
+    kwargs = dict(max_new_tokens=NEW, temperature=temperature, key=jax.random.key(1), stop_tokens=())
+    want = np.asarray(mm.generate(model, ids, **kwargs))[:, ids.shape[1]:]
+    got = np.stack(list(stream(model, ids, **kwargs)), axis=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_stop_string_cuts_before_it_and_streams_the_same_text(loaded):
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer)
+    full = tokenizer.decode(np.asarray(mm.generate(model, ids, max_new_tokens=NEW, stop_tokens=()))[len(ids):])
+    stop = full[3:5]  # two characters in the middle of the greedy continuation
+    text = generate_text(model, tokenizer, ids, stop=[stop], max_new_tokens=NEW, stop_tokens=())
+    assert text == full[:full.find(stop)]
+    assert "".join(stream_text(model, tokenizer, ids, stop=[stop], max_new_tokens=NEW, stop_tokens=())) == text
+    assert generate_text(model, tokenizer, ids, max_new_tokens=NEW, stop_tokens=()) == full
+
+
+class _Chars:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_a_possible_stop_start():
+    pieces = TextStream(_Chars(), stop=["END"])
+    out = [pieces.push(ord(c)) for c in "abEN"]
+    assert out == ["a", "b", "", ""] and not pieces.stopped  # "EN" may start "END": held
+    assert pieces.push(ord("x")) == "ENx"                      # it did not
+    for c in "yEND":
+        pieces.push(ord(c))
+    assert pieces.stopped and pieces.text == "abENxy"
+    with pytest.raises(ValueError, match="non-empty"):
+        TextStream(_Chars(), stop=[""])
