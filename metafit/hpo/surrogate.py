@@ -89,9 +89,10 @@ def gp_posterior(params, z, y, mask, z_star) -> tuple[jax.Array, jax.Array]:
 
 
 def init_gp(key: jax.Array, in_dim: int) -> dict[str, Any]:
-    return {"encoder": init_mlp(key, (in_dim, HIDDEN, HIDDEN, EMBED)), "mean": jnp.asarray(1.0),
-            "log_scale": jnp.asarray(0.0), "log_length": jnp.asarray(np.log(np.sqrt(EMBED))),
-            "log_noise": jnp.asarray(np.log(0.05))}
+    # float32 scalars, not weak-typed Python floats: the first update would change their type and recompile
+    scalar = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return {"encoder": init_mlp(key, (in_dim, HIDDEN, HIDDEN, EMBED)), "mean": scalar(1.0), "log_scale": scalar(0.0),
+            "log_length": scalar(np.log(np.sqrt(EMBED))), "log_noise": scalar(np.log(0.05))}
 
 
 def embed(params, u: jax.Array) -> jax.Array:
@@ -264,11 +265,11 @@ def _train_gp(params, data: Observations, steps: int, lr: float, seed: int, weig
     for _ in range(steps):
         idx = rng.choice(n, size, replace=False, p=p) if p is None or (p > 0).sum() >= size else rng.choice(n, size, p=p)
         u, y, mask = _pad(data.u[idx], data.y[idx], BATCH)
-        params, state = _gp_step(params, state, u, y, mask, lr)
+        params, state = _gp_step(params, state, u, y, mask, jnp.float32(lr))
     return params
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
+@jax.jit
 def _gp_step(params, state, u, y, mask, lr):
     opt = optax.adamw(lr)
     loss, grads = jax.value_and_grad(lambda q: gp_nll(q, embed(q, u), y, mask) / jnp.sum(mask))(params)
@@ -325,11 +326,11 @@ def _train_cost(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 300, lr: f
     opt = optax.adamw(lr)
     state = opt.init(params)
     for _ in range(steps):
-        params, state = _cost_step(params, state, xp, yp, mask, lr)
+        params, state = _cost_step(params, state, xp, yp, mask, jnp.float32(lr))
     return params, (mu, sd)
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
+@jax.jit
 def _cost_step(params, state, x, y, mask, lr):
     def loss(q):
         err = optax.huber_loss(mlp(q, x)[:, 0], y)

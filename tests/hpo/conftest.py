@@ -26,8 +26,9 @@ def synthetic_meta_file(path, space=TINY_SPACE, tasks=4, configs=10, seed=0):
             "meta_features": list(META_FEATURES), "tasks": {}, "configs": points, "runs": []}
     for i, name in enumerate(task_names):
         feats = {f: float(rng.uniform(1, 3)) for f in META_FEATURES}
+        feats["prompt_tokens"] = 10.0 + 10 * i  # the optimum moves with a meta-feature, so it can transfer
         data["tasks"][name] = feats
-        best = -4 + 0.5 * i
+        best = -3.5 + 0.5 * i
         for c, p in enumerate(points):
             final = 0.3 + 0.5 * (np.log10(p["lr"]) - best) ** 2
             curve = [feats["zero_shot_loss"] * final * (1 + 1 / (k + 1)) / 2 for k in range(space.fidelities)]
