@@ -15,7 +15,7 @@ over fidelities 1/4, 1/2, 1 with random starting configs).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -167,3 +167,55 @@ def average_ranks(regrets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def budgets_grid(budget: float, fidelities: int) -> np.ndarray:
     return np.arange(1, int(math.floor(budget * fidelities)) + 1) / fidelities
+
+
+def leave_one_task_out(meta: MetaDataset, out_dir, *, seeds: Sequence[int], budget: float,
+                       methods: Sequence[str] = METHODS, surrogate_steps: int = 150,
+                       budget_s: float | None = None) -> None:
+    """Every method on every held-out task and seed; one JSON per (task, seed) in ``out_dir`` (skipped if there).
+
+    Each file holds ``regret[method]`` at :func:`budgets_grid` budgets; transfer and BO share the
+    surrogate meta-trained (seeded) on the other tasks.
+    """
+    import json
+    from pathlib import Path
+
+    from metafit.hpo.surrogate import Surrogate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import time
+
+    budgets = budgets_grid(budget, meta.space.fidelities)
+    started = time.perf_counter()
+    for seed in seeds:
+        for t, task in enumerate(meta.tasks):
+            path = out / f"{task}_s{seed}.json"
+            if path.exists():
+                continue
+            if budget_s is not None and time.perf_counter() - started > budget_s:
+                return
+            cache: dict = {}
+
+            def factory(train, s, _cache=cache):
+                if "model" not in _cache:
+                    _cache["model"] = Surrogate.fit(train, steps=surrogate_steps, seed=s)
+                return _cache["model"]
+
+            regret = {m: run_method(m, meta, t, budget, seed, factory).regret_at(budgets).tolist() for m in methods}
+            path.write_text(json.dumps({"task": task, "seed": seed, "budgets": budgets.tolist(), "regret": regret}) + "\n")
+            print(f"{task} seed {seed}: " + ", ".join(f"{m} {r[-1]:.3f}" for m, r in regret.items()), flush=True)
+
+
+def collect(out_dir) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """``(budgets, regret[method] [runs, budgets], run names)`` from :func:`leave_one_task_out`'s files."""
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(out_dir).glob("*_s*.json"))
+    if not files:
+        raise FileNotFoundError(f"no leave-one-task-out results in {out_dir}")
+    records = [json.loads(f.read_text()) for f in files]
+    methods = list(records[0]["regret"])
+    return (np.asarray(records[0]["budgets"]), {m: np.asarray([r["regret"][m] for r in records]) for m in methods},
+            [f.stem for f in files])
