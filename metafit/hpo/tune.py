@@ -207,6 +207,8 @@ def _run_action(workdir: Path, state, action, task, space: SearchSpace, cfg) -> 
     with RunDir.open(workdir / "trials" / f"{trial['id']:03d}", trial_config) as run:
         result = run_trial(task, space, trial["config"], seed=cfg.seed, workdir=run.checkpoint_dir("sft"),
                            stop_at=None if stop_at == steps[-1] else stop_at, log=run.metrics)
+        # the run's own log holds every fidelity's eval, also those before a kill that this call resumed past
+        trial["curve"].update(_logged_evals(run.path / "metrics.jsonl"))
         trial["curve"].update({str(k): v for k, v in result["curve"].items()})
         trial["seconds"] += result["seconds"]
         trial["status"] = result["status"]
@@ -220,6 +222,14 @@ def _run_action(workdir: Path, state, action, task, space: SearchSpace, cfg) -> 
     state["spent_s"] += result["seconds"]
     state["log"].append({"trial": trial["id"], "fidelity": trial["reached"], "spent_runs": state["spent_runs"],
                          "spent_s": state["spent_s"], "incumbent": _incumbent(state)})
+
+
+def _logged_evals(path: Path) -> dict[str, float]:
+    """``{step: eval_loss}`` from a trial's ``metrics.jsonl``."""
+    if not path.exists():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {str(r["step"]): float(r["eval_loss"]) for r in records if r.get("split") == "eval" and "eval_loss" in r}
 
 
 def _best(trial) -> float:
