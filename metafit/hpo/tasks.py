@@ -52,7 +52,6 @@ SUITE: tuple[TaskSpec, ...] = (
     TaskSpec("sentiment", "text:rotten_tomatoes", 256),
     TaskSpec("topic", "text:bbc_news", 192),
 )
-HELD_OUT = TaskSpec("keywords", "text:keywords", 128)  # the end-to-end tune's task: no suite task
 
 
 def suite_task(name: str) -> TaskSpec:
