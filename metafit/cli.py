@@ -8,6 +8,7 @@ Commands:
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
   metafit repro PAPER [--scale S] [--jobs N] [--table-only]   run a paper's grid, rebuild its table
   metafit serve CONFIG [--host H] [--port N] [--api-key K]    an OpenAI-compatible server (base + adapters)
+  metafit tune CONFIG --budget N --workdir DIR [--method bo]  search fine-tuning settings of a LoRA SFT job
   metafit --version
 
 Also ``python -m metafit``. This module imports only the standard library, PyYAML and
@@ -129,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: runs/repro/PAPER/SCALE)")
     repro.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     repro.set_defaults(func=_repro)
+    tune = commands.add_parser(
+        "tune", help="search fine-tuning settings of a LoRA SFT config with meta-learned surrogates",
+        description="Propose fine-tuning settings for a lora_sft config from surrogates meta-trained on the "
+                    "packaged meta-dataset, run each as a run folder under WORKDIR/trials/, promote promising ones "
+                    "to higher fidelity by resuming them, and write a leaderboard (results.json/.md) and "
+                    "regret_vs_cost.png. Running the same command again resumes a killed tune.",
+        epilog="Methods: bo (transfer BO, cost-aware EI, multi-fidelity, surrogate refit), transfer (portfolio, "
+               "no refit), random, default, zero_shot. See docs/hpo.md.")
+    tune.add_argument("config", type=Path, help="a lora_sft config, e.g. configs/finetune/lora_small.yaml")
+    _add_overrides(tune)
+    tune.add_argument("--budget", type=float, default=None, help="full-run equivalents (>= 1)")
+    tune.add_argument("--budget-s", type=float, default=None, help="seconds of trial time instead of --budget")
+    tune.add_argument("--workdir", type=Path, required=True, help="tune folder (trials, tune.json, leaderboard)")
+    tune.add_argument("--method", default="bo", help="bo, transfer, random, default or zero_shot (default bo)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--meta-dataset", type=Path, default=None, help="a meta-dataset file (default: the packaged one)")
+    tune.set_defaults(func=_tune)
     export = commands.add_parser(
         "export", help="write a run's trained model as an HF folder (adapter merged or kept; sharded safetensors)",
         description="Write the model a run folder holds (an HF PEFT adapter, merged into its base model or kept "
@@ -260,6 +278,18 @@ def _repro(args: argparse.Namespace) -> int:
     for name, error in report.failed.items():
         print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from metafit.hpo.tune import TuneRequest, check_request, tune
+
+    request = TuneRequest(str(args.config), budget=args.budget, budget_s=args.budget_s, method=args.method,
+                          seed=args.seed, overrides=tuple(args.overrides))
+    check_request(request)  # before JAX is imported: a bad budget answers at once
+    results = tune(request, args.workdir, meta_path=args.meta_dataset)
+    _print_results({"methods": results["methods"]}, f"tune {args.config} -> {args.workdir}")
+    print(f"tune folder: {args.workdir}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
