@@ -33,7 +33,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
     config = str(repo / "configs/quickstart.yaml")
     common = [*TINY, "--set", "train.steps=3000", "--set", "train.ckpt_every=100", "--set", "train.log_every=100",
               "--set", "train.steps_per_dispatch=1"]
-    reference = run_metafit("run", config, "--workdir", str(tmp_path / "ref"), *common)
+    # the uninterrupted reference and the resume run in this process; the killed run is the real subprocess
+    reference = run_cli("run", config, "--workdir", str(tmp_path / "ref"), *common)
     assert reference.returncode == 0, reference.stderr
 
     killed_dir = tmp_path / "killed"
@@ -51,7 +52,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
     proc.wait()
     assert not (killed_dir / "results.json").exists()
 
-    resumed = run_metafit("run", config, "--workdir", str(killed_dir), *common)
+    resumed = run_cli("run", config, "--workdir", str(killed_dir), *common)
     assert resumed.returncode == 0, resumed.stderr
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
     got = json.loads((killed_dir / "results.json").read_text())

@@ -366,7 +366,20 @@ def _host_batches(data, step: int, n: int, mesh: Mesh | None):
     return stacked
 
 
-@functools.lru_cache(maxsize=64)
+def _step_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the fields the compiled step never reads set to fixed values.
+
+    The step reads the optimiser fields, ``precision`` and ``grad_accum``; logging, evaluation and
+    checkpoint cadences only steer the host loop, and ``steps`` only shapes a decaying or warm-up
+    schedule. Two stages differing only there (a short and a long run, another ``log_every``)
+    then share one compiled step.
+    """
+    loop_only = dict(eval_every=0, log_every=1, ckpt_every=0, keep_checkpoints=1, steps_per_dispatch=1)
+    if config.schedule == "constant" and config.warmup_steps == 0:
+        loop_only["steps"] = 1
+    return dataclasses.replace(config, **loop_only)
+
+
 def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     """The jitted fused step for one (loss, gradient rule, config, sampler, mesh).
 
@@ -374,8 +387,15 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     data then arrives in place of the host batches.
 
     Cached so that methods calling :func:`fit` many times with the same loss
-    function object (ATM rounds, CleaR epochs) compile once, not once per call.
+    function object (ATM rounds, CleaR epochs) compile once, not once per call; configs that
+    differ only in fields the step never reads share the entry (:func:`_step_config`).
     """
+    return _jitted_chunk(loss_fn, grad_fn, _step_config(config), sampler, mesh)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
+    """:func:`_compiled_chunk` for a config already reduced by :func:`_step_config`."""
     optimizer = make_optimizer(config)
     compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
 

@@ -6,6 +6,7 @@ wraps it as a trainer loss of an NNX model, :func:`lm_batch_loss` applies it to 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -52,12 +53,35 @@ def lm_batch_loss(logits: jax.Array, batch) -> jax.Array:
     return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])[0]
 
 
+def _one_per_graphdef(make_loss):
+    """Returns the same loss function object for equal graphdefs, so :func:`metafit.train.fit` compiles it once.
+
+    ``fit`` caches its jitted step by the loss function's identity; a fresh closure per call
+    would retrace and recompile an identical step (every SFT stage, every merge expert, every
+    test). Equal ``nnx.GraphDef`` s describe the same computation, so they share one closure. A
+    graphdef that cannot be hashed (an unhashable static attribute) gets a fresh closure.
+    """
+    cached = functools.lru_cache(maxsize=64)(make_loss)
+
+    @functools.wraps(make_loss)
+    def loss_of(graphdef):
+        try:
+            hash(graphdef)
+        except TypeError:
+            return make_loss(graphdef)
+        return cached(graphdef)
+
+    return loss_of
+
+
+@_one_per_graphdef
 def next_token_loss(graphdef: nnx.GraphDef):
     """The trainer loss ``(params, batch, key) -> (loss, {"response_tokens": n})`` of an NNX causal LM.
 
     ``batch`` holds ``input_ids`` and ``loss_mask`` (``[b, s]``, see :func:`causal_lm_loss`) and,
     when sequences are padded, ``attention_mask``: the layout of
     :func:`metafit.data.instructions.encode_sft` and :func:`metafit.data.chars.char_tasks`.
+    Equal graphdefs get the same function object (one compilation in :func:`metafit.train.fit`).
     """
 
     def loss_fn(params, batch, key):
@@ -68,6 +92,7 @@ def next_token_loss(graphdef: nnx.GraphDef):
     return loss_fn
 
 
+@_one_per_graphdef
 def classification_loss(graphdef: nnx.GraphDef) -> Callable[[Any, tuple[jax.Array, jax.Array], Any],
                                                            tuple[jax.Array, dict[str, jax.Array]]]:
     """The mean softmax cross-entropy of the NNX classifier ``graphdef``, as a loss for :func:`metafit.train.fit`.

@@ -35,13 +35,13 @@ def test_instructions_are_deterministic_and_masks_cover_responses_only(tiny_mode
 
 
 def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
-    from conftest import run_metafit
+    from conftest import run_cli  # in process: `metafit run` has its subprocess test in tests/test_cli.py
 
-    out = run_metafit("run", str(repo / "configs/finetune/lora_smollm2.yaml"), "--workdir", str(tmp_path / "run"),
-                      "--set", f"args.model={tiny_model}", "--set", "train.steps=30", "--set", "train.eval_every=15",
-                      "--set", "train.ckpt_every=15", "--set", "args.n_train=64", "--set", "args.n_eval=8",
-                      "--set", "train.lr=3e-2", "--set", "args.buckets=[96,128]",
-                      "--set", "args.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    out = run_cli("run", str(repo / "configs/finetune/lora_smollm2.yaml"), "--workdir", str(tmp_path / "run"),
+                  "--set", f"args.model={tiny_model}", "--set", "train.steps=30", "--set", "train.eval_every=15",
+                  "--set", "train.ckpt_every=15", "--set", "args.n_train=64", "--set", "args.n_eval=8",
+                  "--set", "train.lr=3e-2", "--set", "args.buckets=[96,128]",
+                  "--set", "args.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
     assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"] - 0.5  # random model learns the format

@@ -119,7 +119,7 @@ def test_build_backbone_by_name():
     x = jnp.ones((7, 2, 3))
     np.testing.assert_array_equal(network.apply(params, x), reference.apply(ref_params, x))
     conv, conv_params = build_backbone("conv4", (8, 8, 1), 3, seed=0, conv_hidden=4, conv_norm="layer")
-    assert conv.apply(conv_params, jnp.zeros((2, 8, 8, 1))).shape == (2, 3)
+    assert jax.eval_shape(conv.apply, conv_params, jnp.zeros((2, 8, 8, 1))).shape == (2, 3)  # traced, not compiled
     with pytest.raises(ValueError, match="conv4 needs image inputs"):
         build_backbone("conv4", (5,), 3, seed=0)
     with pytest.raises(ValueError, match="valid: mlp, conv4"):

@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).with_name("curve_script.py")
 
 def _env(devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
 

@@ -86,22 +86,23 @@ def test_gate_zero_gives_peft_modules_zero_gradient(setup, tuning):
         if tuning == "prefix" and "kv_prefix" in str(err):
             pytest.skip("the BERT attention has no kv_prefix hook yet (metafit.models)")
         raise
-    method = make_method("clear", classifier, ClearConfig(warmup_epochs=0))
+    # gate rate 1: a sample with clean probability 0 gets gates 0, one with probability 1 gates 1
+    # (one compiled gradient serves both batches)
+    method = make_method("clear", classifier, ClearConfig(warmup_epochs=0, gate_rate=1.0))
     b = 8
     batch = {"input_ids": enc["input_ids"][:b], "attention_mask": enc["attention_mask"][:b],
              "labels": jnp.arange(b) % NUM_CLASSES, "clean_prob": jnp.zeros(b),
              "stored_logits": jax.random.normal(jax.random.key(2), (b, NUM_CLASSES)),
              "phase": jnp.ones(b), "epoch": jnp.full(b, 3.0)}
     trainable, frozen = classifier.params
-    grads = jax.jit(jax.grad(lambda t: method.loss((t, frozen), batch, jax.random.key(3))[0]))(trainable)
+    grad_of = jax.jit(jax.grad(lambda t, batch: method.loss((t, frozen), batch, jax.random.key(3))[0]))
+    grads = grad_of(trainable, batch)
     head = nnx.State(grads["head"]) if "head" in grads else None
     peft_grads = [x for path, x in jax.tree_util.tree_leaves_with_path(grads) if "head" not in path_name(path)]
     assert peft_grads and all(np.all(np.asarray(g) == 0) for g in peft_grads)
     assert head is not None and any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(head))
     # and with gates at 1 the same modules do learn
-    batch["clean_prob"] = jnp.ones(b)
-    method_on = make_method("clear", classifier, ClearConfig(warmup_epochs=0, gate_rate=1.0))
-    grads_on = jax.jit(jax.grad(lambda t: method_on.loss((t, frozen), batch, jax.random.key(3))[0]))(trainable)
+    grads_on = grad_of(trainable, {**batch, "clean_prob": jnp.ones(b)})
     on = [x for path, x in jax.tree_util.tree_leaves_with_path(grads_on) if "head" not in path_name(path)]
     assert any(np.any(np.asarray(g) != 0) for g in on)
 

@@ -1,4 +1,5 @@
 """The trainer against closed forms and its own invariants (resume, accumulation, masks, NaN guard)."""
+import dataclasses
 import warnings
 
 import jax
@@ -176,10 +177,32 @@ def test_repeated_fit_calls_reuse_the_compiled_step():
     from metafit.train.loop import _compiled_chunk
 
     cfg = TrainConfig(steps=10, lr=0.05, steps_per_dispatch=5, log_every=5)
-    fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
-    compiled = _compiled_chunk(squared_loss, None, cfg, None, None)
+    # a loss object of this test alone: other tests' fits of squared_loss share its compiled step
+    loss = lambda params, batch, key: squared_loss(params, batch, key)
+    fit(loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+    compiled = _compiled_chunk(loss, None, cfg, None, None)
     size = compiled._cache_size()
     for seed in (1, 2):  # new keys and new initial values, same shapes: no new compilation
-        fit(squared_loss, {"w": jnp.full(3, 0.1 * seed), "frozen": jnp.ones(2)}, batch_at, cfg,
+        fit(loss, {"w": jnp.full(3, 0.1 * seed), "frozen": jnp.ones(2)}, batch_at, cfg,
             key=jax.random.key(seed), progress=False)
     assert compiled._cache_size() == size == 1
+
+
+def test_configs_differing_only_in_loop_cadences_share_one_compiled_step():
+    """Logging, evaluation and checkpoint cadences (and ``steps`` of a constant schedule) steer only the host loop."""
+    from metafit.train.loop import _compiled_chunk
+
+    loss = lambda params, batch, key: squared_loss(params, batch, key)
+    short = TrainConfig(steps=10, lr=0.05, steps_per_dispatch=5, log_every=5)
+    long = TrainConfig(steps=20, lr=0.05, steps_per_dispatch=5, log_every=10, eval_every=10, ckpt_every=10)
+    first = fit(loss, params0(), batch_at, short, key=jax.random.key(0), progress=False)
+    second = fit(loss, params0(), batch_at, long, key=jax.random.key(0), progress=False)
+    compiled = _compiled_chunk(loss, None, short, None, None)
+    assert _compiled_chunk(loss, None, long, None, None) is compiled and compiled._cache_size() == 1
+    # the same first 10 steps (means of 10 vs two means of 5: equal up to float32 round-off)
+    np.testing.assert_allclose(second.history[0]["loss"], np.mean([h["loss"] for h in first.history]), rtol=1e-6)
+    # what the step reads keeps programs apart: the learning rate, a schedule's length
+    assert _compiled_chunk(loss, None, dataclasses.replace(short, lr=0.1), None, None) is not compiled
+    cosine = dataclasses.replace(short, schedule="cosine")
+    assert (_compiled_chunk(loss, None, cosine, None, None)
+            is not _compiled_chunk(loss, None, dataclasses.replace(cosine, steps=20), None, None))

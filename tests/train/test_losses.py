@@ -67,3 +67,11 @@ def test_classification_loss_is_mean_cross_entropy_with_accuracy():
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(loss, -log_probs[np.arange(10), y].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == y))
+
+
+def test_equal_graphdefs_share_one_loss_function():
+    """``fit`` caches its compiled step by the loss object: equal models must give the same one."""
+    first, second = (nnx.split(MLP(4, (8,), 3, rngs=nnx.Rngs(seed)))[0] for seed in (0, 1))
+    other = nnx.split(MLP(4, (9,), 3, rngs=nnx.Rngs(0)))[0]
+    assert next_token_loss(first) is next_token_loss(second) is not next_token_loss(other)
+    assert classification_loss(first) is classification_loss(second) is not classification_loss(other)
