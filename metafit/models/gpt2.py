@@ -163,6 +163,10 @@ class GPT2LMHeadModel(_GPT2Base):
             return self.transformer.wte.attend(hidden)
         return self.lm_head(hidden)
 
+    def output_matrix(self) -> Array | None:
+        """``E [vocab, hidden]`` with :meth:`logits` ``= hidden @ E.T`` (None if the head is not a plain matrix)."""
+        return L.output_matrix(self.lm_head, self.transformer.wte)
+
     def forward(self, input_ids, attention_mask=None, *, compute_logits=True, **kwargs) -> DecoderOutput:
         hidden, attentions, cache = self.transformer(input_ids, attention_mask, **kwargs)
         return DecoderOutput(self.logits(hidden) if compute_logits else None, hidden, attentions, cache)

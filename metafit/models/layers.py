@@ -104,6 +104,20 @@ def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.
     )
 
 
+def output_matrix(lm_head: nnx.Module | None, embedding: nnx.Embed) -> Array | None:
+    """The ``[vocab, hidden]`` matrix ``E`` with ``logits = hidden @ E.T`` of an LM head, or None.
+
+    ``lm_head`` None = tied to ``embedding``; a plain bias-free ``nnx.Linear`` head gives its
+    transposed kernel. Anything else (a PEFT-wrapped head, a bias) returns None: the caller must
+    call the head itself. Used by the chunked training loss (:mod:`metafit.train.losses`).
+    """
+    if lm_head is None:
+        return embedding.embedding[...].astype(embedding.dtype)
+    if type(lm_head) is nnx.Linear and lm_head.bias is None:
+        return lm_head.kernel[...].astype(lm_head.dtype).T
+    return None
+
+
 def embed(num: int, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
     return nnx.Embed(
         num, features, dtype=dtype, param_dtype=dtype, embedding_init=nnx.initializers.normal(0.02), rngs=rngs

@@ -202,6 +202,10 @@ class LlamaForCausalLM(_LlamaBase):
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
+    def output_matrix(self) -> Array | None:
+        """``E [vocab, hidden]`` with :meth:`logits` ``= hidden @ E.T`` (None if the head is not a plain matrix)."""
+        return L.output_matrix(self.lm_head, self.model.embed_tokens)
+
     def forward(
         self,
         input_ids: Array,
