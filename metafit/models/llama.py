@@ -23,6 +23,7 @@ from flax import nnx
 
 from . import layers as L
 from .base import CommonConfig, DecoderOutput, Family, MODELS, common_from_hf, common_to_hf, per_layer
+from .remat import maybe_remat
 from .rope import RopeConfig, apply_rotary, cos_sin
 
 Array = jax.Array
@@ -112,6 +113,11 @@ class LlamaDecoderLayer(nnx.Module):
         return x, probs, kv
 
 
+def _block_output(layer: LlamaDecoderLayer, x, cos, sin, allowed, bias):
+    """A block's output alone (what rematerialisation recomputes)."""
+    return layer(x, cos, sin, allowed, bias=bias)[0]
+
+
 class LlamaModel(nnx.Module):
     """The decoder stack without a head (HF ``LlamaModel``): embeddings, layers, final norm."""
 
@@ -148,6 +154,9 @@ class LlamaModel(nnx.Module):
             window = cfg.window(i)
             if window not in masks:
                 masks[window] = L.attention_allowed(attention_mask, query_slots, key_slots, causal=True, window=window)
+            if cache is None and not return_attentions:  # training / scoring: the block may be rematerialised
+                x = maybe_remat(_block_output)(layer, x, cos, sin, masks[window], biases[i])
+                continue
             x, probs, (k, v) = layer(
                 x,
                 cos,
