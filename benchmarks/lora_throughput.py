@@ -14,7 +14,7 @@ that the peak RSS printed is that side's own.
 
 FLOPs per step: 4·N·T for a frozen base of N parameters over T tokens (forward 2NT + backward through
 the activations 2NT; the LoRA weights' own FLOPs are negligible) plus the attention score/value
-matmuls; ``of_peak`` divides the achieved rate by a square fp32 matmul timed in the same process
+matmuls; ``of_peak`` divides the achieved rate by a square matmul (in ``--precision``) timed in the same process
 just before (``--peak-size``), so it is a fraction of what this machine gives right now.
 
 usage: python benchmarks/lora_throughput.py [--side metafit|torch] [--batch 8] [--seq 128] [--steps 10]
@@ -43,14 +43,14 @@ def flops_per_step(cfg, n_base: int, batch: int, seq: int) -> float:
     return 4 * n_base * batch * seq + attention
 
 
-def jax_matmul_peak(size: int) -> float:
+def jax_matmul_peak(size: int, dtype: str) -> float:
+    """FLOP/s of ``x @ x`` for a square ``[size, size]`` matrix of ``dtype`` (best of 3 x 4 calls)."""
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size))
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(3))
+    best = min(_timed(lambda: [f(a) for _ in range(4)][-1].block_until_ready()) for _ in range(3)) / 4
     return 2 * size**3 / best
 
 
@@ -70,7 +70,7 @@ def run_metafit(args) -> dict:
     from metafit.train import DeviceSampler, TrainConfig, fit
     from metafit.train.losses import next_token_loss
 
-    peak = jax_matmul_peak(args.peak_size)
+    peak = jax_matmul_peak(args.peak_size, args.precision)
     cfg = smollm2_135m(args.layers)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

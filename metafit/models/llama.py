@@ -23,7 +23,7 @@ from flax import nnx
 
 from . import layers as L
 from .base import CommonConfig, DecoderOutput, Family, MODELS, common_from_hf, common_to_hf, per_layer
-from .remat import maybe_remat
+from .remat import maybe_remat, scan_blocks, scanning
 from .rope import RopeConfig, apply_rotary, cos_sin
 
 Array = jax.Array
@@ -150,6 +150,14 @@ class LlamaModel(nnx.Module):
         masks = {}
         biases = per_layer(attention_bias, cfg.num_hidden_layers)
         attentions, new_keys, new_values = [], [], []
+        if cache is None and not return_attentions and scanning():
+            for window in {cfg.window(i) for i in range(cfg.num_hidden_layers)} - set(masks):
+                masks[window] = L.attention_allowed(attention_mask, query_slots, key_slots, causal=True, window=window)
+            step = lambda layer, h, allowed, bias: _block_output(layer, h, cos, sin, allowed, bias)  # noqa: E731
+            inputs = [(masks[cfg.window(i)], biases[i]) for i in range(cfg.num_hidden_layers)]
+            scanned = scan_blocks(step, list(self.layers), x, inputs)
+            if scanned is not None:
+                return self.norm(scanned), None, None
         for i, layer in enumerate(self.layers):
             window = cfg.window(i)
             if window not in masks:

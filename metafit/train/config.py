@@ -38,6 +38,9 @@ class TrainConfig:
       remat: rematerialisation of metafit decoder blocks in the backward pass: ``none`` (keep all
         activations), ``block`` (recompute each block, least memory), ``dots_saveable`` (keep matmul
         outputs, recompute the rest); see :mod:`metafit.models.remat`.
+      scan_layers: run the decoder blocks of a metafit Llama-family model as one ``lax.scan`` (one
+        block compiled instead of every layer: shorter compilation for deep models); module paths
+        are unchanged. Falls back to the unrolled loop when the blocks differ in structure.
     """
 
     steps: int = 100
@@ -58,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     steps_per_dispatch: int = 1
     remat: Literal["none", "block", "dots_saveable"] = "none"
+    scan_layers: bool = False
 
     def __hash__(self):  # the trainer caches compiled steps by config; optimizer_args is a dict
         values = [(f, getattr(self, f)) for f in self.__dataclass_fields__ if f != "optimizer_args"]

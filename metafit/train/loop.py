@@ -388,7 +388,7 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
 
     def micro_grads(trainable, frozen, batch, k):
         def loss_of_trainable(t):
-            with remat_policy(config.remat):
+            with remat_policy(config.remat, config.scan_layers):
                 loss, metrics = loss_fn(cast(combine(t, frozen)), cast(batch), k)
             return loss.astype(jnp.float32), metrics
 

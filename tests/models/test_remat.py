@@ -44,3 +44,22 @@ def test_unknown_remat_policy_is_refused():
     with pytest.raises(ValueError, match="unknown remat policy"):
         with remat_policy("all"):
             pass
+
+
+@pytest.mark.parametrize("policy", ["none", "block"])
+def test_layer_scan_matches_unrolled(lora_model, policy):
+    """The scanned stack (per-layer sliding windows, per-layer attention biases) = the unrolled one."""
+    graphdef, lora, rest = lora_model
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 0, 41)
+    biases = [jnp.zeros((1, 1, 7, 7)), jax.random.normal(jax.random.key(3), (1, 1, 7, 7))]
+
+    def loss(lora_params, scan):
+        with remat_policy(policy, scan_layers=scan):
+            out = nnx.merge(graphdef, lora_params, rest).forward(ids, attention_bias=biases).logits
+        return jnp.mean(out ** 2)
+
+    want, want_grad = jax.value_and_grad(loss)(lora, False)
+    got, got_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, True)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
