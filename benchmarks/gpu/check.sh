@@ -11,7 +11,9 @@ export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
+S=1  # timeout scale: the smoke run is for slow shared CPUs
 if [ "${SMOKE:-0}" = 1 ]; then
+  S=10
   LORA="--layers 1 --batch 2 --seq 16 --steps 2 --peak-size 256"; FWD="--batch 1 --seq 16 --repeats 1"
   CLEAR="--train-size 32 --batch-size 8 --max-len 16 --epochs 2 --eval-batch-size 16"; META="--iters 20"
 else
@@ -23,16 +25,16 @@ ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   nvidia-smi -L
   $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } > "$OUT/env.txt" 2>&1
-timeout 30 $PY -m metafit.cli run configs/quickstart.yaml --workdir "$OUT/qs" > "$OUT/quickstart.txt" 2>&1
+timeout $((30*S)) $PY -m metafit.cli run configs/quickstart.yaml --workdir "$OUT/qs" > "$OUT/quickstart.txt" 2>&1
 cp "$OUT/qs/results.json" "$OUT/quickstart_results.json" 2>/dev/null
 rm -rf "$OUT/qs"
 for run in "bfloat16 $ALL" "bfloat16 q_proj,v_proj" "float32 $ALL"; do
   set -- $run
-  timeout 70 $PY benchmarks/lora_throughput.py --side metafit --precision "$1" --targets "$2" $LORA \
+  timeout $((70*S)) $PY benchmarks/lora_throughput.py --side metafit --precision "$1" --targets "$2" $LORA \
     2>> "$OUT/lora_err.txt" | tail -1 >> "$OUT/lora.jsonl"
 done
-timeout 45 $PY benchmarks/models_forward.py --no-torch $FWD > "$OUT/forward.txt" 2>&1
-timeout 100 $PY benchmarks/clear_overhead.py --family adapter $CLEAR --out "$OUT/clear.json" > "$OUT/clear.txt" 2>&1
-timeout 55 $PY benchmarks/meta_vs_torch.py $META --inner-steps 1 5 --torch-threads 8 \
+timeout $((45*S)) $PY benchmarks/models_forward.py --no-torch $FWD > "$OUT/forward.txt" 2>&1
+timeout $((100*S)) $PY benchmarks/clear_overhead.py --family adapter $CLEAR --out "$OUT/clear.json" > "$OUT/clear.txt" 2>&1
+timeout $((55*S)) $PY benchmarks/meta_vs_torch.py $META --inner-steps 1 5 --torch-threads 8 \
   --json "$OUT/meta.json" > "$OUT/meta.txt" 2>&1
 tail -n 4 "$OUT"/*.txt "$OUT"/*.jsonl
