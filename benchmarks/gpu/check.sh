@@ -15,7 +15,7 @@ S=1  # timeout scale: the smoke run is for slow shared CPUs
 if [ "${SMOKE:-0}" = 1 ]; then
   S=10
   LORA="--layers 1 --batch 2 --seq 16 --steps 2 --peak-size 256"; FWD="--batch 1 --seq 16 --repeats 1"
-  CLEAR="--train-size 32 --batch-size 8 --max-len 16 --epochs 2 --eval-batch-size 16"; META="--iters 20"
+  CLEAR="--train-size 32 --batch-size 8 --max-len 16 --epochs 2 --eval-batch-size 16"; META="--iters 60"
 else
   LORA="--layers 30 --batch 16 --seq 512 --steps 10 --peak-size 8192"; FWD="--batch 16 --seq 512 --repeats 5"
   CLEAR="--train-size 1024 --batch-size 32 --max-len 128 --epochs 4 --eval-batch-size 128"; META="--iters 1000"
