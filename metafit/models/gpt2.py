@@ -17,6 +17,7 @@ from flax import nnx
 
 from . import layers as L
 from .base import CommonConfig, DecoderOutput, Family, MODELS, common_from_hf, common_to_hf, per_layer
+from .remat import maybe_remat
 
 Array = jax.Array
 
@@ -92,6 +93,11 @@ class GPT2Block(nnx.Module):
         return x + self.mlp(self.ln_2(x)), probs, kv
 
 
+def _block_output(block, x, allowed, bias):
+    """A block's output alone (what rematerialisation recomputes)."""
+    return block(x, allowed, bias=bias)[0]
+
+
 class GPT2Model(nnx.Module):
     """HF ``GPT2Model``: token + position embeddings, blocks ``h``, final ``ln_f``."""
 
@@ -123,6 +129,9 @@ class GPT2Model(nnx.Module):
         biases = per_layer(attention_bias, len(self.h))
         attentions, keys, values = [], [], []
         for i, block in enumerate(self.h):
+            if cache is None and not return_attentions:  # training / scoring: the block may be rematerialised
+                x = maybe_remat(_block_output)(block, x, allowed, biases[i])
+                continue
             x, probs, (k, v) = block(
                 x,
                 allowed,
@@ -162,6 +171,10 @@ class GPT2LMHeadModel(_GPT2Base):
         if self.lm_head is None:
             return self.transformer.wte.attend(hidden)
         return self.lm_head(hidden)
+
+    def output_matrix(self) -> Array | None:
+        """``E [vocab, hidden]`` with :meth:`logits` ``= hidden @ E.T`` (None if the head is not a plain matrix)."""
+        return L.output_matrix(self.lm_head, self.transformer.wte)
 
     def forward(self, input_ids, attention_mask=None, *, compute_logits=True, **kwargs) -> DecoderOutput:
         hidden, attentions, cache = self.transformer(input_ids, attention_mask, **kwargs)

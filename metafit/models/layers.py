@@ -104,6 +104,20 @@ def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.
     )
 
 
+def output_matrix(lm_head: nnx.Module | None, embedding: nnx.Embed) -> Array | None:
+    """The ``[vocab, hidden]`` matrix ``E`` with ``logits = hidden @ E.T`` of an LM head, or None.
+
+    ``lm_head`` None = tied to ``embedding``; a plain bias-free ``nnx.Linear`` head gives its
+    transposed kernel. Anything else (a PEFT-wrapped head, a bias) returns None: the caller must
+    call the head itself. Used by the chunked training loss (:mod:`metafit.train.losses`).
+    """
+    if lm_head is None:
+        return embedding.embedding[...].astype(embedding.dtype)
+    if type(lm_head) is nnx.Linear and lm_head.bias is None:
+        return lm_head.kernel[...].astype(lm_head.dtype).T
+    return None
+
+
 def embed(num: int, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
     return nnx.Embed(
         num, features, dtype=dtype, param_dtype=dtype, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
@@ -196,9 +210,16 @@ def attend(
         (e.g. ``[b, 1, q, k]``), the hook for attention steering.
       return_probs: also return the ``[b, heads, q, k]`` attention probabilities.
 
+    Without a bias and without probabilities (training, scoring, generation) this runs
+    :func:`jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU for 16-bit inputs, XLA's
+    otherwise); with either, the explicit einsum path below, which the fused kernels cannot
+    serve. Both compute the same function (``tests/models/test_model_attention.py``).
+
     Returns:
       ``(output [b, q, heads, d_v], probs or None)``.
     """
+    if attention_bias is None and not return_probs:
+        return fused_attention(query, key, value, allowed, scale=scale), None
     b, q_len, heads, d = query.shape
     k_len, kv_heads = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -214,6 +235,22 @@ def attend(
     grouped_probs = probs.reshape(b, kv_heads, groups, q_len, k_len).astype(value.dtype)
     out = jnp.einsum("bkgqt,btkd->bqkgd", grouped_probs, value)
     return out.reshape(b, q_len, heads, value.shape[-1]), (probs if return_probs else None)
+
+
+def fused_attention(query: Array, key: Array, value: Array, allowed: Array, *, scale: float) -> Array:
+    """``softmax(s q k^T masked by allowed) v`` through :func:`jax.nn.dot_product_attention`.
+
+    cuDNN on a GPU when the inputs are bf16/fp16 (its fused kernels take no fp32), XLA elsewhere;
+    if cuDNN refuses the shapes while tracing, XLA's version runs instead. A row with no allowed
+    key gets the uniform average of the values, as in :func:`attend` (both mask with a finite
+    score, never -inf).
+    """
+    if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(query, key, value, mask=allowed, scale=scale, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(query, key, value, mask=allowed, scale=scale, implementation="xla")
 
 
 def sequence_slots(batch_len: int, cache_index) -> Array:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from . import layers as L
 from .base import CommonConfig, DecoderOutput, Family, MODELS, common_from_hf, common_to_hf, per_layer
+from .remat import maybe_remat, scan_blocks, scanning
 from .rope import RopeConfig, apply_rotary, cos_sin
 
 Array = jax.Array
@@ -112,6 +113,11 @@ class LlamaDecoderLayer(nnx.Module):
         return x, probs, kv
 
 
+def _block_output(layer: LlamaDecoderLayer, x, cos, sin, allowed, bias):
+    """A block's output alone (what rematerialisation recomputes)."""
+    return layer(x, cos, sin, allowed, bias=bias)[0]
+
+
 class LlamaModel(nnx.Module):
     """The decoder stack without a head (HF ``LlamaModel``): embeddings, layers, final norm."""
 
@@ -144,10 +150,21 @@ class LlamaModel(nnx.Module):
         masks = {}
         biases = per_layer(attention_bias, cfg.num_hidden_layers)
         attentions, new_keys, new_values = [], [], []
+        if cache is None and not return_attentions and scanning():
+            for window in {cfg.window(i) for i in range(cfg.num_hidden_layers)} - set(masks):
+                masks[window] = L.attention_allowed(attention_mask, query_slots, key_slots, causal=True, window=window)
+            step = lambda layer, h, allowed, bias: _block_output(layer, h, cos, sin, allowed, bias)  # noqa: E731
+            inputs = [(masks[cfg.window(i)], biases[i]) for i in range(cfg.num_hidden_layers)]
+            scanned = scan_blocks(step, list(self.layers), x, inputs)
+            if scanned is not None:
+                return self.norm(scanned), None, None
         for i, layer in enumerate(self.layers):
             window = cfg.window(i)
             if window not in masks:
                 masks[window] = L.attention_allowed(attention_mask, query_slots, key_slots, causal=True, window=window)
+            if cache is None and not return_attentions:  # training / scoring: the block may be rematerialised
+                x = maybe_remat(_block_output)(layer, x, cos, sin, masks[window], biases[i])
+                continue
             x, probs, (k, v) = layer(
                 x,
                 cos,
@@ -201,6 +218,10 @@ class LlamaForCausalLM(_LlamaBase):
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+    def output_matrix(self) -> Array | None:
+        """``E [vocab, hidden]`` with :meth:`logits` ``= hidden @ E.T`` (None if the head is not a plain matrix)."""
+        return L.output_matrix(self.lm_head, self.model.embed_tokens)
 
     def forward(
         self,

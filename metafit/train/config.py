@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+REMAT_POLICIES = ("none", "block", "dots_saveable")  # as metafit.models.remat (no model import here)
 MAX_COUNT = 10**9  # steps, batch sizes and periods above this are typos, not experiments
 
 
@@ -34,6 +35,12 @@ class TrainConfig:
       ckpt_every: save a checkpoint every this many steps (0 = only the final one).
       keep_checkpoints: how many recent checkpoints to keep.
       steps_per_dispatch: optimiser steps fused into one jitted call with ``lax.scan``.
+      remat: rematerialisation of metafit decoder blocks in the backward pass: ``none`` (keep all
+        activations), ``block`` (recompute each block, least memory), ``dots_saveable`` (keep matmul
+        outputs, recompute the rest); see :mod:`metafit.models.remat`.
+      scan_layers: run the decoder blocks of a metafit Llama-family model as one ``lax.scan`` (one
+        block compiled instead of every layer: shorter compilation for deep models); module paths
+        are unchanged. Falls back to the unrolled loop when the blocks differ in structure.
     """
 
     steps: int = 100
@@ -53,6 +60,8 @@ class TrainConfig:
     ckpt_every: int = 0
     keep_checkpoints: int = 2
     steps_per_dispatch: int = 1
+    remat: Literal["none", "block", "dots_saveable"] = "none"
+    scan_layers: bool = False
 
     def __hash__(self):  # the trainer caches compiled steps by config; optimizer_args is a dict
         values = [(f, getattr(self, f)) for f in self.__dataclass_fields__ if f != "optimizer_args"]
@@ -74,6 +83,8 @@ class TrainConfig:
             if getattr(self, name) > MAX_COUNT:
                 raise ValueError(f"train.{name}={getattr(self, name)} is above the limit of {MAX_COUNT:.0e}; "
                                  "is a digit too many?")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"

@@ -404,9 +404,12 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
             return tree
         return jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
+    from metafit.models.remat import remat_policy  # the models read it while the loss is traced
+
     def micro_grads(trainable, frozen, batch, k):
         def loss_of_trainable(t):
-            loss, metrics = loss_fn(cast(combine(t, frozen)), cast(batch), k)
+            with remat_policy(config.remat, config.scan_layers):
+                loss, metrics = loss_fn(cast(combine(t, frozen)), cast(batch), k)
             return loss.astype(jnp.float32), metrics
 
         if grad_fn is None:

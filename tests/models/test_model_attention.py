@@ -89,3 +89,23 @@ def test_per_layer_bias(llama):
     assert not np.allclose(first_only.logits, every, atol=1e-3)
     with pytest.raises(ValueError, match="2 layers"):
         forward(model, ids, mask, attention_bias=(bias,))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_fused_attention_equals_einsum_path(window):
+    """jax.nn.dot_product_attention (no bias, no probs) = the explicit einsum path, GQA, padding, windows."""
+    import jax
+    import jax.numpy as jnp
+
+    from metafit.models import layers as L
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 6, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 6, 2, 8)) for kk in keys[1:])
+    padding = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])  # left padding: rows with no key
+    slots = jnp.arange(6)
+    allowed = L.attention_allowed(padding, slots, slots, causal=True, window=window)
+    fused, probs = L.attend(q, k, v, allowed, scale=8**-0.5)
+    assert probs is None
+    explicit, _ = L.attend(q, k, v, allowed, scale=8**-0.5, attention_bias=jnp.zeros((1, 1, 6, 6)))
+    np.testing.assert_allclose(fused, explicit, atol=1e-5, rtol=1e-5)

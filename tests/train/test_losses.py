@@ -75,3 +75,30 @@ def test_equal_graphdefs_share_one_loss_function():
     other = nnx.split(MLP(4, (9,), 3, rngs=nnx.Rngs(0)))[0]
     assert next_token_loss(first) is next_token_loss(second) is not next_token_loss(other)
     assert classification_loss(first) is classification_loss(second) is not classification_loss(other)
+
+
+def _tiny_lm(tied: bool):
+    from metafit.models import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+def test_chunked_next_token_loss_equals_full_logits_loss_and_gradient():
+    """next_token_loss's chunked path (7 positions per chunk, 23 positions: a ragged last chunk) = the
+    loss of the full logits, in value and in the gradient of every parameter (tied and untied heads)."""
+    ids = jax.random.randint(jax.random.key(1), (3, 9), 0, 37)
+    mask = jnp.ones((3, 9)).at[0, :4].set(0.0)
+    batch = {"input_ids": ids, "loss_mask": mask}
+    for tied in (True, False):
+        graphdef, params = nnx.split(_tiny_lm(tied))
+
+        def full(p):
+            return causal_lm_loss(nnx.merge(graphdef, p)(ids), ids, mask)[0]
+
+        chunked = lambda p: next_token_loss(graphdef, chunk_tokens=7)(p, batch, None)[0]  # noqa: E731
+        (want, want_grad), (got, got_grad) = jax.value_and_grad(full)(params), jax.value_and_grad(chunked)(params)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
