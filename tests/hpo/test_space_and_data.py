@@ -7,7 +7,7 @@ import pytest
 from metafit.hpo import metadataset
 from metafit.hpo.space import Range, SearchSpace, space_from_dict
 from metafit.hpo.tasks import check_meta_features, entropy
-from conftest import TINY_SPACE
+from hpo_fixtures import TINY_SPACE, meta_file  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("raw, message", [

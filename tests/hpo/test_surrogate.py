@@ -13,7 +13,7 @@ from metafit.hpo.surrogate import gp_nll as _gp_nll
 from metafit.hpo.surrogate import gp_posterior as _gp_posterior
 
 gp_nll, gp_posterior = jax.jit(_gp_nll), jax.jit(_gp_posterior)  # one compilation each, not one per operation
-from conftest import TINY_SPACE
+from hpo_fixtures import TINY_SPACE, meta_file  # noqa: F401 (a fixture)
 
 
 def numpy_gp(z, y, z_star, mean, scale, length, noise):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from metafit.data.instructions import make_instructions
-from conftest import TINY_SPACE, synthetic_meta_file
+from hpo_fixtures import TINY_SPACE, synthetic_meta_file, meta_file  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
