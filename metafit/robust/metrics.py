@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from metafit.stats import mean_sd
+
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of ``predictions == labels`` (``predictions`` may be logits ``[n, C]``)."""
@@ -57,11 +59,9 @@ def clean_auroc(clean_prob: np.ndarray, is_noisy: np.ndarray) -> float:
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the finite values; NaNs when there are none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite))
+    """Mean and sample standard deviation (ddof = 1; 0 for one value) of the finite values; NaNs when
+    there are none. The convention of every metafit table (:mod:`metafit.stats`)."""
+    return mean_sd(values)
 
 
 def summarise_seeds(summaries: Sequence[dict[str, float]], realised_rate: float) -> dict[str, float]:

@@ -1,3 +1,5 @@
+import math
+
 """Closed-form checks of CleaR's parts: losses, GMM clean probability, routing gates, metrics, tasks."""
 import jax
 import jax.numpy as jnp
@@ -128,11 +130,12 @@ def test_metrics():
 
 
 def test_mean_std_over_seeds_by_hand():
-    assert mean_std([1.0, 3.0, float("nan"), None]) == (2.0, 1.0)  # non-finite and missing values are skipped
+    # non-finite and missing values are skipped; the spread is the sample sd: sqrt(((1-2)^2 + (3-2)^2) / 1)
+    assert mean_std([1.0, 3.0, float("nan"), None]) == pytest.approx((2.0, math.sqrt(2.0)))
     assert all(np.isnan(mean_std([float("nan")])))
     row = summarise_seeds([{"last_test_accuracy": 0.5, "last_clean_auroc": 0.9},
                            {"last_test_accuracy": 0.75}], realised_rate=0.375)
-    assert row == {"last_test_accuracy_mean": 0.625, "last_test_accuracy_std": 0.125,
+    assert row == {"last_test_accuracy_mean": 0.625, "last_test_accuracy_std": pytest.approx(0.25 / math.sqrt(2)),
                    "last_clean_auroc_mean": 0.9, "last_clean_auroc_std": 0.0, "seeds": 2,
                    "realised_noise_rate": 0.375}
 
