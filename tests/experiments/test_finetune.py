@@ -45,7 +45,7 @@ def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
     assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"] - 0.5  # random model learns the format
-    assert 0.0 <= results["lora_sft"]["exact_match"] <= 1.0
+    assert results["lora_sft"]["exact_match"] * 8 == round(results["lora_sft"]["exact_match"] * 8)  # k of n_eval = 8
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and "model.layers.1.mlp.down_proj" in config["target_modules"]
@@ -70,7 +70,7 @@ def test_lora_sft_on_your_own_jsonl(tiny_model, tmp_path, repo):
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
     assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"]
-    assert 0.0 <= results["lora_sft"]["exact_match"] <= 1.0  # held-out rows are single exchanges
+    assert results["lora_sft"]["exact_match"] * 4 == round(results["lora_sft"]["exact_match"] * 4)  # k of n_eval = 4
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "x"\n')
@@ -78,3 +78,31 @@ def test_lora_sft_on_your_own_jsonl(tiny_model, tmp_path, repo):
                   "--set", f"args.data={bad}", *common)
     assert out.returncode != 0 and "line 2 is not valid JSON" in out.stderr
     assert not (tmp_path / "bad_run").exists()
+
+
+def test_exact_match_scores_greedy_answers_that_transformers_also_generates(tiny_model):
+    """Greedy answers equal transformers' greedy ``generate`` on the same checkpoint, and exact match is
+    the share of examples whose response equals that answer (2 of 4 here by construction)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from metafit import models
+    from metafit.data.instructions import Instruction, chat_prompt
+    from metafit.train.lm_eval import exact_match, greedy_answers
+
+    model, tok = models.load(tiny_model)
+    prompts = [ex.prompt for ex in make_instructions(4, seed=5)]
+    answers = greedy_answers(model, tok, prompts, max_new_tokens=6, bucket=32)
+    assert all(answers), answers  # a random model rambles until max_new_tokens: non-empty answers to compare
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    for prompt, answer in zip(prompts, answers):
+        ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = reference.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == answer
+
+    examples = [Instruction(task="t", prompt=p, response=a if i % 2 == 0 else a + "x")
+                for i, (p, a) in enumerate(zip(prompts, answers))]
+    assert exact_match(model, tok, examples, max_new_tokens=6, bucket=32) == 0.5
