@@ -113,6 +113,27 @@ def partition(params: Any, mask: Any | None) -> tuple[Any, Any]:
     return trainable, frozen
 
 
+def fresh_rng_streams(tree: Any, key: jax.Array) -> Any:
+    """``tree`` with ``key`` folded into every NNX random stream key (``nnx.RngKey``) it holds.
+
+    A model's random streams (LoRA and model dropout) live in its state, and the trainer's step
+    returns only the trainable leaves, so a stream's counter never advances from one step to the
+    next: without this, every step would draw the same dropout masks. Folding in the step's key
+    gives each step (and each accumulated micro-batch) its own masks, still a pure function of
+    ``(key, step)``, so a resumed run draws what an uninterrupted one draws.
+    """
+    from flax import nnx
+
+    data = jax.random.bits(key, (), jnp.uint32)
+
+    def rekey(leaf):
+        if isinstance(leaf, nnx.RngKey):
+            return leaf.replace(jax.random.fold_in(leaf.get_value(), data))
+        return leaf
+
+    return jax.tree.map(rekey, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of :func:`partition`."""
     return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
@@ -407,6 +428,8 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     from metafit.models.remat import remat_policy  # the models read it while the loss is traced
 
     def micro_grads(trainable, frozen, batch, k):
+        frozen = fresh_rng_streams(frozen, k)
+
         def loss_of_trainable(t):
             with remat_policy(config.remat, config.scan_layers):
                 loss, metrics = loss_fn(cast(combine(t, frozen)), cast(batch), k)
