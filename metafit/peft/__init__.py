@@ -21,7 +21,7 @@ from metafit.peft.api import (PEFT_METHODS, apply, as_peft_config, merge_all, me
 from metafit.peft.bitfit import BitFitBias
 from metafit.peft.config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PeftConfig, PrefixConfig
 from metafit.peft.core import (AdapterParam, BitFitParam, DoRAMagnitude, Gate, IA3Param, PeftModule, PeftParam,
-                               PeftWrapper, PrefixParam)
+                               PeftWrapper, PrefixParam, dropout_enabled)
 from metafit.peft.gates import (bernoulli_gates, count_gated_modules, gated_paths, get_gates, reset_gates,
                                 set_gates)
 from metafit.peft.hf_export import export_hf_peft
@@ -35,7 +35,7 @@ __all__ = [
     "PEFT_METHODS", "AdapterConfig", "AdapterParam", "BitFitBias", "BitFitConfig", "BitFitParam",
     "BottleneckAdapter", "DoRAMagnitude", "Gate", "IA3Config", "IA3Linear", "IA3Param", "KVPrefix",
     "LoRALinear", "LoraConfig", "PeftConfig", "PeftModule", "PeftParam", "PeftWrapper", "PrefixConfig",
-    "PrefixParam", "apply", "as_peft_config", "bernoulli_gates", "count_gated_modules", "export_hf_peft",
+    "PrefixParam", "apply", "as_peft_config", "bernoulli_gates", "count_gated_modules", "dropout_enabled", "export_hf_peft",
     "gated_paths", "get_gates", "load_hf_peft", "memory_report", "merge_all", "merge_lora", "num_params", "optimizer_state_bytes",
     "remove_peft", "reset_gates", "set_gates", "split", "trainable_filter", "trainable_mask", "tree_bytes",
 ]

@@ -44,7 +44,8 @@ class LoraConfig:
       rank: r, inner dimension of ``A [in, r]`` and ``B [r, out]``.
       alpha: scale numerator; the update is scaled by ``alpha / r``
         (``alpha / sqrt(r)`` with ``use_rslora``).
-      dropout: dropout rate on the LoRA input (0 = no dropout module).
+      dropout: dropout rate on the LoRA input (0 = no dropout module), applied in training steps only
+        (:func:`metafit.peft.dropout_enabled`).
       targets, target_types, exclude: see module docstring.
       use_dora: weight-decomposed LoRA (Liu et al., 2024).
       use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).

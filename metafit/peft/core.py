@@ -13,6 +13,7 @@ uses), so a wrapped projection's base weight lives at ``...q_proj.base_layer.ker
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from typing import Any, Iterable, Iterator, Mapping
@@ -23,6 +24,30 @@ from flax import nnx
 from metafit.tree import path_name
 
 PathKey = tuple[Any, ...]
+
+_dropout_active = [False]
+
+
+@contextlib.contextmanager
+def dropout_enabled(active: bool = True) -> Iterator[None]:
+    """PEFT dropout (LoRA's ``dropout``) applies only to forward passes traced inside this context.
+
+    :func:`metafit.train.fit` enters it while it traces the loss, so adapters are regularised in
+    training steps and nowhere else: evaluation, scoring, generation, serving and export see the
+    deterministic model without a ``model.eval()`` call to forget. A loop of your own enters it
+    around its loss. The flag is read when a forward is traced: a function jitted outside the
+    context keeps its dropout-free trace. ``model.eval()`` (``deterministic=True``) still turns dropout off inside it.
+    """
+    _dropout_active.append(bool(active))
+    try:
+        yield
+    finally:
+        _dropout_active.pop()
+
+
+def dropout_is_enabled() -> bool:
+    """Whether a forward traced now applies PEFT dropout (see :func:`dropout_enabled`)."""
+    return _dropout_active[-1]
 
 
 class PeftParam(nnx.LoRAParam):

@@ -510,8 +510,8 @@ def load_hf_peft(model: nnx.Module, folder, *, allow_pickle: bool = False,
       folder: the adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
       allow_pickle: also read a pickled ``adapter_model.bin`` (unpickling can run code; refused by default).
       module_name: maps a metafit module path to its HF module name (default: as :func:`export_hf_peft`).
-      rngs: for the LoRA dropout stream (``lora_dropout > 0``); default ``nnx.Rngs(0)``. Dropout is active
-        until ``model.eval()``, as after :func:`metafit.peft.apply`.
+      rngs: for the LoRA dropout stream (``lora_dropout > 0``); default ``nnx.Rngs(0)``. Dropout applies in
+        :func:`metafit.train.fit`'s training steps only (see :func:`metafit.peft.dropout_enabled`).
 
     Returns:
       ``model``, now with gated PEFT modules (gate 1) holding the adapter's weights.

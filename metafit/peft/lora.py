@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import DoRAMagnitude, PeftWrapper, bias_of, check_weights, kernel_of, new_gate
+from metafit.peft.core import (DoRAMagnitude, PeftWrapper, bias_of, check_weights, dropout_is_enabled, kernel_of,
+                               new_gate)
 
 
 # ----------------------------------------------------------------------------- low-rank products
@@ -164,7 +165,7 @@ class LoRALinear(PeftWrapper):
 
     def __call__(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
-        h = x if self.dropout is None else self.dropout(x)
+        h = x if self.dropout is None or not dropout_is_enabled() else self.dropout(x)  # training steps only
         a = self.lora_A.get_value().astype(h.dtype)
         b = self.lora_B.get_value().astype(h.dtype)
         # Gate and scaling multiply the [..., r] factor, r / out of the work of scaling the output;
@@ -177,7 +178,7 @@ class LoRALinear(PeftWrapper):
         kernel = kernel_of(self.base_layer).get_value()
         norm = jax.lax.stop_gradient(_column_norm(kernel + self.lora_weight()))
         scale = (self.lora_magnitude_vector.get_value() / norm).astype(h.dtype)
-        if self.dropout is None:  # reuse the base matmul: x W = y - b
+        if h is x:  # no dropout applied: reuse the base matmul, x W = y - b
             bias = bias_of(self.base_layer)
             x_w = y if bias is None else y - bias.get_value().astype(y.dtype)
         else:

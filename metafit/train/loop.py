@@ -426,18 +426,20 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         return jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
     from metafit.models.remat import remat_policy  # the models read it while the loss is traced
+    from metafit.peft.core import dropout_enabled
 
     def micro_grads(trainable, frozen, batch, k):
         frozen = fresh_rng_streams(frozen, k)
 
         def loss_of_trainable(t):
-            with remat_policy(config.remat, config.scan_layers):
+            with remat_policy(config.remat, config.scan_layers), dropout_enabled():
                 loss, metrics = loss_fn(cast(combine(t, frozen)), cast(batch), k)
             return loss.astype(jnp.float32), metrics
 
         if grad_fn is None:
             return jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)
-        (loss, metrics), grads = grad_fn(combine(trainable, frozen), batch, k)
+        with dropout_enabled():
+            (loss, metrics), grads = grad_fn(combine(trainable, frozen), batch, k)
         grads_trainable, _ = partition(grads, jax.tree.map(lambda x: x is not None, trainable, is_leaf=lambda x: x is None))
         return (loss, metrics), grads_trainable
 

@@ -65,3 +65,17 @@ def test_fresh_rng_streams_changes_only_stream_keys():
     for a, b in zip(jax.tree.leaves(fresh, is_leaf=is_var), jax.tree.leaves(again, is_leaf=is_var)):
         if isinstance(a, nnx.RngKey):
             np.testing.assert_array_equal(jax.random.key_data(a.get_value()), jax.random.key_data(b.get_value()))
+
+
+def test_dropout_applies_in_training_steps_only():
+    """Outside the trainer (evaluation, generation, export) a LoRA model with dropout is deterministic and
+    equals its merged weights; inside ``dropout_enabled()`` (what fit enters) it is not."""
+    graphdef, state, _ = _lora_model(dropout=0.5)
+    model = nnx.merge(graphdef, state)
+    logits = np.asarray(model(IDS))  # model(ids) gives the logits
+    np.testing.assert_array_equal(np.asarray(model(IDS)), logits)
+    merged_logits = np.asarray(peft.merge_lora(nnx.merge(graphdef, state))(IDS))
+    np.testing.assert_allclose(logits, merged_logits, rtol=1e-4, atol=1e-5)
+    with peft.dropout_enabled():
+        dropped = np.asarray(nnx.merge(graphdef, state)(IDS))
+    assert np.abs(dropped - logits).max() > 1e-3
