@@ -201,7 +201,7 @@ CONSOLE_SCRIPT = ("import os, sys; sys.path[:] = [p for p in sys.path if p not i
                   "from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_path):
+def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_path, monkeypatch):
     (tmp_path / "my_experiments.py").write_text(USER_EXPERIMENT)
     (tmp_path / "my.yaml").write_text("experiment: my_experiments:count\nargs: {n: 4}\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
@@ -210,9 +210,10 @@ def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_pa
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"metrics": {"n_squared": 16}}
 
-    missing = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "run", "my.yaml", "--workdir", "run2",
-                              "--set", "experiment=my_experimnts:count"],
-                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    # the error path in this process, with the console script's sys.path (no '' nor the current directory)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    missing = run_cli("run", "my.yaml", "--workdir", "run2", "--set", "experiment=my_experimnts:count")
     assert missing.returncode == 2 and "no module named 'my_experimnts'" in missing.stderr
     assert not (tmp_path / "run2").exists()
 
