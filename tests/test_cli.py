@@ -16,8 +16,9 @@ def test_help_list_and_quickstart_run(repo, tmp_path):
     assert "metafit" in run_metafit("--help").stdout
     listing = run_metafit("list")
     assert listing.returncode == 0 and "experiment" in listing.stdout and "quickstart" in listing.stdout
-    out = run_metafit("run", str(repo / "configs/quickstart.yaml"), "--workdir", str(tmp_path / "run"),
-                      "--set", "train.steps=200")
+    # `run` in this process: its real subprocesses are the killed run and the two below
+    out = run_cli("run", str(repo / "configs/quickstart.yaml"), "--workdir", str(tmp_path / "run"),
+                  "--set", "train.steps=200")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "results.json", "results.md", "learning_curve.png"):
@@ -29,18 +30,27 @@ def test_help_list_and_quickstart_run(repo, tmp_path):
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
 
+# The killed run: the real CLI in a subprocess whose data source sleeps 10 ms per step, so that it
+# is still training when the test sees its first checkpoint and kills it (without the sleep a
+# short run can finish first; a long one makes the reference and the resume slow).
+SLOW_RUN = ("import sys, time; import metafit.experiments.quickstart as q; batches = q.epoch_batches\n"
+            "def slow(*a, **k):\n    batch_at = batches(*a, **k)\n"
+            "    return lambda step: (time.sleep(0.01), batch_at(step))[1]\n"
+            "q.epoch_batches = slow; from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
     config = str(repo / "configs/quickstart.yaml")
-    common = [*TINY, "--set", "train.steps=3000", "--set", "train.ckpt_every=100", "--set", "train.log_every=100",
-              "--set", "train.steps_per_dispatch=1"]
+    common = [*TINY, "--set", "train.steps=300", "--set", "train.ckpt_every=100", "--set", "train.log_every=50",
+              "--set", "train.steps_per_dispatch=10"]
     # the uninterrupted reference and the resume run in this process; the killed run is the real subprocess
     reference = run_cli("run", config, "--workdir", str(tmp_path / "ref"), *common)
     assert reference.returncode == 0, reference.stderr
 
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "metafit.cli", "run", config, "--workdir", str(killed_dir), *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "run", config, "--workdir", str(killed_dir), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=repo)
     checkpoints = killed_dir / "checkpoints" / "train"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -60,7 +70,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
     lines = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["split"], r["step"]) for r in lines]
     assert len(keys) == len(set(keys))  # no duplicated lines after resume
-    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(100, 3001, 100))
+    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(50, 301, 50))
 
 
 def test_bad_input_errors(repo, tmp_path):
@@ -148,7 +158,7 @@ def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path):
     config = tmp_path / "f.yaml"
     config.write_text(printed.stdout)
 
-    bad = run_metafit("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "run"))
+    bad = run_cli("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "run"))
     assert bad.returncode == 2 and "train.optimizer" in bad.stderr and "'adamz'" in bad.stderr
     assert not (tmp_path / "run").exists()
 
@@ -191,7 +201,7 @@ CONSOLE_SCRIPT = ("import os, sys; sys.path[:] = [p for p in sys.path if p not i
                   "from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_path):
+def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_path, monkeypatch):
     (tmp_path / "my_experiments.py").write_text(USER_EXPERIMENT)
     (tmp_path / "my.yaml").write_text("experiment: my_experiments:count\nargs: {n: 4}\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
@@ -200,9 +210,10 @@ def test_user_experiment_in_the_current_directory_runs_from_the_cli(repo, tmp_pa
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"metrics": {"n_squared": 16}}
 
-    missing = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "run", "my.yaml", "--workdir", "run2",
-                              "--set", "experiment=my_experimnts:count"],
-                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    # the error path in this process, with the console script's sys.path (no '' nor the current directory)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    missing = run_cli("run", "my.yaml", "--workdir", "run2", "--set", "experiment=my_experimnts:count")
     assert missing.returncode == 2 and "no module named 'my_experimnts'" in missing.stderr
     assert not (tmp_path / "run2").exists()
 

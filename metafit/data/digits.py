@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
@@ -40,12 +41,26 @@ MULTITASK_NAMES = ("digit", "parity", "ge5", "mod3", "flip_lr", "invert", "rot90
 
 @functools.lru_cache(maxsize=1)
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """``(images float32 [1797, 8, 8] in [0, 1], labels int32 [1797])`` in the file's order (read-only)."""
-    from sklearn.datasets import load_digits
+    """``(images float32 [1797, 8, 8] in [0, 1], labels int32 [1797])`` in the file's order (read-only).
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    labels = digits.target.astype(np.int32)
+    The file is scikit-learn's ``datasets/data/digits.csv.gz`` (64 pixel columns in 0..16, then
+    the label), read directly: importing ``sklearn.datasets`` (scipy and all) costs seconds in
+    every run. ``load_digits`` is the fallback where the file is not at that place.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        pixels, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels, target = digits.images, digits.target
+    images = (pixels / 16.0).astype(np.float32)
+    labels = target.astype(np.int32)
     for array in (images, labels):
         array.setflags(write=False)  # cached and shared by every caller
     return images, labels

@@ -92,8 +92,7 @@ class TensorBoardWriter:
 
     def _writer(self, stage: str):
         if stage not in self._writers:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             # Event file names carry the time in whole seconds: a writer reopened within the same second
             # (a resumed stage) would truncate the previous file without a suffix of its own.
             self._opened += 1
@@ -132,6 +131,26 @@ class TensorBoardWriter:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without importing torch.
+
+    tensorboardX imports torch when it is installed, only to accept torch tensors, which
+    metafit never passes (it logs Python floats and numpy images). Importing torch costs seconds
+    and hundreds of MB in every run; so unless torch is already loaded, it is hidden while
+    tensorboardX loads, and unhidden at once (a later ``import torch`` works as usual).
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # ``import torch`` raises ImportError: tensorboardX's own fallback
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _safe_name(stage: str) -> str:

@@ -15,6 +15,7 @@ sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
 
 def numeric_grad(f, x, eps=1e-2):
     """Central differences in float64 on a float32 function (the losses are smooth; eps balances error)."""
+    f = jax.jit(f)  # one compilation instead of one per operation
     x = np.asarray(x, np.float64)
     out = np.zeros_like(x)
     for i in range(x.size):
@@ -46,7 +47,7 @@ def test_dpo_gradient_at_a_known_point():
     rc, rr = jnp.asarray([-2.5, -3.0]), jnp.asarray([-2.0, -2.0])
     margin = np.asarray((pc - rc) - (pr - rr))
     closed = -beta * sigmoid(-beta * margin) / 2
-    grad_c, grad_r = jax.grad(lambda a, b: posttrain.dpo_loss(a, b, rc, rr, beta=beta), argnums=(0, 1))(pc, pr)
+    grad_c, grad_r = jax.jit(jax.grad(lambda a, b: posttrain.dpo_loss(a, b, rc, rr, beta=beta), argnums=(0, 1)))(pc, pr)
     np.testing.assert_allclose(grad_c, closed, rtol=1e-5)
     np.testing.assert_allclose(grad_r, -closed, rtol=1e-5)
     np.testing.assert_allclose(grad_c, numeric_grad(lambda a: posttrain.dpo_loss(a, pr, rc, rr, beta=beta), pc),
@@ -77,8 +78,9 @@ def test_kto_gradient_at_a_known_point():
     closed = (d * -lam_d * beta * s_d * (1 - s_d) + (1 - d) * lam_u * beta * s_u * (1 - s_u)) / 4
     loss = lambda p: posttrain.kto_loss(p, ref, desirable, beta=beta, desirable_weight=lam_d,
                                         undesirable_weight=lam_u, kl=kl)
-    np.testing.assert_allclose(jax.grad(loss)(policy), closed, rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(loss)(policy), numeric_grad(loss, policy), rtol=1e-3, atol=1e-6)
+    grad = jax.jit(jax.grad(loss))(policy)
+    np.testing.assert_allclose(grad, closed, rtol=1e-5)
+    np.testing.assert_allclose(grad, numeric_grad(loss, policy), rtol=1e-3, atol=1e-6)
 
 
 def test_kto_reference_point_is_detached_and_clipped_at_zero():
@@ -134,7 +136,7 @@ def tiny_lm():
     # abstract init + numpy weights: eager NNX initialisation is slow on a loaded 2-core machine
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
-    return graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), abstract)
+    return graphdef, jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.3).astype(x.dtype), abstract)
 
 
 def _rows(rng, n, length=6):
@@ -150,7 +152,7 @@ def test_cached_reference_equals_the_reference_forward_in_the_step(tiny_lm, tmp_
     from metafit.posttrain.reference import cached_reference_logprobs
 
     graphdef, params = tiny_lm
-    reference = jax.tree.map(lambda x: x * 0.9, params)  # another model of the same architecture
+    reference = jax.tree.map(lambda x: x * np.float32(0.9), params)  # another model of the same architecture (numpy)
     rng = np.random.default_rng(0)
     own, kl = (dict(zip(("input_ids", "attention_mask", "loss_mask"), _rows(rng, 4))) for _ in range(2))
     cached = cached_reference_logprobs(tmp_path / "ref.npz", graphdef, reference, {"": own, "kl_": kl}, chunk=3)
@@ -158,21 +160,26 @@ def test_cached_reference_equals_the_reference_forward_in_the_step(tiny_lm, tmp_
     np.testing.assert_array_equal(cached[""], again[""])
     batch = {**own, **{f"kl_{k}": v for k, v in kl.items()}, "desirable": np.array([1, 0, 1, 0], np.float32),
              "ref_logp": cached[""], "kl_ref_logp": cached["kl_"]}
-    # the reference passed as an argument, so one compilation serves every reference model
-    kto = jax.jit(jax.value_and_grad(lambda p, r, b: posttrain.kto_objective(graphdef, beta=0.5, reference_params=r)(
-        p, b, None)[0]))
-    kto_cached = jax.jit(jax.value_and_grad(lambda p, b: posttrain.kto_objective(graphdef, beta=0.5)(p, b, None)[0]))
-    with_cache, in_step = kto_cached(params, batch), kto(params, reference, batch)
+    dpo_batch = {**{f"chosen_{k}": v for k, v in own.items()}, **{f"rejected_{k}": v for k, v in kl.items()},
+                 "chosen_ref_logp": cached[""], "rejected_ref_logp": cached["kl_"]}
+
+    # One program for every comparison (XLA shares the policy's forward/backward between the two
+    # paths, so it compiles about as fast as one of them): the cached path, and the reference
+    # passed as an argument (one compilation serves every reference model, the policy included).
+    kto_cached = jax.value_and_grad(lambda p, b: posttrain.kto_objective(graphdef, beta=0.5)(p, b, None)[0])
+    kto = jax.value_and_grad(lambda p, r, b: posttrain.kto_objective(graphdef, beta=0.5, reference_params=r)(
+        p, b, None)[0])
+    dpo_cached = lambda p, b: posttrain.dpo_objective(graphdef)(p, b, None)[0]
+    dpo = lambda p, r, b: posttrain.dpo_objective(graphdef, reference_params=r)(p, b, None)[0]
+    both = jax.jit(lambda p, r, b, d: ((kto_cached(p, b), kto(p, r, b)), (dpo_cached(p, d), dpo(p, r, d))))
+
+    (with_cache, in_step), (dpo_with_cache, dpo_in_step) = both(params, reference, batch, dpo_batch)
     np.testing.assert_allclose(with_cache[0], in_step[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(with_cache[1]), jax.tree.leaves(in_step[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-
-    dpo_batch = {**{f"chosen_{k}": v for k, v in own.items()}, **{f"rejected_{k}": v for k, v in kl.items()},
-                 "chosen_ref_logp": cached[""], "rejected_ref_logp": cached["kl_"]}
-    dpo = jax.jit(lambda p, r, b: posttrain.dpo_objective(graphdef, reference_params=r)(p, b, None)[0])
-    dpo_cached = jax.jit(lambda p, b: posttrain.dpo_objective(graphdef)(p, b, None)[0])
-    np.testing.assert_allclose(dpo_cached(params, dpo_batch), dpo(params, reference, dpo_batch), rtol=1e-5)
-    np.testing.assert_allclose(dpo(params, params, dpo_batch), math.log(2), rtol=1e-5)  # policy = reference
+    np.testing.assert_allclose(dpo_with_cache, dpo_in_step, rtol=1e-5)
+    _, (_, dpo_at_policy) = both(params, params, batch, dpo_batch)
+    np.testing.assert_allclose(dpo_at_policy, math.log(2), rtol=1e-5)  # policy = reference
 
 
 def test_vocabulary_mismatch_is_an_error():

@@ -7,21 +7,41 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metafit.models import load
+from metafit.data.pretraining import pretraining_corpus
+from metafit.models import LlamaForCausalLM, load, save_folder
 from metafit.posttrain import stages
 from metafit.posttrain.data import make_pool
-from metafit.pretrain.small_lm import TINY, TINY_TRAIN, build
+from metafit.pretrain.small_lm import TINY, llama_config
+from metafit.pretrain.tokenizer import train_chat_tokenizer
 from metafit.runs import RunDir
 from metafit.train import TrainConfig
 
-STEPS = TrainConfig(steps=2, batch_size=4, lr=1e-2, log_every=1)
+STEPS = TrainConfig(steps=2, batch_size=4, lr=1e-2, log_every=1, optimizer="sgd")  # plain SGD: the shortest step to compile
 EVAL = stages.EvalArgs(n_eval=1, bucket=120, max_new_tokens=2)  # the tiny tokenizer has 320 tokens: long rows
+
+
+def untrained_student(folder):
+    """The small LM's TINY architecture and real chat tokenizer, randomly initialised.
+
+    The stages need the student's interface (chat template, role tokens, HF folder), not its
+    skill, so the pretraining of ``small_lm.build`` (two compilations) is skipped: the tokenizer
+    is trained on the TINY corpus and the weights are drawn in numpy on an abstract model.
+    """
+    corpus = pretraining_corpus(TINY.text_datasets, n_chats=TINY.n_chats, n_heldout_chats=0, seed=0,
+                                max_documents=TINY.max_documents)
+    texts = [*corpus.train_texts, *(m["content"] for chat in corpus.train_chats for m in chat)]
+    tokenizer = train_chat_tokenizer(texts, TINY.vocab_size, model_max_length=TINY.max_position_embeddings)
+    config = llama_config(TINY, len(tokenizer))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: np.asarray(rng.normal(size=x.shape) * 0.05, x.dtype), abstract)
+    return save_folder(nnx.merge(graphdef, params), folder, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("posttrain")
-    student = build(TINY, train=TINY_TRAIN, progress=False)  # cached after the first build (seconds)
+    student = untrained_student(root / "student")
     data = root / "data"
     data.mkdir()
     records = []
