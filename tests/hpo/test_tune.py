@@ -74,11 +74,12 @@ def test_tune_runs_trials_promotes_and_resumes(tiny_job, tmp_path):
     assert losses == sorted(losses) and first["metrics"]["best_eval_loss"] == losses[0]
     assert (work / "results.md").exists() and (work / "regret_vs_cost.png").exists()
 
-    # a second call with more budget continues the same tune: earlier trials kept as they were
-    second = tune(TuneRequest(str(config), budget=1.5, method="bo"), work, meta_path=meta, space=TINY_SPACE,
+    # a second call with more budget (one more quarter run) continues the same tune: earlier trials kept
+    second = tune(TuneRequest(str(config), budget=1.25, method="bo"), work, meta_path=meta, space=TINY_SPACE,
                   surrogate_steps=5)
     again = json.loads((work / "tune.json").read_text())
-    assert again["spent_runs"] == pytest.approx(1.5)
+    assert again["spent_runs"] == pytest.approx(1.25)
+    assert sum(t["reached"] for t in again["trials"]) == reached + 1
     assert again["trials"][: len(state["trials"])][0]["config"] == state["trials"][0]["config"]
     assert again["log"][: len(state["log"])] == state["log"]
     assert second["metrics"]["best_eval_loss"] <= first["metrics"]["best_eval_loss"]

@@ -1,4 +1,8 @@
-"""One training run on 1 device, 8 fake CPU devices (data and fsdp meshes) and 2 processes: same loss curve."""
+"""One training run on 1 device, 8 fake CPU devices (data and fsdp meshes) and 2 processes: same loss curve.
+
+The single-process layouts share one subprocess (8 CPU devices; the 1-device mesh takes the first);
+the 2-process cluster is a pair of subprocesses.
+"""
 import json
 import os
 import socket
@@ -21,9 +25,9 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _curve(tmp_path: Path, name: str, devices: int, *args: str) -> dict:
-    out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=_env(devices),
+def _curves(tmp_path: Path, devices: int, layouts: str) -> list[dict]:
+    out = tmp_path / "curves.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), layouts], env=_env(devices),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -36,22 +40,21 @@ def _free_port() -> int:
 
 
 def test_same_loss_curve_on_1_and_8_devices_and_2_processes(tmp_path):
-    one = _curve(tmp_path, "one", 1)
-    eight = _curve(tmp_path, "eight", 8)
-    fsdp = _curve(tmp_path, "fsdp", 8, "4", "2")
+    # one process with 8 CPU devices trains on a 1-device mesh, data x 8 and data 4 x fsdp 2
+    one, eight, fsdp = _curves(tmp_path, 8, "1:1:1,-1:1:-1,4:2:-1")
     assert one["devices"] == 1 and eight["devices"] == 8 and fsdp["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
 
     coordinator = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "multi.json"
     procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT), str(out), "-1", "1", coordinator, "2", str(i)],
+        subprocess.Popen([sys.executable, str(SCRIPT), str(out), "-1:1:-1", coordinator, "2", str(i)],
                          env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
-    multi = json.loads(out.read_text())
+    [multi] = json.loads(out.read_text())
     assert multi["devices"] == 4  # 2 processes x 2 local CPU devices form one mesh
 
     assert len(one["loss"]) == 8 and one["loss"][-1] < one["loss"][0] * 0.5  # it actually trains
