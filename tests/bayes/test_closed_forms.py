@@ -1,0 +1,124 @@
+"""Pooling and the hierarchical mixture against conjugate and enumerated closed forms.
+
+* Pooling with a linear f is conjugate: (theta, phi) has a Gaussian posterior, the proxy being
+  one more observation of phi (design row [0, 1], noise sigma_z^2).
+* The mixture with 2 components, f = 0 (inputs 0), mu and tau held fixed, 6 points: given the
+  assignments t (2^6 = 64 of them) the offsets are independent conjugate normals and the
+  Dirichlet(1, 1) weights integrate to p(t) = n_a! n_b! / (n + 1)!. The ordered model's
+  (phi_1, phi_2) is the sorted pair of the exchangeable model, so E[phi_1] = E[min(phi_a, phi_b)]
+  (Clark's formula per t), and P(t_n = lower component) sums Phi over t.
+
+Tolerances are 4 Monte Carlo sds from each estimate's ESS, as in test_posteriors.py.
+"""
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro import handlers
+from numpyro.diagnostics import effective_sample_size
+from scipy.stats import norm
+
+from metafit.bayes import NutsConfig, PriorConfig, linear_posterior, mixture_responsibilities, run_nuts
+from metafit.bayes.models import mixture_model, pooled_model
+
+PRIOR = PriorConfig(theta_scale=1.5, phi_mean=0.2, phi_scale=2.0, noise_scale=0.5)
+NUTS = NutsConfig(num_warmup=300, num_samples=500, num_chains=4)
+
+
+def within_mc_error(draws: np.ndarray, want_mean: np.ndarray, want_sd: np.ndarray) -> None:
+    """Posterior mean within 4 Monte Carlo sds (sd / sqrt(ESS)) of the closed form, per component."""
+    ess = effective_sample_size(draws)
+    assert np.all(ess > 200), ess
+    np.testing.assert_array_less(np.abs(draws.mean((0, 1)) - want_mean), 4 * want_sd / np.sqrt(ess) + 1e-3)
+
+
+def test_pooled_nuts_posterior_is_the_conjugate_normal_normal_posterior():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(25, 2)).astype(np.float32)
+    y = (x @ np.array([0.8, -0.4]) + 1.3 + 0.5 * rng.normal(size=25)).astype(np.float32)
+    proxy, proxy_noise = jnp.array([0.9, 1.4]), jnp.asarray(0.7)
+    model = functools.partial(pooled_model, prior=PRIOR, function="linear")
+    draws, diag = run_nuts(model, jax.random.PRNGKey(0), NUTS, x=jnp.asarray(x), y=jnp.asarray(y),
+                           x_target=jnp.zeros((1, 2)), proxy=proxy, proxy_noise=proxy_noise)
+    assert diag.max_rhat < 1.02 and diag.divergences == 0
+    # (theta, phi): design [x, 1] for the sources, [0, 0, 1] for each proxy reading.
+    design = np.concatenate([np.c_[x, np.ones(25)], np.c_[np.zeros((2, 2)), np.ones(2)]])
+    noise_var = np.r_[np.full(25, PRIOR.noise_scale**2), np.full(2, 0.7**2)]
+    want = linear_posterior(jnp.asarray(design, jnp.float32), jnp.concatenate([jnp.asarray(y), proxy]),
+                            jnp.array([0.0, 0.0, PRIOR.phi_mean]),
+                            jnp.array([PRIOR.theta_scale**2] * 2 + [PRIOR.phi_scale**2]), jnp.asarray(noise_var))
+    value = np.concatenate([np.asarray(draws.samples["theta"]), np.asarray(draws.samples["phi"])[..., None]], -1)
+    sd = np.sqrt(np.diag(np.asarray(want.var)))
+    within_mc_error(value, np.asarray(want.mean), sd)
+    np.testing.assert_allclose(value.std((0, 1)), sd, rtol=0.15)
+
+
+MU, TAU, SIGMA = 0.0, 1.5, 0.5
+Y_MIX = np.array([-1.3, -0.9, -1.1, 0.8, 1.2, 0.1], np.float32)  # two groups and one point between them
+
+
+def enumerated_mixture() -> dict[str, np.ndarray]:
+    """E[phi_1], E[phi_2] (ordered) and P(point n in the lower component), by summing over all 2^n assignments."""
+    n = Y_MIX.size
+    log_weights, lower, upper, p_lower = [], [], [], []
+    for labels in itertools.product((0, 1), repeat=n):
+        labels = np.array(labels)
+        moments, log_evidence = [], 0.0
+        for k in (0, 1):
+            members = Y_MIX[labels == k]
+            var = 1.0 / (1.0 / TAU**2 + members.size / SIGMA**2)
+            mean = var * (MU / TAU**2 + members.sum() / SIGMA**2)
+            moments.append((mean, var))
+            cov = SIGMA**2 * np.eye(members.size) + TAU**2  # y_G ~ N(mu 1, sigma^2 I + tau^2 1 1^T)
+            if members.size:
+                _, logdet = np.linalg.slogdet(cov)
+                resid = members - MU
+                log_evidence += -0.5 * (resid @ np.linalg.solve(cov, resid) + logdet + members.size * math.log(2 * math.pi))
+        counts = np.bincount(labels, minlength=2)
+        log_prior = math.lgamma(counts[0] + 1) + math.lgamma(counts[1] + 1) - math.lgamma(n + 2)
+        log_weights.append(log_prior + log_evidence)
+        (m_a, v_a), (m_b, v_b) = moments
+        spread = math.sqrt(v_a + v_b)
+        alpha = (m_a - m_b) / spread
+        expected_max = m_a * norm.cdf(alpha) + m_b * norm.cdf(-alpha) + spread * norm.pdf(alpha)  # Clark (1961)
+        upper.append(expected_max)
+        lower.append(m_a + m_b - expected_max)
+        a_below_b = norm.cdf((m_b - m_a) / spread)
+        p_lower.append(np.where(labels == 0, a_below_b, 1.0 - a_below_b))
+    post = np.exp(np.array(log_weights) - np.logaddexp.reduce(log_weights))
+    return {"phi": np.array([post @ np.array(lower), post @ np.array(upper)]), "lower": post @ np.array(p_lower)}
+
+
+@pytest.fixture(scope="module")
+def mixture_draws():
+    model = handlers.condition(functools.partial(mixture_model, n_components=2, prior=PRIOR, function="linear"),
+                               {"phi_mean": jnp.asarray(MU), "phi_spread": jnp.asarray(TAU)})
+    n = Y_MIX.size
+    draws, diag = run_nuts(model, jax.random.PRNGKey(1), NutsConfig(num_warmup=500, num_samples=1000, num_chains=4),
+                           check=False, x=jnp.zeros((n, 1)), y=jnp.asarray(Y_MIX), x_target=jnp.zeros((1, 1)),
+                           proxy=jnp.array([0.0]), proxy_noise=jnp.asarray(1.0))
+    assert diag.max_rhat < 1.02 and diag.divergences <= 0.01 * diag.draws, diag
+    return draws
+
+
+def test_mixture_offsets_match_the_enumerated_posterior(mixture_draws):
+    phi = np.asarray(mixture_draws.samples["phi_sources"])
+    assert np.all(phi[..., 0] <= phi[..., 1])  # ordered: no label switching
+    want = enumerated_mixture()
+    within_mc_error(phi, want["phi"], phi.std((0, 1)))
+
+
+def test_mixture_assignments_match_the_enumerated_posterior(mixture_draws):
+    samples = mixture_draws.samples
+    n = Y_MIX.size
+    resp = mixture_responsibilities(jnp.asarray(Y_MIX), jnp.zeros(n), samples["phi_sources"], samples["source_probs"],
+                                    SIGMA)
+    np.testing.assert_allclose(np.asarray(resp).sum(-1), 1.0, rtol=1e-5)
+    lower = np.asarray(resp[..., 0])  # [chains, draws, n]
+    want = enumerated_mixture()["lower"]
+    assert want[:3].min() > 0.9 and want[3:5].max() < 0.1 and 0.2 < want[5] < 0.8  # the data are what they seem
+    within_mc_error(lower, want, lower.std((0, 1)))
