@@ -101,18 +101,39 @@ def enumerated_mixture() -> dict[str, np.ndarray]:
     return {"phi": np.array([post @ np.array(lower), post @ np.array(upper)]), "lower": post @ np.array(p_lower)}
 
 
+def conditioned_mixture():
+    return handlers.condition(functools.partial(mixture_model, n_components=2, prior=PRIOR, function="linear"),
+                              {"phi_mean": jnp.asarray(MU), "phi_spread": jnp.asarray(TAU)})
+
+
+MIXTURE_DATA = dict(x=jnp.zeros((Y_MIX.size, 1)), y=jnp.asarray(Y_MIX), x_target=jnp.zeros((1, 1)),
+                    proxy=jnp.array([0.0]), proxy_noise=jnp.asarray(1.0))
+
+
+def test_mixture_likelihood_is_the_sum_over_every_assignment():
+    """The model's log joint = its prior terms + log sum over all 2^6 assignments of prod_n w_t N(y_n; phi_t, s^2)."""
+    eta, probs, theta, eta_target = np.array([-0.7, 0.6]), np.array([0.3, 0.7]), 0.4, -0.2
+    params = {"phi_sources_std": jnp.asarray(eta, jnp.float32), "source_probs": jnp.asarray(probs, jnp.float32),
+              "theta": jnp.array([theta], jnp.float32), "phi_target_std": jnp.asarray(eta_target, jnp.float32)}
+    joint, _ = log_density(conditioned_mixture(), (), MIXTURE_DATA, params)
+    phi = MU + TAU * eta
+    by_assignment = [sum(math.log(probs[k]) + norm.logpdf(y, phi[k], SIGMA) for y, k in zip(Y_MIX, labels))
+                     for labels in itertools.product((0, 1), repeat=Y_MIX.size)]
+    prior_terms = (norm.logpdf(theta, 0, PRIOR.theta_scale) + norm.logpdf(eta).sum() + math.lgamma(2.0)  # Dirichlet(1, 1)
+                   + norm.logpdf(eta_target) + norm.logpdf(0.0, MU + TAU * eta_target, 1.0)
+                   + norm.logpdf(MU, PRIOR.phi_mean, PRIOR.phi_scale) + math.log(2) + norm.logpdf(TAU, 0, PRIOR.phi_scale))
+    np.testing.assert_allclose(float(joint), prior_terms + np.logaddexp.reduce(by_assignment), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def mixture_draws():
-    model = handlers.condition(functools.partial(mixture_model, n_components=2, prior=PRIOR, function="linear"),
-                               {"phi_mean": jnp.asarray(MU), "phi_spread": jnp.asarray(TAU)})
-    n = Y_MIX.size
-    draws, diag = run_nuts(model, jax.random.PRNGKey(1), NutsConfig(num_warmup=500, num_samples=1000, num_chains=4),
-                           check=False, x=jnp.zeros((n, 1)), y=jnp.asarray(Y_MIX), x_target=jnp.zeros((1, 1)),
-                           proxy=jnp.array([0.0]), proxy_noise=jnp.asarray(1.0))
+    draws, diag = run_nuts(conditioned_mixture(), jax.random.PRNGKey(1),
+                           NutsConfig(num_warmup=500, num_samples=1000, num_chains=4), check=False, **MIXTURE_DATA)
     assert diag.max_rhat < 1.02 and diag.divergences <= 0.01 * diag.draws, diag
     return draws
 
 
+@pytest.mark.slow  # compiling NUTS for the mixture: the most expensive test of the package
 def test_mixture_offsets_match_the_enumerated_posterior(mixture_draws):
     phi = np.asarray(mixture_draws.samples["phi_sources"])
     assert np.all(phi[..., 0] <= phi[..., 1])  # ordered: no label switching
@@ -120,6 +141,7 @@ def test_mixture_offsets_match_the_enumerated_posterior(mixture_draws):
     within_mc_error(phi, want["phi"], phi.std((0, 1)))
 
 
+@pytest.mark.slow
 def test_mixture_assignments_match_the_enumerated_posterior(mixture_draws):
     samples = mixture_draws.samples
     n = Y_MIX.size
