@@ -115,10 +115,10 @@ def test_mixture_likelihood_is_the_sum_over_every_assignment():
     eta, probs, theta, eta_target = np.array([-0.7, 0.6]), np.array([0.3, 0.7]), 0.4, -0.2
     params = {"phi_sources_std": jnp.asarray(eta, jnp.float32), "source_probs": jnp.asarray(probs, jnp.float32),
               "theta": jnp.array([theta], jnp.float32), "phi_target_std": jnp.asarray(eta_target, jnp.float32)}
-    joint, _ = log_density(conditioned_mixture(), (), MIXTURE_DATA, params)
+    joint = jax.jit(lambda p: log_density(conditioned_mixture(), (), MIXTURE_DATA, p)[0])(params)
     phi = MU + TAU * eta
-    by_assignment = [sum(math.log(probs[k]) + norm.logpdf(y, phi[k], SIGMA) for y, k in zip(Y_MIX, labels))
-                     for labels in itertools.product((0, 1), repeat=Y_MIX.size)]
+    labels = np.array(list(itertools.product((0, 1), repeat=Y_MIX.size)))  # [64, 6]
+    by_assignment = (np.log(probs)[labels] + norm.logpdf(Y_MIX, phi[labels], SIGMA)).sum(1)
     prior_terms = (norm.logpdf(theta, 0, PRIOR.theta_scale) + norm.logpdf(eta).sum() + math.lgamma(2.0)  # Dirichlet(1, 1)
                    + norm.logpdf(eta_target) + norm.logpdf(0.0, MU + TAU * eta_target, 1.0)
                    + norm.logpdf(MU, PRIOR.phi_mean, PRIOR.phi_scale) + math.log(2) + norm.logpdf(TAU, 0, PRIOR.phi_scale))
