@@ -28,6 +28,7 @@ from metafit.bayes.data import (
 )
 from metafit.bayes.gaussian import Gaussian, gp_condition, linear_posterior, normal_posterior, rbf_kernel
 from metafit.bayes.inference import (
+    ConvergenceGate,
     Diagnostics,
     Draws,
     NutsConfig,
@@ -49,18 +50,18 @@ from metafit.bayes.methods import (
     proxy_posterior,
     relevance_weights,
 )
-from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig
+from metafit.bayes.models import FUNCTION_PRIORS, PriorConfig, mixture_responsibilities
 from metafit.bayes.report import plot_axis, sweep_markdown
-from metafit.bayes.sweep import (MethodScores, SweepGrid, evaluate_sweep, load_scores, save_scores, summarise,
-                                 sweep_problems)
+from metafit.bayes.sweep import (MethodScores, SweepGrid, evaluate_sweep, load_scores, problem_records, save_scores,
+                                 summarise, sweep_problems)
 
 __all__ = [
     "SimulatorConfig", "TransferData", "TransferDataError", "TransferTruth", "simulate", "validate_transfer_data",
     "Gaussian", "gp_condition", "linear_posterior", "normal_posterior", "rbf_kernel",
-    "Diagnostics", "Draws", "NutsConfig", "PosteriorDiagnosticsWarning", "SviConfig", "check_diagnostics",
+    "ConvergenceGate", "Diagnostics", "Draws", "NutsConfig", "PosteriorDiagnosticsWarning", "SviConfig", "check_diagnostics",
     "diagnose", "nuts_sample", "run_nuts", "svi_sample",
     "TRANSFER_METHODS", "MethodConfig", "MethodFit", "fit_transfer", "predictive_scores",
-    "prompt_weights", "proxy_posterior", "relevance_weights", "FUNCTION_PRIORS", "PriorConfig",
-    "MethodScores", "SweepGrid", "evaluate_sweep", "summarise", "sweep_problems", "load_scores", "save_scores",
+    "prompt_weights", "proxy_posterior", "relevance_weights", "FUNCTION_PRIORS", "PriorConfig", "mixture_responsibilities",
+    "MethodScores", "SweepGrid", "evaluate_sweep", "summarise", "sweep_problems", "problem_records", "load_scores", "save_scores",
     "sweep_markdown", "plot_axis",
 ]

@@ -215,21 +215,39 @@ def diagnose(draws: Draws) -> Diagnostics:
     return Diagnostics(max_rhat, float(min_ess), divergences, n_draws, worst)
 
 
-def check_diagnostics(diag: Diagnostics, *, max_rhat: float = 1.05, min_ess: float = 100.0,
-                      context: str = "", warn: bool = True) -> list[str]:
-    """Lists what is poor in ``diag`` and, if ``warn``, emits a :class:`PosteriorDiagnosticsWarning`.
+@dataclasses.dataclass(frozen=True)
+class ConvergenceGate:
+    """When a NUTS posterior counts as converged (and a table may report what it predicts).
 
-    Thresholds follow Vehtari et al. (2021) loosely: R-hat above 1.05 means the chains
-    disagree; fewer than ~100 effective draws makes posterior means/quantiles noisy; any
-    divergence means the sampler missed part of the posterior.
+    Thresholds follow Vehtari et al. (2021): split R-hat above 1.05 means the chains disagree;
+    fewer than 100 effective draws (summed over chains) make posterior means and quantiles
+    noisy; divergent transitions mean the sampler missed part of the posterior, so more than
+    ``max_divergent_fraction`` of the kept draws fails the posterior. R-hat and ESS are the
+    worst over every scalar component of every sampled and deterministic site
+    (:class:`Diagnostics`).
     """
-    problems = []
-    if diag.max_rhat > max_rhat:
-        problems.append(f"R-hat {diag.max_rhat:.3f} > {max_rhat} (site '{diag.worst_site}')")
-    if diag.min_ess < min_ess:
-        problems.append(f"ESS {diag.min_ess:.0f} < {min_ess:.0f}")
-    if diag.divergences:
-        problems.append(f"{diag.divergences} divergent transitions of {diag.draws}")
+
+    max_rhat: float = 1.05
+    min_ess: float = 100.0
+    max_divergent_fraction: float = 0.01
+
+    def failures(self, max_rhat: float, min_ess: float, divergences: int, draws: int, worst_site: str = "") -> list[str]:
+        """What fails (empty when converged), each as a short phrase with the measured value."""
+        problems = []
+        if not max_rhat <= self.max_rhat:  # NaN fails too
+            site = f" (site '{worst_site}')" if worst_site else ""
+            problems.append(f"R-hat {max_rhat:.3f} > {self.max_rhat}{site}")
+        if not min_ess >= self.min_ess:
+            problems.append(f"ESS {min_ess:.0f} < {self.min_ess:.0f}")
+        if divergences > self.max_divergent_fraction * draws:
+            problems.append(f"{divergences} divergent transitions of {draws}")
+        return problems
+
+
+def check_diagnostics(diag: Diagnostics, *, gate: ConvergenceGate = ConvergenceGate(), context: str = "",
+                      warn: bool = True) -> list[str]:
+    """Lists what fails ``gate`` in ``diag`` and, if ``warn``, emits a :class:`PosteriorDiagnosticsWarning`."""
+    problems = gate.failures(diag.max_rhat, diag.min_ess, diag.divergences, diag.draws, diag.worst_site)
     if problems and warn:
         where = f"{context}: " if context else ""
         warnings.warn(

@@ -69,7 +69,7 @@ class PriorConfig:
     Attributes:
       theta_scale: sd of each linear coefficient, theta ~ N(0, theta_scale^2 I).
       phi_mean: prior mean of a task's non-transferable effect phi.
-      phi_scale: prior sd of phi (and scale of the hierarchical tau's half-Cauchy prior); the
+      phi_scale: prior sd of phi (and scale of the hierarchical tau's half-normal prior); the
         default 3 is weakly informative for the effects the sweeps simulate (sd 0.25 to 4).
       noise_scale: the outcome noise sd sigma, treated as known.
       lengthscale: prior median of the GP lengthscale (log-normal prior).
@@ -244,21 +244,46 @@ def mixture_model(x: jax.Array, y: Optional[jax.Array] = None, *, x_target: jax.
                   proxy_noise: jax.Array, n_components: int, prior: PriorConfig, function: str = "linear") -> None:
     """Hierarchical mixture over latent source assignments, summed out of the likelihood.
 
-    ``mu ~ N(phi_mean, phi_scale^2)``, ``tau ~ HalfCauchy(phi_scale)``, ordered
-    ``phi_1 < ... < phi_K`` with density ``prod_k N(phi_k; mu, tau^2)``, source weights
+    ``mu ~ N(phi_mean, phi_scale^2)``, ``tau ~ HalfNormal(phi_scale)``, ordered
+    ``phi_1 < ... < phi_K`` with ``phi_k = mu + tau eta_k``, ``eta_k ~ N(0, 1)`` (non-centred), source weights
     ``w ~ Dirichlet(1)``, ``y_n ~ sum_k w_k N(f(x_n) + phi_k, sigma^2)``; the target is a new
     task ``phi* = mu + tau eta`` (non-centred) seen through the proxy.
     """
     n = _shapes(x, x_target, y)
     f = _transferable(x, x_target, prior, function)
     mu = numpyro.sample("phi_mean", dist.Normal(prior.phi_mean, prior.phi_scale))
-    tau = numpyro.sample("phi_spread", dist.HalfCauchy(prior.phi_scale))
-    phi = numpyro.sample("phi_sources", dist.ImproperUniform(constraints.ordered_vector, (), (n_components,)))
-    numpyro.factor("phi_sources_prior", dist.Normal(mu, tau).log_prob(phi).sum())
+    tau = numpyro.sample("phi_spread", dist.HalfNormal(prior.phi_scale))
+    # Non-centred: phi_k = mu + tau * eta_k with eta_k ~ N(0, 1). The centred form's funnel between tau
+    # and the phi_k made thousands of divergences; tau > 0, so ordering eta orders phi (no label switching).
+    eta = numpyro.sample("phi_sources_std", dist.ImproperUniform(constraints.ordered_vector, (), (n_components,)))
+    numpyro.factor("phi_sources_std_prior", dist.Normal(0.0, 1.0).log_prob(eta).sum())
+    phi = numpyro.deterministic("phi_sources", mu + tau * eta)
     probs = numpyro.sample("source_probs", dist.Dirichlet(jnp.ones(n_components)))
     with numpyro.plate("source_points", n):
+        # The latent source of each point is summed out: log sum_k w_k N(y_n; f(x_n) + phi_k, sigma^2).
         components = dist.Normal(f[:, None] + phi, prior.noise_scale)
         numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(probs=probs), components), obs=y)
     # Non-centred phi* avoids the funnel between tau and a task seen only through the proxy.
-    eta = numpyro.sample("phi_target_std", dist.Normal(0.0, 1.0))
-    _proxy_readings(numpyro.deterministic("phi_target", mu + tau * eta), proxy, proxy_noise)
+    eta_target = numpyro.sample("phi_target_std", dist.Normal(0.0, 1.0))
+    _proxy_readings(numpyro.deterministic("phi_target", mu + tau * eta_target), proxy, proxy_noise)
+
+
+def mixture_responsibilities(y: jax.Array, f: jax.Array, phi: jax.Array, probs: jax.Array,
+                             noise_scale: float) -> jax.Array:
+    """Posterior over each point's latent source given the mixture's parameters.
+
+    ``P(t_n = k | y_n, f, phi, w) = w_k N(y_n; f_n + phi_k, sigma^2) / sum_j w_j N(y_n; f_n + phi_j, sigma^2)``
+    (a softmax of the log joint, as :func:`mixture_model` sums the same terms with logsumexp).
+    Averaged over posterior draws it is ``P(t_n = k | D)``, the assignments the model summed out.
+
+    Args:
+      y: [..., N] outcomes; f: [..., N] the transferable mean at the points; phi: [..., K] source
+        offsets; probs: [..., K] source weights; leading axes (draws) broadcast.
+
+    Returns:
+      [..., N, K] probabilities summing to 1 over K.
+    """
+    log_joint = jnp.log(probs)[..., None, :] + dist.Normal(f[..., :, None] + phi[..., None, :], noise_scale).log_prob(
+        y[..., :, None])
+    return jax.nn.softmax(log_joint, axis=-1)
+

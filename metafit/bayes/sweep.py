@@ -203,6 +203,25 @@ def summarise(scores: dict[str, MethodScores], cells: dict[str, np.ndarray],
     return overall, rows
 
 
+def problem_records(scores: dict[str, MethodScores], cells: dict[str, np.ndarray]) -> dict:
+    """Every problem's scores and NUTS diagnostics as plain lists: what a table builder needs to
+    recompute each row and decide, per posterior, whether it converged (:class:`ConvergenceGate`).
+
+    Returns:
+      ``{"cells": {axis or 'seed': [B]}, "methods": {name: {"lpd": [B], "mse": [B]}}}``; a sampled
+      method also has ``max_rhat``, ``min_ess``, ``divergences``, ``draws`` and ``worst_site`` [B].
+    """
+    out = {"cells": {k: [float(v) if k != "seed" else int(v) for v in values] for k, values in cells.items()},
+           "methods": {}}
+    for name, s in scores.items():
+        record = {"lpd": [float(v) for v in s.lpd], "mse": [float(v) for v in s.mse]}
+        if s.diagnostics is not None:
+            for field in Diagnostics._fields:
+                record[field] = [getattr(d, field) for d in s.diagnostics]
+        out["methods"][name] = record
+    return out
+
+
 def _stats(lpd: np.ndarray, mse: np.ndarray, worse: np.ndarray, worse_mse: np.ndarray) -> dict[str, float]:
     return {"lpd": float(lpd.mean()), "lpd_sd": float(lpd.std()), "mse": float(mse.mean()),
             "mse_sd": float(mse.std()), "neg_transfer_rate": float(worse.mean()),

@@ -7,7 +7,7 @@ method's target log predictive density, MSE and rate of negative transfer (lpd b
 no-transfer reference on the same problem), with NUTS diagnostics.
 
 Run folder extras: ``sweep.json`` / ``sweep.md`` (one row per cell and method, spread over
-seeds), ``methods/<name>.npz`` (per-problem scores; a rerun reuses them, so an interrupted
+seeds), ``problems.json`` (every problem's cell, scores and NUTS diagnostics), ``methods/<name>.npz`` (per-problem scores; a rerun reuses them, so an interrupted
 run resumes method by method) and, for each swept axis, PNG plots of the negative-transfer
 rate and lpd against it; ``posterior/<method>.nc``, each sampled method's NUTS draws for every
 problem as ArviZ netCDF (:mod:`metafit.bayes.posterior`), whose R-hat / ESS ``metafit show`` prints.
@@ -28,6 +28,7 @@ from metafit.bayes import (
     evaluate_sweep,
     load_scores,
     plot_axis,
+    problem_records,
     save_scores,
     summarise,
     sweep_markdown,
@@ -95,6 +96,7 @@ def prompt_transfer(cfg: RunConfig, run: RunDir) -> dict:
                  "seconds": scores[name].seconds}, step=step, stage=name)
     overall, rows = summarise(scores, cells)
     (run.path / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (run.path / "problems.json").write_text(json.dumps(problem_records(scores, cells)) + "\n")
     (run.path / "sweep.md").write_text(sweep_markdown(rows))
     for axis, values in args.grid.axes(args.simulator).items():
         if len(values) > 1:

@@ -32,6 +32,13 @@ def test_tiny_sweep_writes_results_tables_plots_and_resumes(tmp_path):
     assert methods["no_transfer"]["neg_transfer_rate"] == 0.0 and "rhat_max" in methods["prompt"]
     rows = json.loads((run.path / "sweep.json").read_text())
     assert len(rows) == 2 * 2 and (run.path / "vs_proxy_noise.png").stat().st_size > 0
+    # Every problem's record: its cell, scores and diagnostics (what the paper table gates rows on).
+    problems = json.loads((run.path / "problems.json").read_text())
+    assert problems["cells"]["seed"] == [0, 1, 0, 1] and problems["cells"]["proxy_noise"] == pytest.approx([0.1, 0.1, 1, 1])
+    prompt = problems["methods"]["prompt"]
+    assert max(prompt["max_rhat"]) == pytest.approx(methods["prompt"]["rhat_max"]) and prompt["draws"] == [60] * 4
+    assert sum(prompt["lpd"]) / 4 == pytest.approx(methods["prompt"]["lpd"], rel=1e-5)
+    assert "max_rhat" not in problems["methods"]["no_transfer"]
     _check_posterior_file(run.path, methods["prompt"])
     # A rerun reuses the per-method scores: same numbers, nothing refitted.
     stamp = (run.path / "methods" / "prompt.npz").stat().st_mtime

@@ -13,6 +13,7 @@ import pytest
 from numpyro.diagnostics import effective_sample_size
 
 from metafit.bayes import (
+    ConvergenceGate,
     Diagnostics,
     Draws,
     NutsConfig,
@@ -126,9 +127,14 @@ def test_oracle_recovers_theta_as_data_grow():
 def test_poor_diagnostics_warn_and_good_ones_do_not():
     rng = np.random.default_rng(0)
     stuck = {"theta": jnp.asarray(rng.normal(size=(2, 100)) + np.array([[0.0], [5.0]]))}  # chains disagree
-    diag = diagnose(Draws(stuck, jnp.zeros((2, 100), bool).at[0, 3].set(True)))
-    assert diag.max_rhat > 1.5 and diag.divergences == 1 and diag.worst_site == "theta"
+    diag = diagnose(Draws(stuck, jnp.zeros((2, 100), bool).at[0, :3].set(True)))  # 3 of 200 > 1 %
+    assert diag.max_rhat > 1.5 and diag.divergences == 3 and diag.worst_site == "theta"
     with pytest.warns(PosteriorDiagnosticsWarning, match="R-hat .* divergent"):
         check_diagnostics(diag)
     healthy = diagnose(Draws({"theta": jnp.asarray(rng.normal(size=(4, 400)))}, jnp.zeros((4, 400), bool)))
     assert check_diagnostics(healthy, warn=False) == [] and isinstance(healthy, Diagnostics)
+    # The gate's edges: 16 divergences of 1600 draws (1 %) pass, 17 fail; R-hat 1.05 passes, NaN fails.
+    gate = ConvergenceGate()
+    assert gate.failures(1.05, 100.0, 16, 1600) == [] and gate.failures(1.0, 100.0, 17, 1600) == [
+        "17 divergent transitions of 1600"]
+    assert gate.failures(float("nan"), 99.0, 0, 1600) == ["R-hat nan > 1.05", "ESS 99 < 100"]
