@@ -36,7 +36,6 @@ EPOCH_SPLITS = ("epoch", "eval")  # metafit.robust.EPOCH_HOOK's lines (runs befo
 METRICS = (("peak_test_accuracy", "peak acc", 100.0, 1), ("last_test_accuracy", "last acc", 100.0, 1),
            ("val_selected_test_accuracy", "val-selected acc", 100.0, 1),
            ("last_memorisation", "memorisation", 100.0, 1), ("last_clean_auroc", "clean AUROC", 1.0, 3))
-GRID_JOB = re.compile(r"grid-(?:rt-)?(?P<setting>[a-z]+[0-9.]+)-(?P<entry>[a-z_]+:[a-z]+)-s(?P<seed>[0-9]+)")
 
 
 def parse_label(label: str) -> tuple[str, str, float]:
@@ -116,18 +115,22 @@ def pooled(records: dict) -> dict[tuple[str, str], dict[tuple[str, str, float], 
 
 
 def grid_cells(records: dict, scale: str) -> dict[tuple[str, str], dict[tuple[str, str, float], dict[str, list[int]]]]:
-    """``{protocol: {(entry, noise, rate): {"failed": seeds, "not run": seeds}}}`` of the one-seed grid jobs."""
+    """``{protocol: {(entry, noise, rate): {"failed": seeds, "not run": seeds}}}`` of the grid's one-seed jobs
+    (``grid-...`` names; their entries, noise and rate read from the job's overrides) that are not done."""
     from metafit.sweep import load_grid
 
     out = defaultdict(lambda: defaultdict(lambda: {"failed": [], "not run": []}))
     for job in load_grid(REPO / "experiments" / "clear.yaml", root=REPO).jobs(scale):
-        match = GRID_JOB.fullmatch(job.name)
         status = records.get(job.name, {}).get("status")
-        if match is None or status == "done":
+        if not job.name.startswith("grid-") or status == "done":
             continue
-        protocol = (job.config, job.tags.get("dataset", "bbc_news"))
-        key = (match["entry"], *parse_setting(match["setting"]))
-        out[protocol][key]["failed" if status == "failed" else "not run"].append(int(match["seed"]))
+        args = dict(o.split("=", 1) for o in job.overrides)
+        noise = NOISE_NAMES[args["args.noise"][:4]]
+        for entry in json.loads(args["args.methods"]):
+            for rate in json.loads(args["args.noise_rates"]):
+                key = (entry, noise, float(rate))
+                out[(job.config, job.tags.get("dataset", "bbc_news"))][key][
+                    "failed" if status == "failed" else "not run"].append(job.seed)
     return out
 
 
