@@ -176,8 +176,8 @@ def table(rows: dict, cells: dict | None = None) -> str:
         values = [format_mean_sd([seeds[s].get(metric, float("nan")) for s in sorted(seeds)], digits, scale)
                   if seeds else ("failed" if cells.get(key, {}).get("failed") else "not run")
                   for metric, _, scale, digits in METRICS]
-        values = ["–" if v == "not run" and seeds else v for v in values]  # a metric the method has not
-        status = [f"{len(seeds)} ({','.join(map(str, sorted(seeds)))})" if seeds else "0"]
+        values = ["–" if v == "not run" and seeds else v for v in values]  # a metric the method lacks (AUROC)
+        status = [f"done: {','.join(map(str, sorted(seeds))) if seeds else 'none'}"]
         for what, listed in cells.get(key, {}).items():
             if listed:
                 status.append(f"{what}: {','.join(map(str, sorted(listed)))}")
