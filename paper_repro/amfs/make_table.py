@@ -22,11 +22,21 @@ GLYPH_SETTINGS = ("5w1s", "5w5s", "20w1s")
 
 
 def collect(run_dir: Path, results: dict) -> dict:
-    """The run's metrics and the CV of its logged training meta-loss."""
+    """The run's metrics, the CV of its logged training meta-loss and, for weighted outer loops,
+    the task-weight statistics averaged over the logged training steps."""
     row = dict(results["metrics"])
     if (run_dir / "metrics.jsonl").is_file():
         row["meta_loss_cv"] = meta_loss_cv(run_dir / "metrics.jsonl")
+        row.update(weight_stats(run_dir / "metrics.jsonl"))
     return row
+
+
+def weight_stats(path: Path) -> dict:
+    """Means over logged training steps of ``weight_negative`` (share of negative task weights),
+    ``weight_min`` and ``weight_max`` (empty for unweighted learners, which log none)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if '"split": "train"' in line]
+    return {f"{key}_mean": sum(line[key] for line in lines) / len(lines)
+            for key in ("weight_negative", "weight_min", "weight_max") if lines and key in lines[0]}
 
 
 def meta_loss_cv(path: Path) -> float:

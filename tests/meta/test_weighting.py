@@ -11,6 +11,7 @@ from metafit.meta import (
     TASK_WEIGHTINGS,
     functional,
     gradient_agreement,
+    gradient_agreement_clipped,
     make_learner,
     meta_value_and_grad,
     softmax_cosine,
@@ -31,6 +32,14 @@ def test_gradient_agreement_matches_hand_computation():
     identical = {"a": jnp.ones((4, 3))}
     np.testing.assert_allclose(gradient_agreement(identical), [0.25] * 4, rtol=1e-6)  # agreement = uniform
     np.testing.assert_allclose(gradient_agreement({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+
+
+def test_clipped_gradient_agreement_drops_the_opposing_task_and_renormalises():
+    # agreements 1, 2, -1 -> clipped 1, 2, 0 -> divided by 3
+    np.testing.assert_allclose(gradient_agreement_clipped(GRADS), [1 / 3, 2 / 3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(gradient_agreement_clipped({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+    for weights in (gradient_agreement_clipped(GRADS), softmax_cosine(GRADS)):
+        assert float(weights.min()) >= 0 and float(weights.sum()) == pytest.approx(1.0)
 
 
 def test_softmax_cosine_matches_hand_computation():
