@@ -46,12 +46,19 @@ from metafit.meta.outer import (
     summarize,
     task_value_and_grad,
 )
-from metafit.meta.weighting import TASK_WEIGHTINGS, combine_task_grads, gradient_agreement, softmax_cosine, task_gram
+from metafit.meta.weighting import (
+    TASK_WEIGHTINGS,
+    combine_task_grads,
+    gradient_agreement,
+    gradient_agreement_clipped,
+    softmax_cosine,
+    task_gram,
+)
 
 __all__ = [
     "BACKBONES", "MLP", "Conv4", "Network", "build_backbone", "functional", "KERNELS", "Kernel", "IllConditionedWarning", "ntk_gram", "ntk_cross",
     "regularised_cholesky", "ridge_coefficients", "flow_coefficients", "warn_if_jittered", "LOSSES", "META_LEARNERS", "MetaLearner",
     "inner_sgd", "learner_config", "make_learner", "meta_loss", "adapted_predictions", "batch_meta_loss", "task_value_and_grad",
     "meta_value_and_grad", "evaluate", "summarize", "TASK_WEIGHTINGS", "task_gram", "gradient_agreement",
-    "softmax_cosine", "combine_task_grads",
+    "gradient_agreement_clipped", "softmax_cosine", "combine_task_grads",
 ]

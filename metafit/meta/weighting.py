@@ -11,7 +11,13 @@ are not differentiated. Registered in :data:`TASK_WEIGHTINGS`:
       w_i = sum_j g_i . g_j / sum_k |sum_j g_k . g_j|
 
   A task whose gradient agrees with the batch gets a large weight; one that points
-  against the consensus gets a small or negative weight.
+  against the consensus gets a small or **negative** weight (the absolute value in the
+  denominator is there because numerators can be negative), so the outer step then
+  *ascends* that task's query loss. The weights satisfy ``sum_i |w_i| = 1``.
+* ``gradient_agreement_clipped``: the same agreements clipped at 0 and renormalised,
+  ``w_i = max(a_i, 0) / sum_k max(a_k, 0)`` with ``a_i = sum_j g_i . g_j``: disagreeing
+  tasks are dropped instead of ascended (``sum_k a_k = |sum_j g_j|^2 >= 0``, so some
+  agreement is positive unless every gradient cancels; then uniform).
 * ``softmax_cosine``: ``w = softmax(c / temperature)`` with ``c_i`` the mean cosine
   similarity of ``g_i`` to the other tasks' gradients (a bounded, non-negative variant).
 
@@ -56,6 +62,14 @@ def gradient_agreement(grads: Any) -> jax.Array:
     agreement = task_gram(grads).sum(axis=1)
     total = jnp.abs(agreement).sum()
     return jnp.where(total > 0, agreement / jnp.where(total > 0, total, 1.0), uniform(grads))
+
+
+@TASK_WEIGHTINGS.register("gradient_agreement_clipped")
+def gradient_agreement_clipped(grads: Any) -> jax.Array:
+    """``w_i = max(a_i, 0) / sum_k max(a_k, 0)``, ``a_i = sum_j g_i.g_j`` (uniform if no ``a_i > 0``)."""
+    positive = jnp.maximum(task_gram(grads).sum(axis=1), 0.0)
+    total = positive.sum()
+    return jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), uniform(grads))
 
 
 @TASK_WEIGHTINGS.register("softmax_cosine")

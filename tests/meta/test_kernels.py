@@ -136,3 +136,37 @@ def test_ill_conditioned_kernel_learner_gives_finite_meta_gradients_and_warns_un
         (loss, metrics), grads = jax.block_until_ready(step(learner.init(params), tasks))
     assert bool(jnp.isfinite(loss)) and float(metrics["kernel_jitter"]) > 0
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_small_ridge_fits_the_support_exactly_when_the_ntk_spans_it_and_projects_otherwise():
+    # At Flax's zero-bias init a ReLU MLP on 1-D inputs is positively homogeneous on each side of 0, so every
+    # Jacobian row lies in span{x 1[x>0], x 1[x<0], 1[x>0], 1[x<0]}: the NTK has rank <= 4 and no ridge can
+    # fit 6 support points; the closed form then returns the least-squares projection onto those 4 features.
+    # Once the biases are non-zero (as after meta-training) the NTK has full rank and a tiny ridge interpolates.
+    with jax.enable_x64(True):
+        network, params = functional(MLP(1, (12, 12), 1, rngs=nnx.Rngs(0)))
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.uniform(-5, 5, size=(6, 1)))
+        y = jnp.asarray(rng.normal(size=(6, 1)))
+        learner = make_learner("i-amfs", network, loss="mse", output_dim=1, ridge=1e-10)
+
+        @jax.jit
+        def support_fit(p):
+            meta = learner.init(p)
+            return learner.predict(meta, learner.adapt(meta, (x, y)), x), network.apply(p, x)
+
+        eigenvalues = np.linalg.eigvalsh(np.asarray(jax.jit(ntk_gram, static_argnums=0)(network, params, x)))
+        assert int((eigenvalues > 1e-9 * eigenvalues[-1]).sum()) <= 4
+        fitted, f0 = map(np.asarray, support_fit(params))
+        xv = np.asarray(x)[:, 0]
+        features = np.stack([xv * (xv > 0), xv * (xv < 0), 1.0 * (xv > 0), 1.0 * (xv < 0)], axis=1)
+        residual = np.asarray(y) - f0
+        projection = features @ np.linalg.lstsq(features, residual, rcond=None)[0]
+        np.testing.assert_allclose(fitted - f0, projection, atol=1e-4)
+        assert float(np.mean((fitted - np.asarray(y)) ** 2)) > 0.1  # really does not fit
+
+        biased = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: jnp.asarray(rng.normal(size=leaf.shape)) if "bias" in jax.tree_util.keystr(path) else leaf,
+            params)
+        np.testing.assert_allclose(support_fit(biased)[0], np.asarray(y), atol=1e-6)

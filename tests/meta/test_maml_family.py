@@ -109,25 +109,34 @@ def test_inner_sgd_scan_matches_python_loop_and_zero_steps_is_identity():
     np.testing.assert_array_equal(unchanged["b"], params["b"])
 
 
-def test_metasgd_at_init_equals_maml_and_learns_its_rates():
+def test_metasgd_at_init_equals_maml_and_its_rate_gradient_has_the_closed_form():
+    # w' = w - a * g_s (per-parameter rates a, g_s = grad L_s(w)), so d L_q(w') / d a = -grad L_q(w') * g_s
     task = as_jax(quadratic_task(4), jnp.float32)
+    (xs, ys), (xq, yq) = jax.tree.map(np.asarray, task)
     w0 = {"w": jnp.ones((3, 1), jnp.float32)}
     maml = make_learner("maml", linear_network(), loss="mse", output_dim=1, inner_lr=0.05)
     msgd = make_learner("metasgd", linear_network(), loss="mse", output_dim=1, inner_lr=0.05)
     key = jax.random.key(0)
     assert np.isclose(meta_loss(maml, maml.init(w0), task, key)[0], meta_loss(msgd, msgd.init(w0), task, key)[0])
     grads = jax.grad(lambda p: meta_loss(msgd, p, task, key)[0])(msgd.init(w0))
-    assert float(jnp.abs(grads["inner_lr"]["w"]).sum()) > 0
+    w = np.ones((3, 1))
+    support_grad = 2 * xs.T @ (xs @ w - ys) / len(xs)
+    adapted = w - 0.05 * support_grad
+    expected = -(2 * xq.T @ (xq @ adapted - yq) / len(xq)) * support_grad
+    np.testing.assert_allclose(grads["inner_lr"]["w"], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_reptile_direction_is_theta_minus_phi():
     task = as_jax(quadratic_task(5), jnp.float32)
+    (xs, ys), _ = jax.tree.map(np.asarray, task)
     w0 = {"w": jnp.ones((3, 1), jnp.float32)}
-    reptile = make_learner("reptile", linear_network(), loss="mse", output_dim=1, inner_lr=0.05, inner_steps=1)
+    reptile = make_learner("reptile", linear_network(), loss="mse", output_dim=1, inner_lr=0.05, inner_steps=3)
     batch = jax.tree.map(lambda a: a[None], task)
     (_, _), grads = meta_value_and_grad(reptile, reptile.init(w0), batch, jax.random.key(0))
-    support_grad = jax.grad(lambda w: jnp.mean((task.support[0] @ w - task.support[1]) ** 2))(w0["w"])
-    np.testing.assert_allclose(grads["net"]["w"], 0.05 * support_grad, rtol=1e-5)
+    phi = np.ones((3, 1))  # three SGD steps on the support loss, by hand
+    for _ in range(3):
+        phi = phi - 0.05 * 2 * xs.T @ (xs @ phi - ys) / len(xs)
+    np.testing.assert_allclose(grads["net"]["w"], np.ones((3, 1)) - phi, rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_learner_and_option_names_fail_with_suggestions():

@@ -11,6 +11,7 @@ from metafit.meta import (
     TASK_WEIGHTINGS,
     functional,
     gradient_agreement,
+    gradient_agreement_clipped,
     make_learner,
     meta_value_and_grad,
     softmax_cosine,
@@ -31,6 +32,14 @@ def test_gradient_agreement_matches_hand_computation():
     identical = {"a": jnp.ones((4, 3))}
     np.testing.assert_allclose(gradient_agreement(identical), [0.25] * 4, rtol=1e-6)  # agreement = uniform
     np.testing.assert_allclose(gradient_agreement({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+
+
+def test_clipped_gradient_agreement_drops_the_opposing_task_and_renormalises():
+    # agreements 1, 2, -1 -> clipped 1, 2, 0 -> divided by 3
+    np.testing.assert_allclose(gradient_agreement_clipped(GRADS), [1 / 3, 2 / 3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(gradient_agreement_clipped({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+    for weights in (gradient_agreement_clipped(GRADS), softmax_cosine(GRADS)):
+        assert float(weights.min()) >= 0 and float(weights.sum()) == pytest.approx(1.0)
 
 
 def test_softmax_cosine_matches_hand_computation():
@@ -68,7 +77,7 @@ def test_gradient_agreement_downweights_an_opposing_task_in_the_meta_gradient():
     x = jnp.tile(jnp.eye(2)[None], (3, 1, 1))
     y = jnp.array([[[1.0], [0.0]], [[1.0], [0.0]], [[-1.0], [0.0]]])
     tasks = Task((x, y), (x, y))
-    learner = make_learner("o-amfs", net, loss="mse", output_dim=1, inner_lr=0.0)
+    learner = make_learner("o-amfs", net, loss="mse", output_dim=1, inner_lr=0.0, weighting="gradient_agreement")
     (_, metrics), grads = meta_value_and_grad(learner, learner.init({"w": jnp.zeros((2, 1))}), tasks, jax.random.key(0))
     # per-task grads of mean((x w - y)^2) at w = 0: -y_0 on w_0 -> (-1, -1, +1); weights (1/3, 1/3, -1/3)
     np.testing.assert_allclose(grads["net"]["w"][:, 0], [-1.0, 0.0], rtol=1e-6)
