@@ -50,6 +50,16 @@ from metafit.train.losses import next_token_loss
 NUM_CLASSES = 10  # heads are padded to 10 outputs
 
 
+# Aggregations inside ATM beside the mean: (label, (args, T) -> aggregate(base, finetuned, key)).
+ATM_AGGREGATORS = {
+    "ties": ("PA-ATM (TIES aggregation)",
+             lambda args, T: lambda b, fts, key: merge("ties", b, fts, density=args.ties_density, scale=1.0)),
+    "dare": ("PA-ATM (DARE aggregation)",
+             lambda args, T: lambda b, fts, key: merge("dare_linear", b, fts, drop_rate=args.dare_drop,
+                                                        scale=1.0 / T, key=key)),
+}
+
+
 @dataclass(frozen=True)
 class ATMArgs:
     """Options of the ``merge_atm`` experiment.
@@ -65,6 +75,9 @@ class ATMArgs:
       probe_c: inverse L2 strength of the logistic-regression heads (small = weaker zero-shot heads).
       atm_sum: also run PA-ATM with sum aggregation θ + Σ_t τ_t (one multi-task step per round, the
         identity's reading) beside the paper's mean θ + mean_t τ_t.
+      atm_aggregators: other aggregations run inside PA-ATM beside the mean (``ties``: TIES with
+        ``ties_density`` and its disjoint mean; ``dare``: DARE with ``dare_drop`` and scale 1/T, a fresh
+        drop mask each round), each at the card's coefficient (no tuning, like the mean).
       num_tasks: use the first this many tasks of the table (8 in the paper-style run; fewer for smoke tests).
       train_size / val_size: split sizes (the rest is test).
     """
@@ -73,16 +86,22 @@ class ATMArgs:
     budgets: tuple[int, ...] = (1, 2, 4, 6, 8, 10)
     pretrain_epochs: int = 20
     ph_rounds: int = 5
-    scales: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+    scales: tuple[float, ...] = (0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
     ties_density: float = 0.2
     dare_drop: float = 0.9
     breadcrumbs_density: float = 0.143
     breadcrumbs_gamma: float = 0.007
     probe_c: float = 0.05
     atm_sum: bool = True
+    atm_aggregators: tuple[str, ...] = ("ties", "dare")
     num_tasks: int = 8
     train_size: int = 1000
     val_size: int = 300
+
+    def __post_init__(self):
+        unknown = sorted(set(self.atm_aggregators) - set(ATM_AGGREGATORS))
+        if unknown:
+            raise ValueError(f"args.atm_aggregators: unknown {unknown}; choose from {sorted(ATM_AGGREGATORS)}")
 
 
 @experiment("merge_atm", config=ATMArgs)
@@ -157,6 +176,12 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
                              aggregate=lambda b, fts: task_arithmetic(b, fts, 1.0),
                              checkpoint_dir=run.checkpoint_dir("pa_atm_sum"))
         table["PA-ATM (sum)"] = {f"K={k}": test_acc(summed.rounds[k - 1]) for k in args.budgets}
+    for aggregator in args.atm_aggregators:
+        label, make = ATM_AGGREGATORS[aggregator]
+        other = atm_lib.atm(base, one_epoch, num_tasks, k_max, key=jax.random.fold_in(key, 3),
+                            aggregate=make(args, num_tasks), aggregate_takes_key=True,
+                            checkpoint_dir=run.checkpoint_dir(f"pa_atm_{aggregator}"))
+        table[label] = {f"K={k}": test_acc(other.rounds[k - 1]) for k in args.budgets}
 
     # PH-ATM: from the tuned TA merge of the K_max-epoch fine-tunes, rounds on the validation split.
     x_val, y_val = data["validation"]
@@ -192,7 +217,7 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
              "seconds": time.perf_counter() - started}, step=0, stage="summary")
     table["PH-ATM (rounds on validation)"] = {f"round={r}": v for r, v in enumerate(ph_curve)}
     table["Zero-shot (frozen heads on pre-trained encoder)"] = {"K=0": zero_shot}
-    return {"methods": table}
+    return {"methods": table, "chosen_scales": chosen}
 
 
 # ============================================================================= compatible specialization

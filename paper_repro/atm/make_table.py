@@ -28,8 +28,11 @@ OURS_FOR_PAPER_ROW = {"TA": "TA (1/T)", "Breadcrumbs": "Breadcrumbs (tuned)", "T
 
 
 def collect(run_dir: Path, results: dict) -> dict:
-    """The run's ``methods`` table."""
-    return results["methods"]
+    """The run's results: ``methods`` (and, in newer runs, the chosen scales, the LM round curve and weight changes).
+
+    The first grid's records (block ``seed{seed}``) hold the ``methods`` table itself.
+    """
+    return results
 
 
 def summarise(tables: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
