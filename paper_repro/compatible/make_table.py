@@ -4,8 +4,9 @@
     metafit repro compatible --table-only    # rebuilds table.md, compatible.png, results.json, cka.json from sweep.json
 
 Jobs: ``compatible_s{seed}`` (the current config: early and late routing, the base-MLP router
-control, own-task exact match of every expert snapshot) and ``compatible`` (the first, one-seed
-run, kept as committed). :func:`collect` keeps a run's ``results.json`` and ``cka.json``;
+control, own-task exact match of every expert snapshot), ``compatible_lite_s{seed}`` (the same
+with per-layer routing only; its rows count where they exist, and a row shows ``(n = k)`` when
+fewer runs than the table's have it) and ``compatible`` (the first, one-seed run, kept as committed). :func:`collect` keeps a run's ``results.json`` and ``cka.json``;
 :func:`build` writes the tables (mean ± sample sd over seeds, :mod:`metafit.stats`), the verdict
 numbers, ``compatible.png``, ``results.json`` and ``cka.json``.
 """
@@ -37,7 +38,8 @@ def collect(run_dir: Path, results: dict) -> dict:
 
 def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
     """``table.md``, ``compatible.png``, ``results.json`` and ``cka.json`` from the finished runs."""
-    seeds = {n: r["data"] for n, r in records.items() if r["status"] == "done" and n.startswith("compatible_s")}
+    seeds = {n: r["data"] for n, r in records.items()
+             if r["status"] == "done" and n.startswith(("compatible_s", "compatible_lite_s"))}
     first = records.get("compatible", {}).get("data") if records.get("compatible", {}).get("status") == "done" else None
     failed = {name: r["error"] for name, r in records.items() if r["status"] == "failed"}
     lines: list[str] = []
@@ -76,9 +78,10 @@ def seed_tables(seeds: dict[str, dict]) -> tuple[list[str], dict, dict]:
     f = lambda values, digits=3: format_mean_sd(values, digits)
     lines = [f"## Target task T (map of a sum): answer-token cross-entropy, nats, lower is better "
              f"({len(runs)} seed(s): {', '.join(seeds)})", "", "| model | target loss |", "|---|---|"]
-    routed = [n for n in runs[0] if "routing" in n]
+    routed = list(dict.fromkeys(n for r in runs for n in r if "routing" in n))
     for name in ["base", "expert add (early)", "expert map (early)", "expert add (late)", "expert map (late)", *routed]:
-        lines.append(f"| {name} | {f(_values(runs, name))} |")
+        values = _values(runs, name)
+        lines.append(f"| {name} | {f(values)}{f' (n = {len(values)})' if len(values) < len(runs) else ''} |")
     # Interpolation: per seed, the best alpha and whether it beats both endpoints.
     curves: dict[str, dict[float, list[float]]] = {}
     for run in runs:
@@ -117,18 +120,20 @@ def seed_tables(seeds: dict[str, dict]) -> tuple[list[str], dict, dict]:
     diff = [r[early]["target_loss"] - r[late]["target_loss"] for r in runs]
     best_interp = [min(row["target_loss"] for n, row in r.items() if INTERP.match(n) and INTERP.match(n)[2] == "late")
                    for r in runs]
-    n4 = {kind: next((n for n in runs[0] if n.startswith("multi-layer routing n=4") and kind in n), None)
+    n4 = {kind: next((n for n in routed if n.startswith("multi-layer routing n=4") and kind in n), None)
           for kind in ("early", "late", "control")}
     lines += ["", "## Verdict numbers (per seed)", "",
               f"- per-layer routing, early minus late: {', '.join(f'{d:+.3f}' for d in diff)} (mean {f(diff)})",
               f"- per-layer routing minus the best interpolation (either kind, any α), late experts: "
               + ", ".join(f"{r[late]['target_loss'] - b:+.3f}" for r, b in zip(runs, best_interp))]
     if n4["control"] and n4["late"]:
-        gap = [r[n4["late"]]["target_loss"] - r[n4["control"]]["target_loss"] for r in runs]
+        gap = [r[n4["late"]]["target_loss"] - r[n4["control"]]["target_loss"] for r in runs
+               if n4["late"] in r and n4["control"] in r]
         lines.append(f"- n = 4 routing over the late experts minus n = 4 over base MLPs (control): "
                      + ", ".join(f"{g:+.3f}" for g in gap) + f" (mean {f(gap)})")
     if n4["early"] and n4["late"]:
-        gap = [r[n4["early"]]["target_loss"] - r[n4["late"]]["target_loss"] for r in runs]
+        gap = [r[n4["early"]]["target_loss"] - r[n4["late"]]["target_loss"] for r in runs
+               if n4["early"] in r and n4["late"] in r]
         lines.append(f"- n = 4 routing, early minus late experts: " + ", ".join(f"{g:+.3f}" for g in gap))
     lines.append(f"- CKA, last layer, first -> last snapshot: "
                  + ", ".join(f"{c[layers[-1]][0]:.3f} -> {c[layers[-1]][-1]:.3f}" for c in ckas))
