@@ -50,6 +50,16 @@ from metafit.train.losses import next_token_loss
 NUM_CLASSES = 10  # heads are padded to 10 outputs
 
 
+# Aggregations inside ATM beside the mean: (label, (args, T) -> aggregate(base, finetuned, key)).
+ATM_AGGREGATORS = {
+    "ties": ("PA-ATM (TIES aggregation)",
+             lambda args, T: lambda b, fts, key: merge("ties", b, fts, density=args.ties_density, scale=1.0)),
+    "dare": ("PA-ATM (DARE aggregation)",
+             lambda args, T: lambda b, fts, key: merge("dare_linear", b, fts, drop_rate=args.dare_drop,
+                                                        scale=1.0 / T, key=key)),
+}
+
+
 @dataclass(frozen=True)
 class ATMArgs:
     """Options of the ``merge_atm`` experiment.
@@ -65,6 +75,9 @@ class ATMArgs:
       probe_c: inverse L2 strength of the logistic-regression heads (small = weaker zero-shot heads).
       atm_sum: also run PA-ATM with sum aggregation θ + Σ_t τ_t (one multi-task step per round, the
         identity's reading) beside the paper's mean θ + mean_t τ_t.
+      atm_aggregators: other aggregations run inside PA-ATM beside the mean (``ties``: TIES with
+        ``ties_density`` and its disjoint mean; ``dare``: DARE with ``dare_drop`` and scale 1/T, a fresh
+        drop mask each round), each at the card's coefficient (no tuning, like the mean).
       num_tasks: use the first this many tasks of the table (8 in the paper-style run; fewer for smoke tests).
       train_size / val_size: split sizes (the rest is test).
     """
@@ -73,16 +86,22 @@ class ATMArgs:
     budgets: tuple[int, ...] = (1, 2, 4, 6, 8, 10)
     pretrain_epochs: int = 20
     ph_rounds: int = 5
-    scales: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+    scales: tuple[float, ...] = (0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
     ties_density: float = 0.2
     dare_drop: float = 0.9
     breadcrumbs_density: float = 0.143
     breadcrumbs_gamma: float = 0.007
     probe_c: float = 0.05
     atm_sum: bool = True
+    atm_aggregators: tuple[str, ...] = ("ties", "dare")
     num_tasks: int = 8
     train_size: int = 1000
     val_size: int = 300
+
+    def __post_init__(self):
+        unknown = sorted(set(self.atm_aggregators) - set(ATM_AGGREGATORS))
+        if unknown:
+            raise ValueError(f"args.atm_aggregators: unknown {unknown}; choose from {sorted(ATM_AGGREGATORS)}")
 
 
 @experiment("merge_atm", config=ATMArgs)
@@ -157,6 +176,12 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
                              aggregate=lambda b, fts: task_arithmetic(b, fts, 1.0),
                              checkpoint_dir=run.checkpoint_dir("pa_atm_sum"))
         table["PA-ATM (sum)"] = {f"K={k}": test_acc(summed.rounds[k - 1]) for k in args.budgets}
+    for aggregator in args.atm_aggregators:
+        label, make = ATM_AGGREGATORS[aggregator]
+        other = atm_lib.atm(base, one_epoch, num_tasks, k_max, key=jax.random.fold_in(key, 3),
+                            aggregate=make(args, num_tasks), aggregate_takes_key=True,
+                            checkpoint_dir=run.checkpoint_dir(f"pa_atm_{aggregator}"))
+        table[label] = {f"K={k}": test_acc(other.rounds[k - 1]) for k in args.budgets}
 
     # PH-ATM: from the tuned TA merge of the K_max-epoch fine-tunes, rounds on the validation split.
     x_val, y_val = data["validation"]
@@ -192,7 +217,7 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
              "seconds": time.perf_counter() - started}, step=0, stage="summary")
     table["PH-ATM (rounds on validation)"] = {f"round={r}": v for r, v in enumerate(ph_curve)}
     table["Zero-shot (frozen heads on pre-trained encoder)"] = {"K=0": zero_shot}
-    return {"methods": table}
+    return {"methods": table, "chosen_scales": chosen}
 
 
 # ============================================================================= compatible specialization
@@ -207,7 +232,10 @@ class CompatibleArgs:
       pretrain_steps: steps on the copy/add/map mixture; expert_steps: MLP-only steps per expert.
       snapshot_every: expert checkpoints kept for CKA vs step (early = first, late = last).
       router_steps / router_lr: router training on the target task (only the routers train).
-      windows: multi-layer routing windows n (n = 1 is per-layer routing).
+      windows: multi-layer routing windows n (n = 1 is per-layer routing) of the late experts.
+      early_windows: the windows routed over the early experts.
+      control_windows: the windows of the capacity control: the same routers over two copies of the
+        base's MLPs (n >= 2; at n = 1 the control is the base model exactly).
       alphas: activation / weight interpolation coefficients.
       eval_size: held-out target examples.
     """
@@ -222,10 +250,19 @@ class CompatibleArgs:
     router_steps: int = 300
     router_lr: float = 5e-3
     windows: tuple[int, ...] = (1, 2, 3, 4)
+    early_windows: tuple[int, ...] = (1, 2, 3, 4)
+    control_windows: tuple[int, ...] = (2, 3, 4)
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     eval_size: int = 512
 
     def __post_init__(self):
+        for field_name in ("windows", "early_windows", "control_windows"):
+            values = list(getattr(self, field_name))
+            if not all(1 <= n <= self.n_layer for n in values):
+                raise ValueError(f"args.{field_name}={values}: each routing window n must be in 1..n_layer={self.n_layer}")
+        if 1 in self.control_windows:
+            raise ValueError("args.control_windows: n = 1 over two copies of the base MLPs is the base model exactly; "
+                             "use windows >= 2")
         if self.snapshot_every < 1 or self.expert_steps % self.snapshot_every:
             raise ValueError(f"args.snapshot_every={self.snapshot_every} must be >= 1 and divide "
                              f"args.expert_steps={self.expert_steps} (the last snapshot is the late expert)")
@@ -233,7 +270,7 @@ class CompatibleArgs:
 
 @experiment("merge_compatible", config=CompatibleArgs)
 def merge_compatible(cfg: RunConfig, run: RunDir) -> dict:
-    """Compatible specialization: CKA vs step, interpolation early vs late, per-/multi-layer routing."""
+    """Compatible specialization: CKA vs step, interpolation early vs late, per-/multi-layer routing, router control."""
     started = time.perf_counter()
     args, train = cfg.args, cfg.train
     key = jax.random.key(cfg.seed)
@@ -259,26 +296,32 @@ def merge_compatible(cfg: RunConfig, run: RunDir) -> dict:
     evals = {kind: jax.tree.map(jnp.asarray, char_tasks(kind, args.eval_size, 10_000 + i)) for i, kind in enumerate("AMT")}
     hidden_states = routing.residual_streams(graphdef, jnp.concatenate([evals[k]["input_ids"][:128] for k in "AMT"]))
 
-    # CKA between the two experts, layer by layer, at matched steps (step 0 = the shared base: CKA 1).
-    base_h = hidden_states(base)
-    cka_by_step = [layer_cka(base_h, base_h)] + [layer_cka(hidden_states(a), hidden_states(b))
-                                                  for a, b in zip(experts["add"], experts["map"])]
+    # CKA between the two experts, layer by layer, at matched steps (the shared base at step 0 is 1 by
+    # construction and is not reported).
+    cka_by_step = [layer_cka(hidden_states(a), hidden_states(b)) for a, b in zip(experts["add"], experts["map"])]
     cka_rows = {f"layer{l}": [values[l] for values in cka_by_step] for l in range(args.n_layer)}
 
     plain = routing.forward_loss(graphdef)
+    exact = routing.forward_loss(graphdef, routing.answer_exact_match)
+    # Did each expert learn its own task? Greedy exact match on its held-out strings at every snapshot.
+    learning = {name: [float(exact(p, evals[kind])) for p in experts[name]] for name, kind in (("add", "A"), ("map", "M"))}
     results: dict[str, dict[str, float]] = {}
-    results["base"] = {"target_loss": float(plain(base, evals["T"]))}
+    results["base"] = {"target_loss": float(plain(base, evals["T"])), "add_em": float(exact(base, evals["A"])),
+                       "map_em": float(exact(base, evals["M"]))}
     for name in experts:
+        late = experts[name][-1]
         results[f"expert {name} (late)"] = {
-            "target_loss": float(plain(experts[name][-1], evals["T"])),
-            "add_loss": float(plain(experts[name][-1], evals["A"])),
-            "map_loss": float(plain(experts[name][-1], evals["M"])),
+            "target_loss": float(plain(late, evals["T"])),
+            "add_loss": float(plain(late, evals["A"])), "add_em": float(exact(late, evals["A"])),
+            "map_loss": float(plain(late, evals["M"])), "map_em": float(exact(late, evals["M"])),
         }
 
     act_interp_loss = routing.interpolation_loss(graphdef)
     stages = {"early": 0, "late": len(steps) - 1}
     for stage, j in stages.items():
         pa, pb = experts["add"][j], experts["map"][j]
+        for name, p in (("add", pa), ("map", pb)):  # the late rows already hold their own-task scores
+            results.setdefault(f"expert {name} ({stage})", {})["target_loss"] = float(plain(p, evals["T"]))
         for a in args.alphas:
             results[f"activation interp {stage} (step {steps[j]}) alpha={a:g}"] = {
                 "target_loss": float(act_interp_loss(pa, pb, a, evals["T"]))}
@@ -286,21 +329,25 @@ def merge_compatible(cfg: RunConfig, run: RunDir) -> dict:
             results[f"weight interp {stage} (step {steps[j]}) alpha={a:g}"] = {
                 "target_loss": float(plain(linear([pa, pb], [a, 1.0 - a]), evals["T"]))}
 
-    # Routing: only the routers train, on the target task, experts frozen.
-    for stage, j in stages.items():
-        for n in (args.windows if stage == "late" else args.windows[:1]):
+    # Routing: only the routers train, on the target task, experts frozen. The control routes over two
+    # copies of the base's MLPs: the same router capacity with nothing specialised to compose.
+    candidates = {f"early (step {steps[0]})": ([experts["add"][0], experts["map"][0]], args.early_windows),
+                  f"late (step {steps[-1]})": ([experts["add"][-1], experts["map"][-1]], args.windows),
+                  "control: base MLPs": ([base, base], args.control_windows)}
+    for label, (models, windows) in candidates.items():
+        for n in windows:
             router_params, router_loss = routing.fit_routers(
-                graphdef, [experts["add"][j], experts["map"][j]], char_stream("T", train.batch_size, cfg.seed + 50 + n),
+                graphdef, models, char_stream("T", train.batch_size, cfg.seed + 50 + n),
                 dataclasses.replace(train, steps=args.router_steps, lr=args.router_lr, log_every=100), window=n,
-                key=jax.random.fold_in(key, 50 + n), name=f"router_{stage}_n{n}", log=run.metrics)
-            label = "per-layer routing" if n == 1 else f"multi-layer routing n={n}"
-            results[f"{label} {stage} (step {steps[j]})"] = {"target_loss": float(router_loss(router_params, evals["T"]))}
+                key=jax.random.fold_in(key, 50 + n), name=f"router_{label.split()[0].rstrip(':')}_n{n}", log=run.metrics)
+            kind = "per-layer routing" if n == 1 else f"multi-layer routing n={n}"
+            results[f"{kind} {label}"] = {"target_loss": float(router_loss(router_params, evals["T"]))}
 
-    plot_curves(run.plot_path("cka_vs_step"), {name: ([0] + steps, values) for name, values in cka_rows.items()},
+    plot_curves(run.plot_path("cka_vs_step"), {name: (steps, values) for name, values in cka_rows.items()},
                 xlabel="expert fine-tuning step", ylabel="linear CKA (add vs map expert)",
                 title="CKA between experts, per layer")
     for l, values in cka_rows.items():
-        results[f"CKA {l}"] = {"cka_step0": values[0], f"cka_early": values[1], "cka_late": values[-1]}
-    (run.path / "cka.json").write_text(json.dumps({"steps": [0] + steps, **cka_rows}, indent=1))
+        results[f"CKA {l}"] = {"cka_early": values[0], "cka_late": values[-1]}
+    (run.path / "cka.json").write_text(json.dumps({"steps": steps, **cka_rows}, indent=1))
     run.log({"seconds": time.perf_counter() - started}, step=0, stage="summary")
-    return {"methods": results}
+    return {"methods": results, "expert_em_by_step": {"steps": steps, **learning}}

@@ -41,6 +41,7 @@ from metafit.experiments import RunConfig, experiment
 from metafit.merge.experts import (LoraFinetuner, MergeSpec, is_saved, load_or_train_expert, lora_atm,
                                    merge_with_recipe)
 from metafit.merge.methods import MergeError
+from metafit.merge.similarity import relative_change
 from metafit.models import load, save_folder
 from metafit.registry import UnknownNameError
 from metafit.runs import RunDir, plot_curves
@@ -155,5 +156,16 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
             curves[f"{spec.name} of experts"] = ([0, args.atm_rounds], [rows[f"merge {spec.name}"]["mean_em"]] * 2)
         plot_curves(run.plot_path("atm_rounds"), curves, xlabel="ATM round", ylabel="mean exact match",
                     title=f"language ATM, tasks {', '.join(tasks)}")
+    # How far each model moved from the base on the LoRA targets: ‖θ − θ_base‖ / ‖θ_base‖, mean over tensors.
+    is_target = lambda name: any(target in name for target in args.lora.targets)
+    folders = {f"expert {t}": run.path / "models" / t for t in tasks}
+    folders.update({f"merge {m.name}": run.path / "merged" / m.name for m in args.merges})
+    if args.atm_rounds:
+        folders["ATM"] = run.path / "merged" / "atm"
+    weight_change = {name: relative_change(base_params, nnx.split(load(folder)[0])[1], is_target)
+                     for name, folder in folders.items()}
     run.log({"merge_seconds": merge_seconds, "seconds": time.perf_counter() - started}, step=0, stage="summary")
-    return {"methods": rows}
+    out = {"methods": rows, "weight_change": weight_change}
+    if args.atm_rounds:
+        out["atm_rounds"] = atm_curve
+    return out

@@ -72,6 +72,7 @@ def preset_aggregate(method: str, key: jax.Array | None = None, **params: Any) -
 
 def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key: jax.Array,
         aggregate: Aggregate = mean_aggregate,
+        aggregate_takes_key: bool = False,
         callbacks: Sequence[Callback] = (),
         checkpoint_dir: str | Path | None = None,
         log: MetricsWriter | None = None,
@@ -85,6 +86,9 @@ def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key:
       rounds: K.
       key: PRNG key; task ``t`` in round ``k`` uses ``fold_in(fold_in(key, k), t)``.
       aggregate: ``(θ^{k−1}, [θ_t]) -> θ^k``.
+      aggregate_takes_key: call ``aggregate(θ^{k−1}, [θ_t], key_k)`` with a fresh key each round
+        (``fold_in(fold_in(key, k), T)``), for random aggregations such as DARE: a fixed key would
+        drop the same entries in every round, so most weights would never move.
       callbacks: trainer callbacks (:class:`metafit.train.Callback`) run after the rounds they are
         due at (``every`` counts rounds), e.g. scoring each merge. They see a
         :class:`~metafit.train.StepInfo` with ``step`` = k, ``params`` = θ^k, no optimiser state and
@@ -125,7 +129,8 @@ def atm(params: PyTree, finetune: Finetune, num_tasks: int, rounds: int, *, key:
         for k in range(len(history) + 1, rounds + 1):
             round_key = jax.random.fold_in(key, k)
             finetuned = [finetune(params, t, k, jax.random.fold_in(round_key, t)) for t in range(num_tasks)]
-            params = aggregate(params, finetuned)
+            params = (aggregate(params, finetuned, jax.random.fold_in(round_key, num_tasks)) if aggregate_takes_key
+                      else aggregate(params, finetuned))
             history.append(params)
             call_due(callbacks, StepInfo(k, params, None, {}, k == rounds, name), states, records, log)
             if checkpointer is not None:

@@ -99,7 +99,9 @@ class LoraFinetuner:
 
     def __call__(self, params, task: int, round_index: int, key: jax.Array, *, steps: int,
                  workdir: Path | None = None):
-        model = nnx.merge(self.graphdef, params)
+        # copy=True: merge_lora writes the folded kernels in place, and without a copy the model would
+        # share its Variables with ``params``, so the caller's base (and every later expert) would move too.
+        model = nnx.merge(self.graphdef, params, copy=True)
         peft.apply(model, self.lora, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**31 - 1))))
         lora_graphdef, lora_params = nnx.split(model)
         if self._lora_loss is None or self._lora_loss[0] != lora_graphdef:

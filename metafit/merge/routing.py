@@ -119,6 +119,17 @@ def residual_streams(graphdef: nnx.GraphDef, ids: Array) -> Callable[[Any], list
     return jax.jit(lambda params: forward(nnx.merge(graphdef, params), ids)[1])
 
 
+def answer_exact_match(logits: Array, batch) -> Array:
+    """Fraction of the batch's strings whose every answer token (``loss_mask`` = 1) is the argmax prediction.
+
+    Position ``t`` predicts token ``t + 1``; with teacher forcing, all answer tokens right is
+    exactly what greedy decoding from the prompt would produce. A ``token_loss`` for :func:`forward_loss`.
+    """
+    right = jnp.argmax(logits[:, :-1], axis=-1) == batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, :-1] > 0
+    return jnp.mean(jnp.all(right | ~mask, axis=-1).astype(jnp.float32))
+
+
 def forward_loss(graphdef: nnx.GraphDef, token_loss: TokenLoss = lm_batch_loss) -> Callable[[Any, Any], Array]:
     """Jitted ``(params, batch) -> loss`` of the plain model."""
     return jax.jit(lambda params, batch: token_loss(forward(nnx.merge(graphdef, params), batch["input_ids"])[0], batch))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from metafit.tree import path_name
+
 Array = jax.Array
 
 
@@ -67,3 +69,23 @@ def layer_cka(hiddens_a, hiddens_b) -> list[float]:
     Every token position is one sample (``b·s`` rows of ``d`` features).
     """
     return [float(cka(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))) for a, b in zip(hiddens_a, hiddens_b)]
+
+
+def relative_change(base, params, include=lambda name: True) -> float:
+    """Mean over the selected tensors of ``‖θ − θ_base‖_F / ‖θ_base‖_F``: how far a model moved from its base.
+
+    Args:
+      base, params: pytrees of the same structure (e.g. ``nnx.state(model, nnx.Param)``).
+      include: ``path name -> bool`` choosing the tensors (e.g. the LoRA targets).
+    """
+    named = lambda tree: {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    base_leaves, leaves = named(base), named(params)
+    if base_leaves.keys() != leaves.keys():
+        raise ValueError(f"relative_change: the two models' parameter names differ "
+                         f"(only in one: {sorted(base_leaves.keys() ^ leaves.keys())[:5]})")
+    ratios = [float(jnp.linalg.norm(jnp.asarray(leaves[name], jnp.float32) - jnp.asarray(b, jnp.float32))
+                    / jnp.linalg.norm(jnp.asarray(b, jnp.float32)))
+              for name, b in base_leaves.items() if include(name)]
+    if not ratios:
+        raise ValueError("relative_change: no tensor selected; check the include predicate against the parameter names")
+    return sum(ratios) / len(ratios)

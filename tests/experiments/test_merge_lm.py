@@ -44,6 +44,13 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)  # LoRA on q, v only
     for name in base:
         np.testing.assert_allclose(merged[name], (up[name] + add[name]) / 2, atol=1e-6)
+    # weight_change = mean over the LoRA-target tensors of ‖θ − θ_base‖ / ‖θ_base‖, recomputed in numpy.
+    targets = [name for name in base if "q_proj" in name or "v_proj" in name]
+    for row, weights in (("expert upper", up), ("merge average", merged)):
+        expected = np.mean([np.linalg.norm(weights[n] - base[n]) / np.linalg.norm(base[n]) for n in targets])
+        np.testing.assert_allclose(results["weight_change"][row], expected, rtol=1e-4)
+    # the round curve ends at the ATM row
+    assert len(results["atm_rounds"]) == 2 and results["atm_rounds"][-1] == rows["ATM (2 rounds x 4 steps)"]
     # TIES' scale was chosen on validation among [0.5, 1.0]; the recipe file holds the chosen value
     # and produced merged/ties exactly; the two candidates' validation scores are logged.
     recipe = load_recipe(run.path / "recipes" / "ties.yaml")

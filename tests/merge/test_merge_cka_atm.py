@@ -165,3 +165,38 @@ def test_atm_resumes_after_an_interrupted_round_and_ends_where_an_uninterrupted_
     checkpointer = Checkpointer(tmp_path / "plain")
     np.testing.assert_array_equal(checkpointer.restore(2, params)["w"], plain.params["w"])
     checkpointer.close()
+
+
+def test_atm_random_aggregation_gets_a_fresh_key_each_round_and_dare_without_drops_is_the_mean():
+    from metafit.experiments.merge import ATM_AGGREGATORS, ATMArgs
+    from metafit.merge.similarity import relative_change
+
+    base = {"w": jnp.arange(6.0).reshape(2, 3) + 1.0}
+    finetune = lambda p, t, k, key: {"w": p["w"] + (t + 1.0) * k}  # task t moves every entry by (t+1)·k
+    seen = []
+
+    def aggregate(b, fts, key):
+        seen.append(key)
+        return atm_lib.mean_aggregate(b, fts)
+
+    key = jax.random.key(3)
+    result = atm_lib.atm(base, finetune, 2, 3, key=key, aggregate=aggregate, aggregate_takes_key=True)
+    expected = [jax.random.fold_in(jax.random.fold_in(key, k), 2) for k in (1, 2, 3)]
+    assert [jax.random.key_data(k).tolist() for k in seen] == [jax.random.key_data(k).tolist() for k in expected]
+    # mean of (t+1)·k over t = 1.5 k per round: 1.5, 3, 4.5 -> cumulative 9
+    np.testing.assert_allclose(result.params["w"], base["w"] + 9.0)
+    # DARE with no drops and scale 1/T is the mean; TIES aggregation with density 1 and no sign conflict too.
+    no_drop = ATM_AGGREGATORS["dare"][1](dataclasses.replace(ATMArgs(), dare_drop=0.0), 2)
+    full_ties = ATM_AGGREGATORS["ties"][1](dataclasses.replace(ATMArgs(), ties_density=1.0), 2)
+    fts = [finetune(base, t, 1, None) for t in range(2)]
+    np.testing.assert_allclose(no_drop(base, fts, jax.random.key(0))["w"], base["w"] + 1.5, rtol=1e-6)
+    np.testing.assert_allclose(full_ties(base, fts, None)["w"], base["w"] + 1.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="atm_aggregators.*unknown"):
+        ATMArgs(atm_aggregators=("tie",))
+    # relative_change: mean over tensors of ‖θ − θ_b‖ / ‖θ_b‖
+    moved = {"a": jnp.ones(4) * 2.0, "b": jnp.ones(3) * 3.0}
+    start = {"a": jnp.ones(4), "b": jnp.ones(3)}
+    assert relative_change(start, moved) == pytest.approx((1.0 + 2.0) / 2)
+    assert relative_change(start, moved, lambda name: name == "b") == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no tensor selected"):
+        relative_change(start, moved, lambda name: False)

@@ -40,6 +40,17 @@ def test_forward_matches_the_model_and_routing_closed_forms():
     np.testing.assert_allclose(uniform_routing, half, atol=1e-5)
 
 
+def test_answer_exact_match_counts_strings_with_every_answer_token_right():
+    ids = jnp.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    batch = {"input_ids": ids, "loss_mask": jnp.array([[0, 0, 1, 1]] * 3, jnp.float32)}
+    logits = jax.nn.one_hot(jnp.roll(ids, -1, axis=1), 17) * 5.0  # position t predicts token t + 1
+    assert float(routing.answer_exact_match(logits, batch)) == 1.0
+    wrong_answer = logits.at[1, 2].set(jax.nn.one_hot(9, 17) * 5.0)  # row 1 predicts 9 instead of its last answer token
+    wrong_prompt = logits.at[2, 0].set(jax.nn.one_hot(9, 17) * 5.0)  # row 2 errs outside the answer: not counted
+    assert float(routing.answer_exact_match(wrong_answer, batch)) == pytest.approx(2 / 3)
+    assert float(routing.answer_exact_match(wrong_prompt, batch)) == 1.0
+
+
 def test_windows_and_top_k_gates():
     assert routing.window(0, 2, 4) == [0, 1] and routing.window(3, 2, 4) == [2, 3] and routing.window(1, 4, 4) == [0, 1, 2, 3]
     gates = routing.top_k_gates(jnp.array([1.0, 3.0, 2.0, 0.0]), 2)
@@ -70,6 +81,14 @@ def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers():
                                               TrainConfig(steps=2, batch_size=8, lr=0.0), window=1,
                                               key=jax.random.key(0))
     np.testing.assert_allclose(router_loss(params, batch), interp(pa, pb, 0.5, batch), rtol=1e-5)
+    # Routing over two copies of one model's MLPs is that model whatever the router learned (gates sum to 1):
+    # the capacity control adds nothing at n = 1.
+    same, same_loss = routing.fit_routers(graphdef, [pa, pa], char_stream("T", 8, 0),
+                                          TrainConfig(steps=1, batch_size=8, lr=0.0), window=1, key=jax.random.key(0))
+    leaves, tree = jax.tree.flatten(same)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    random_router = jax.tree.unflatten(tree, [3.0 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    np.testing.assert_allclose(same_loss(random_router, batch), plain(pa, batch), rtol=1e-5)
     trained, trained_loss = routing.fit_routers(graphdef, [pa, pb], char_stream("T", 8, 0),
                                                 TrainConfig(steps=3, batch_size=8, lr=0.05), window=2,
                                                 key=jax.random.key(0))
@@ -99,16 +118,27 @@ def test_atm_experiment_smoke(tmp_path):
 def test_compatible_experiment_smoke(tmp_path):
     from metafit.experiments import run_experiment
 
-    overrides = ["args.n_embd=16", "args.n_layer=1", "args.n_head=2", "args.pretrain_steps=2", "args.expert_steps=4",
-                 "args.snapshot_every=2", "args.router_steps=2", "args.windows=[1]", "args.alphas=[0.0,1.0]",
+    overrides = ["args.n_embd=16", "args.n_layer=2", "args.n_head=2", "args.pretrain_steps=2", "args.expert_steps=4",
+                 "args.snapshot_every=2", "args.router_steps=2", "args.windows=[1,2]", "args.early_windows=[2]", "args.control_windows=[2]", "args.alphas=[0.0,0.5,1.0]",
                  "args.eval_size=16", "train.batch_size=8"]
     _, results = run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides, workdir=tmp_path / "comp")
     rows = results["methods"]
-    assert rows["CKA layer0"]["cka_step0"] == pytest.approx(1.0, abs=1e-4)  # the base with itself, by construction
-    # the endpoints of both interpolations are the experts themselves (alpha weighs the add expert)
-    add, map_ = rows["expert add (late)"]["target_loss"], rows["expert map (late)"]["target_loss"]
-    for kind in ("weight", "activation"):
-        assert rows[f"{kind} interp late (step 4) alpha=1"]["target_loss"] == pytest.approx(add, rel=1e-5)
-        assert rows[f"{kind} interp late (step 4) alpha=0"]["target_loss"] == pytest.approx(map_, rel=1e-5)
-    assert np.isfinite(rows["per-layer routing late (step 4)"]["target_loss"])
-    assert np.isfinite(rows["per-layer routing early (step 2)"]["target_loss"])
+    # alpha weighs the add expert: alpha = 1 is the add expert's own loss, alpha = 0 the map expert's,
+    # for both stages and both kinds of interpolation.
+    for stage, step in (("early", 2), ("late", 4)):
+        add, map_ = rows[f"expert add ({stage})"]["target_loss"], rows[f"expert map ({stage})"]["target_loss"]
+        for kind in ("weight", "activation"):
+            assert rows[f"{kind} interp {stage} (step {step}) alpha=1"]["target_loss"] == pytest.approx(add, rel=1e-5)
+            assert rows[f"{kind} interp {stage} (step {step}) alpha=0"]["target_loss"] == pytest.approx(map_, rel=1e-5)
+    # Early and late multi-layer routing and the base-MLP control (n >= 2 only: at n = 1 it is the base).
+    assert {"multi-layer routing n=2 early (step 2)", "multi-layer routing n=2 late (step 4)",
+            "multi-layer routing n=2 control: base MLPs"} <= set(rows)
+    assert "per-layer routing early (step 2)" not in rows and "per-layer routing late (step 4)" in rows
+    assert results["expert_em_by_step"]["steps"] == [2, 4] and len(results["expert_em_by_step"]["add"]) == 2
+    assert rows["expert add (late)"]["add_em"] == results["expert_em_by_step"]["add"][-1]
+    assert rows["expert map (late)"]["map_em"] == results["expert_em_by_step"]["map"][-1]
+    with pytest.raises(ValueError, match="routing window"):
+        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.windows=[3]"], workdir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="base model exactly"):
+        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.control_windows=[1]"],
+                       workdir=tmp_path / "bad1")

@@ -65,7 +65,7 @@ def test_a_failed_job_shows_as_failed_in_the_paper_tables():
     atm = json.loads((REPO / "paper_repro/atm/sweep.json").read_text())["jobs"]
     atm["seed2"] = {"status": "failed", "error": "RuntimeError: out of memory"}
     text = _builder("atm").build(atm, "cpu", {})["table.md"]
-    assert "- seed2: failed (RuntimeError: out of memory)" in text and "mean ± std over 2 seeds" in text
+    assert "- seed2: failed (RuntimeError: out of memory)" in text and "| method: 2 seed(s) (seed0, seed1) |" in text
 
 
 WIDE = {"methods": {f"method {i}": {f"metric_{j}": 0.123456 * (i + 1) * (j + 1) for j in range(12)}
