@@ -60,16 +60,20 @@ def uniform(grads: Any) -> jax.Array:
 def gradient_agreement(grads: Any) -> jax.Array:
     """``w_i = sum_j g_i.g_j / sum_k |sum_j g_k.g_j|`` (uniform if every gradient is zero)."""
     agreement = task_gram(grads).sum(axis=1)
-    total = jnp.abs(agreement).sum()
-    return jnp.where(total > 0, agreement / jnp.where(total > 0, total, 1.0), uniform(grads))
+    return _normalised_or_uniform(agreement, jnp.abs(agreement).sum(), grads)
 
 
 @TASK_WEIGHTINGS.register("gradient_agreement_clipped")
 def gradient_agreement_clipped(grads: Any) -> jax.Array:
     """``w_i = max(a_i, 0) / sum_k max(a_k, 0)``, ``a_i = sum_j g_i.g_j`` (uniform if no ``a_i > 0``)."""
     positive = jnp.maximum(task_gram(grads).sum(axis=1), 0.0)
-    total = positive.sum()
-    return jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), uniform(grads))
+    return _normalised_or_uniform(positive, positive.sum(), grads)
+
+
+def _normalised_or_uniform(scores: jax.Array, total: jax.Array, grads: Any) -> jax.Array:
+    """``scores / total``, or uniform weights when ``total`` is 0 (every gradient zero or cancelling);
+    the inner ``where`` keeps the unused division finite so its gradient is too."""
+    return jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), uniform(grads))
 
 
 @TASK_WEIGHTINGS.register("softmax_cosine")
