@@ -7,7 +7,7 @@ builds) and JAX's persistent compilation cache, so a subprocess test or a second
 compiles the same program loads it instead of compiling again. Set ``METAFIT_TEST_CACHE=DIR`` to
 keep one folder across runs (faster local reruns); it is then not removed.
 
-**Fast compilation.** Tests compile with ``--xla_backend_optimization_level=0`` (see below).
+**Fast compilation.** Tests compile with LLVM at O0 and the classic fusion emitters (see below).
 
 **Bytecode caches.** The suite writes ``__pycache__`` (git-ignored) even under
 ``PYTHONDONTWRITEBYTECODE=1``: without them each xdist worker and each ``metafit`` subprocess
@@ -38,9 +38,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # BERT's gradient: 5.7 s -> 3.1 s of CPU). The HLO passes (fusion, layout) and IEEE float
 # semantics are unchanged; only machine-code speed drops. Subprocess tests inherit it; an
 # optimisation level set in ``XLA_FLAGS`` by hand wins.
-NO_LLVM_OPT = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_LLVM_OPT}".strip()
+#
+# And with XLA's classic LLVM-IR fusion emitters instead of the MLIR fusion emitters: the same
+# fusions, emitted through a shorter pipeline. The whole suite: 446 s -> 389 s wall, 13.0 -> 11.3
+# min of CPU (`time python -m pytest`, one sitting, 2026-12-01). Users' runs keep XLA's defaults.
+FAST_COMPILE_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+for _flag, _value in FAST_COMPILE_FLAGS.items():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
 
 REPO = Path(__file__).resolve().parents[1]
 
