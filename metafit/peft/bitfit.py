@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import BitFitParam, PeftWrapper, bias_of, kernel_of, new_gate
+from metafit.peft.core import BitFitParam, PeftWrapper, bias_of, kernel_of, new_gate, replace_value
 
 
 class BitFitBias(PeftWrapper):
@@ -48,6 +48,5 @@ class BitFitBias(PeftWrapper):
                 f"{type(self.base_layer).__name__} has no bias to merge the BitFit offset into; "
                 "keep the BitFitBias wrapper (it is cheap) or build the base layer with a bias"
             )
-        value = bias.get_value()
-        bias.set_value((value + gate * self.bias_delta.get_value()).astype(value.dtype))
+        replace_value(self.base_layer, "bias", bias.get_value() + gate * self.bias_delta.get_value())
         return self.base_layer

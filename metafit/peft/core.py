@@ -241,3 +241,15 @@ def kernel_of(module: nnx.Module) -> nnx.Variable:
 def bias_of(module: nnx.Module) -> nnx.Variable | None:
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, nnx.Variable) else None
+
+
+def replace_value(module: nnx.Module, name: str, value: jnp.ndarray) -> None:
+    """Gives ``module.<name>`` a new Variable holding ``value`` (same type and metadata).
+
+    Never ``variable.set_value``: ``nnx.merge(graphdef, state)`` reuses the Variable objects of
+    ``state``, so every model merged from one state shares them, and writing through one would
+    silently change the others (a served base model, the other experts of a merge, the state a
+    caller still holds). A fresh Variable changes this module only.
+    """
+    variable = getattr(module, name)
+    setattr(module, name, variable.replace(jnp.asarray(value, variable.get_value().dtype)))

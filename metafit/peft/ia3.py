@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import IA3Param, PeftWrapper, bias_of, kernel_of, new_gate
+from metafit.peft.core import IA3Param, PeftWrapper, bias_of, kernel_of, new_gate, replace_value
 
 
 class IA3Linear(PeftWrapper):
@@ -44,13 +44,12 @@ class IA3Linear(PeftWrapper):
         if gate.ndim != 0:
             raise ValueError(f"cannot merge IA3 with a per-sample gate of shape {gate.shape}")
         scale = 1 + gate * (self.ia3_l.get_value() - 1)
-        kernel_var = kernel_of(self.base_layer)
-        kernel = kernel_var.get_value()
+        kernel = kernel_of(self.base_layer).get_value()
         if self.feedforward:
-            kernel_var.set_value((kernel * scale[:, None]).astype(kernel.dtype))
+            replace_value(self.base_layer, "kernel", kernel * scale[:, None])
         else:
-            kernel_var.set_value((kernel * scale[None, :]).astype(kernel.dtype))
+            replace_value(self.base_layer, "kernel", kernel * scale[None, :])
             bias = bias_of(self.base_layer)
             if bias is not None:
-                bias.set_value((bias.get_value() * scale).astype(bias.get_value().dtype))
+                replace_value(self.base_layer, "bias", bias.get_value() * scale)
         return self.base_layer

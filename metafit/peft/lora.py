@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from metafit.peft.core import (DoRAMagnitude, PeftWrapper, bias_of, check_weights, dropout_is_enabled, kernel_of,
-                               new_gate)
+                               new_gate, replace_value)
 
 
 # ----------------------------------------------------------------------------- low-rank products
@@ -194,12 +194,11 @@ class LoRALinear(PeftWrapper):
                 f"cannot merge a LoRA whose gate has shape {gate.shape} (per-sample gates); "
                 "call metafit.peft.reset_gates(model) or set a scalar gate first"
             )
-        kernel_var = kernel_of(self.base_layer)
-        kernel = kernel_var.get_value()
+        kernel = kernel_of(self.base_layer).get_value()
         delta = self.lora_weight()
         if self.use_dora:
             adapted = kernel + delta
             scale = self.lora_magnitude_vector.get_value() / _column_norm(adapted)
             delta = scale * adapted - kernel
-        kernel_var.set_value((kernel + gate * delta).astype(kernel.dtype))
+        replace_value(self.base_layer, "kernel", kernel + gate * delta)
         return self.base_layer
