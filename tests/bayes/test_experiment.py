@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from metafit.bayes import PosteriorDiagnosticsWarning
+from metafit.bayes.sweep import _simulate_batch
 from metafit.config import ConfigError
 from metafit.experiments import load_run_config, run_experiment
 
@@ -23,6 +24,7 @@ def test_every_bayes_config_validates(path):
 def test_tiny_sweep_writes_results_tables_plots_and_resumes(tmp_path):
     config = CONFIGS[[p.stem for p in CONFIGS].index("prompt_sweep_linear")]
     overrides = TINY + ["args.grid.proxy_noise=[0.1,1.0]", "args.grid.heterogeneity=[1.0]"]
+    simulators_compiled = _simulate_batch._cache_size()
     with pytest.warns(PosteriorDiagnosticsWarning, match="prompt: .* poor NUTS diagnostics"):  # 2 x 30 draws
         run, results = run_experiment(config, overrides, workdir=tmp_path / "run")
     methods = results["methods"]
@@ -45,6 +47,7 @@ def test_tiny_sweep_writes_results_tables_plots_and_resumes(tmp_path):
     _, again = run_experiment(config, overrides, workdir=tmp_path / "run")
     assert again["methods"]["prompt"]["lpd"] == methods["prompt"]["lpd"]
     assert (run.path / "methods" / "prompt.npz").stat().st_mtime == stamp
+    assert _simulate_batch._cache_size() == simulators_compiled + 1  # the rerun's problems reuse the compiled simulator
 
 
 def _check_posterior_file(run_path, prompt_row):

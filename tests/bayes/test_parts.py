@@ -105,7 +105,8 @@ def test_hsgp_prior_covariance_approximates_the_rbf_kernel():
 
 def test_simulator_shapes_truth_and_common_random_numbers():
     config = SimulatorConfig(n_sources=3, source_size=(5, 6, 7), n_features=2, n_proxy=2, n_target=4)
-    data, truth = simulate(jax.random.PRNGKey(0), config)
+    # heterogeneity passed both times, so the two calls share one compiled simulator
+    data, truth = simulate(jax.random.PRNGKey(0), config, heterogeneity=config.heterogeneity)
     assert data.x_source.shape == (18, 2) and data.proxy.shape == (2,) and data.x_target.shape == (4, 2)
     np.testing.assert_array_equal(data.task_source, np.repeat([0, 1, 2], [5, 6, 7]))
     np.testing.assert_allclose(data.y_source, truth.f_source + truth.phi_source[data.task_source], atol=2.5)

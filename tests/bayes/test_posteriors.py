@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro.diagnostics import effective_sample_size
+from numpyro.infer import NUTS
 
 from metafit.bayes import (
     ConvergenceGate,
@@ -33,7 +34,7 @@ from metafit.bayes.methods import MethodConfig
 from metafit.bayes.models import prompt_model
 
 PRIOR = PriorConfig(theta_scale=1.5, noise_scale=0.5)
-NUTS = NutsConfig(num_warmup=300, num_samples=500, num_chains=4)
+NUTS_CONFIG = NutsConfig(num_warmup=300, num_samples=500, num_chains=4)
 # One model object for every call, so run_nuts compiles it once for the whole module.
 MODEL = functools.partial(prompt_model, prior=PRIOR, function="linear")
 
@@ -65,17 +66,41 @@ def assert_matches(draws: Draws, expected):
     np.testing.assert_array_less(np.abs(var / want_var - 1), 4 * np.sqrt(2 / ess))
 
 
-def test_nuts_matches_the_conjugate_posterior_with_all_weights_one(regression):
+@pytest.fixture(scope="module")
+def conjugate_draws(regression):
+    """NUTS with every weight 1 and with every weight 0.2, counting how often the NUTS transition is traced."""
     x, y, extra = regression
-    draws, diag = run_nuts(MODEL, jax.random.PRNGKey(0), NUTS, x=x, y=y, weights=jnp.ones(30), **extra)
+    traced = []
+    real_sample = NUTS.sample
+
+    def counting_sample(self, *args, **kwargs):
+        traced.append(1)  # runs once per trace of the transition, never per compiled step
+        return real_sample(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NUTS, "sample", counting_sample)
+        ones = run_nuts(MODEL, jax.random.PRNGKey(0), NUTS_CONFIG, x=x, y=y, weights=jnp.ones(30), **extra)
+        fifths = run_nuts(MODEL, jax.random.PRNGKey(1), NUTS_CONFIG, x=x, y=y, weights=jnp.full(30, 0.2), **extra)
+    return {1.0: ones, 0.2: fifths, "traced": len(traced)}
+
+
+def test_nuts_matches_the_conjugate_posterior_with_all_weights_one(regression, conjugate_draws):
+    x, y, extra = regression
+    draws, diag = conjugate_draws[1.0]
     assert draws.samples["theta"].shape == (4, 500, 2) and diag.divergences == 0 and diag.max_rhat < 1.02
     assert_matches(draws, closed_form(x, y, extra, PRIOR.noise_scale**2))
 
 
-def test_power_likelihood_with_weight_w_is_the_posterior_with_noise_variance_over_w(regression):
+def test_nuts_transition_is_compiled_once_for_warmup_sampling_and_both_weightings(conjugate_draws):
+    # warmup and sampling share one loop, and weights of another value (weak-typed jnp.full vs
+    # jnp.ones) reuse the compiled sampler: one trace of NUTS's tree building in all
+    assert conjugate_draws["traced"] == 1
+
+
+def test_power_likelihood_with_weight_w_is_the_posterior_with_noise_variance_over_w(regression, conjugate_draws):
     x, y, extra = regression
     w = 0.2
-    draws, _ = run_nuts(MODEL, jax.random.PRNGKey(1), NUTS, x=x, y=y, weights=jnp.full(30, w), **extra)
+    draws, _ = conjugate_draws[w]
     assert_matches(draws, closed_form(x, y, extra, PRIOR.noise_scale**2 / w))
     wider = closed_form(x, y, extra, PRIOR.noise_scale**2)
     assert np.all(np.diag(closed_form(x, y, extra, PRIOR.noise_scale**2 / w).var) > np.diag(wider.var))
@@ -106,10 +131,13 @@ def oracle_closed_form(data, n_sources: int, prior: PriorConfig):
 def test_oracle_recovers_theta_as_data_grow():
     prior = PriorConfig()
     errors, spreads = [], []
-    for size in (10, 1000):
-        sim = SimulatorConfig(n_sources=3, source_size=(size,), n_features=2, heterogeneity=2.0, n_target=5)
-        data, truth = simulate(jax.random.PRNGKey(3), sim)
-        post = oracle_closed_form(data, 3, prior)
+    sim = SimulatorConfig(n_sources=3, source_size=(1000,), n_features=2, heterogeneity=2.0, n_target=5)
+    data, truth = simulate(jax.random.PRNGKey(3), sim)  # one compiled simulation: the small problem is a subset
+    first_ten = np.concatenate([np.arange(10) + 1000 * k for k in range(3)])
+    small = data._replace(x_source=data.x_source[first_ten], y_source=data.y_source[first_ten],
+                          task_source=data.task_source[first_ten])
+    for subset in (small, data):
+        post = oracle_closed_form(subset, 3, prior)
         errors.append(float(jnp.abs(post.mean[:2] - truth.theta).max()))
         spreads.append(float(jnp.sqrt(jnp.diag(post.var)[:2]).max()))
     assert all(a > b for a, b in zip(spreads, spreads[1:]))            # concentrates ~ 1/sqrt(n)
