@@ -217,6 +217,8 @@ def fit(
         if restored is not None:
             start, saved = restored
             state, callback_states = saved["train"], saved["callbacks"]
+            if mesh is None:
+                state = _uncommitted(state)
             resumed_from = start
     if start > end:
         raise ValueError(f"stop_at={stop_at} is before the checkpoint restored at step {start}")
@@ -309,6 +311,24 @@ def _initial_state(trainable_params: Any, config: TrainConfig, mesh: Mesh | None
         first_bad_step=to_global(np.int32(-1), replicated(mesh)),
         bad_metric=to_global(np.int32(-1), replicated(mesh)),
     )
+
+
+def _uncommitted(tree: Any) -> Any:
+    """``tree`` with its arrays uncommitted to a device, as a fresh :func:`_initial_state` is.
+
+    Orbax restores arrays committed to their device, and ``jax.jit`` compiles a program anew for
+    committed inputs where it saw uncommitted ones: a run resumed in the process that compiled the
+    step (a paused stage, a retried run) would compile the same step twice.
+    """
+    def uncommit(x):
+        if not isinstance(x, jax.Array) or not x.committed:
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x))),
+                                            impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x))
+
+    return jax.tree.map(uncommit, tree)
 
 
 class _Clock:
