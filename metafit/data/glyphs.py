@@ -238,7 +238,10 @@ def build_pool(split: str, image_size: int = 28, instances: int = 20) -> np.ndar
     pool = np.zeros((len(classes), instances, image_size, image_size, 1), np.uint8)
     for c, (cp, mask, _) in enumerate(classes):
         faces = [fonts[i] for i in range(len(fonts)) if mask >> i & 1]
-        renders = {face: render_glyph(cp, face, canvas) for face in faces}
+        # only the faces some drawing uses: rendering is most of the cost, and with fewer
+        # instances than faces (small test pools) most faces would be rendered for nothing
+        renders = {face: render_glyph(cp, face, canvas) for face in dict.fromkeys(
+            faces[r % len(faces)] for r in range(instances))}
         for r in range(instances):
             rng = np.random.default_rng([cp, r])
             drawn = distort(renders[faces[r % len(faces)]], rng)

@@ -216,7 +216,11 @@ def fit(
             raise
         if restored is not None:
             start, saved = restored
-            state, callback_states = saved["train"], saved["callbacks"]
+            if mesh is None:
+                state = _placed_like(saved["train"], state)
+            else:
+                state = saved["train"]
+            callback_states = saved["callbacks"]
             resumed_from = start
     if start > end:
         raise ValueError(f"stop_at={stop_at} is before the checkpoint restored at step {start}")
@@ -302,6 +306,11 @@ def _initial_state(trainable_params: Any, config: TrainConfig, mesh: Mesh | None
         bad_metric=jnp.asarray(-1, jnp.int32),
     )
     if mesh is None:
+        committed = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array) and x.committed]
+        if committed:  # parameters placed on a device by the caller (or read by Orbax)
+            # One committed input commits every output of the step, so the second chunk would see other
+            # argument placements than the first and compile the step again: commit the whole state.
+            state = jax.device_put(state, committed[0].sharding)
         return state
     return state._replace(
         opt_state=_replicate_unplaced(state.opt_state, mesh),
@@ -309,6 +318,26 @@ def _initial_state(trainable_params: Any, config: TrainConfig, mesh: Mesh | None
         first_bad_step=to_global(np.int32(-1), replicated(mesh)),
         bad_metric=to_global(np.int32(-1), replicated(mesh)),
     )
+
+
+def _placed_like(restored: Any, fresh: Any) -> Any:
+    """``restored`` placed as ``fresh`` (the state a new run starts from) is: committed where it is.
+
+    Orbax restores arrays committed to their device, and ``jax.jit`` compiles a program anew when
+    an argument's committedness changes: a run resumed in the process that compiled the step (a
+    paused stage, a retried run) would otherwise compile the same step twice.
+    """
+    def place(new, old):
+        if not isinstance(new, jax.Array) or not isinstance(old, jax.Array) or new.committed == old.committed:
+            return new
+        if old.committed:
+            return jax.device_put(new, old.sharding)
+        if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):  # no host copy of a key: via its data
+            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(new))),
+                                            impl=jax.random.key_impl(new))
+        return jax.device_put(np.asarray(new))  # an uncommitted copy
+
+    return jax.tree.map(place, restored, fresh)
 
 
 class _Clock:

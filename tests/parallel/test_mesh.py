@@ -21,6 +21,9 @@ SCRIPT = Path(__file__).with_name("curve_script.py")
 
 def _env(devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # the script's folder, not the repository, heads its sys.path: without this a checkout other than the
+    # installed one (a git worktree) would test the installed metafit
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH")) if p)
     env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 

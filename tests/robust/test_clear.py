@@ -35,8 +35,10 @@ def setup():
     corpus = keyword_corpus(96, NUM_CLASSES, length=(3, 6), seed=1)
     tokenizer = keyword_tokenizer(corpus)
     enc = encode_texts(tokenizer, corpus.texts, MAX_LEN)
-    config = tiny_bert_config(tokenizer.get_vocab_size(), hidden=HIDDEN, layers=2, max_len=MAX_LEN)
-    encoder = BertModel(config, rngs=nnx.Rngs(0))
+    # the gradient tests route per layer, so they take two layers; the training runs (whose facts hold
+    # for any depth) take one, which halves what each of their programs costs to compile
+    encoders = {layers: BertModel(tiny_bert_config(tokenizer.get_vocab_size(), hidden=HIDDEN, layers=layers,
+                                                   max_len=MAX_LEN), rngs=nnx.Rngs(0)) for layers in (1, 2)}
 
     def task_with(noise: str, rate: float) -> NoisyTask:
         noisy = add_label_noise(noise, jax.random.key(5), corpus.labels[:64], num_classes=NUM_CLASSES, rate=rate)
@@ -45,8 +47,9 @@ def setup():
         return NoisyTask(train, noisy, test._replace(labels=test.labels[:0], input_ids=test.input_ids[:0],
                                                      attention_mask=test.attention_mask[:0]), test, NUM_CLASSES)
 
-    def classifiers(tuning):
-        return lambda key: build_text_classifier(nnx.clone(encoder), HIDDEN, NUM_CLASSES, tuning=tuning, key=key)
+    def classifiers(tuning, layers=1):
+        return lambda key: build_text_classifier(nnx.clone(encoders[layers]), HIDDEN, NUM_CLASSES, tuning=tuning,
+                                                 key=key)
 
     return task_with, classifiers, enc
 
@@ -81,7 +84,7 @@ def test_gate_one_without_noise_is_plain_peft_step_for_step(setup):
 def test_gate_zero_gives_peft_modules_zero_gradient(setup, tuning):
     _, classifiers, enc = setup
     try:
-        classifier = classifiers(tuning)(jax.random.key(1))
+        classifier = classifiers(tuning, layers=2)(jax.random.key(1))
     except (ValueError, TypeError) as err:
         if tuning == "prefix" and "kv_prefix" in str(err):
             pytest.skip("the BERT attention has no kv_prefix hook yet (metafit.models)")
@@ -109,7 +112,7 @@ def test_gate_zero_gives_peft_modules_zero_gradient(setup, tuning):
 
 def test_routing_groups_follow_transformer_layers(setup):
     _, classifiers, _ = setup
-    classifier = classifiers("adapter")(jax.random.key(0))
+    classifier = classifiers("adapter", layers=2)(jax.random.key(0))
     # Houlsby: attention-output and FFN-output adapters in each of the 2 layers
     assert classifier.num_groups == 2 and classifier.module_groups == (0, 0, 1, 1)
     model = nnx.merge(classifier.graphdef, *classifier.params)

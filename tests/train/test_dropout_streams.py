@@ -13,7 +13,8 @@ from metafit.train.loop import fresh_rng_streams
 
 
 def _lora_model(dropout: float):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    # one layer: the streams and their keys are per LoRA module, so depth adds compile time, not checks
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = peft.apply(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
                        peft.LoraConfig(rank=4, alpha=8, dropout=dropout, init="random"), rngs=nnx.Rngs(1))
@@ -71,11 +72,21 @@ def test_dropout_applies_in_training_steps_only():
     """Outside the trainer (evaluation, generation, export) a LoRA model with dropout is deterministic and
     equals its merged weights; inside ``dropout_enabled()`` (what fit enters) it is not."""
     graphdef, state, _ = _lora_model(dropout=0.5)
-    model = nnx.merge(graphdef, state)
-    logits = np.asarray(model(IDS))  # model(ids) gives the logits
-    np.testing.assert_array_equal(np.asarray(model(IDS)), logits)
-    merged_logits = np.asarray(peft.merge_lora(nnx.merge(graphdef, state))(IDS))
+    # jitted, not eager (one program each instead of one program per op). The model is called twice in
+    # one trace: with dropout on, the second call would draw from the advanced stream. dropout_enabled()
+    # is read while tracing, so the forward traced inside it is a function object of its own.
+    def twice(graph):
+        def forward(s, ids):
+            model = nnx.merge(graph, s)
+            return model(ids), model(ids)  # model(ids) gives the logits
+        return jax.jit(forward)
+
+    logits, again = map(np.asarray, twice(graphdef)(state, IDS))
+    np.testing.assert_array_equal(again, logits)
+    merged_graphdef, merged_state = nnx.split(peft.merge_lora(nnx.merge(graphdef, state)))
+    merged_logits = np.asarray(twice(merged_graphdef)(merged_state, IDS)[0])
     np.testing.assert_allclose(logits, merged_logits, rtol=1e-4, atol=1e-5)
     with peft.dropout_enabled():
-        dropped = np.asarray(nnx.merge(graphdef, state)(IDS))
+        dropped, dropped_again = map(np.asarray, twice(graphdef)(state, IDS))
     assert np.abs(dropped - logits).max() > 1e-3
+    assert np.abs(dropped_again - dropped).max() > 1e-3  # each call draws new masks: the check above can fail

@@ -127,19 +127,40 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_resume_continues_exactly(tmp_path):
+    from metafit.train.loop import _compiled_chunk
+
+    loss = lambda params, batch, key: squared_loss(params, batch, key)  # noqa: E731  (its own compiled step)
     cfg = TrainConfig(steps=40, lr=0.05, ckpt_every=10, log_every=10, eval_every=20)
     eval_fn = lambda p: {"w0": p["w"][0]}
-    reference = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), eval_fn=eval_fn, progress=False)
+    reference = fit(loss, params0(), batch_at, cfg, key=jax.random.key(0), eval_fn=eval_fn, progress=False)
     log = MetricsWriter(tmp_path / "metrics.jsonl")
     partial = TrainConfig(**{**cfg.__dict__, "steps": 20})  # same schedule of checkpoints, stopped early
-    fit(squared_loss, params0(), batch_at, partial, key=jax.random.key(0), workdir=tmp_path / "ck",
+    fit(loss, params0(), batch_at, partial, key=jax.random.key(0), workdir=tmp_path / "ck",
         eval_fn=eval_fn, log=log, progress=False)
-    resumed = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
+    resumed = fit(loss, params0(), batch_at, cfg, key=jax.random.key(0), workdir=tmp_path / "ck",
                   eval_fn=eval_fn, log=log, progress=False)
     assert resumed.resumed_from == 20
     assert np.array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
     assert [h["step"] for h in resumed.history] == [10, 20, 30, 40]
     assert resumed.history == reference.history
+    # the restored state runs the step compiled before (Orbax restores arrays committed to a device,
+    # and jit would compile the same program again for them)
+    assert _compiled_chunk(loss, None, cfg, None, None)._cache_size() == 1
+
+
+def test_params_committed_to_a_device_compile_the_step_once(tmp_path):
+    """Parameters the caller placed on a device: every chunk, and a resumed run, reuse one program."""
+    from metafit.train.loop import _compiled_chunk
+
+    loss = lambda params, batch, key: squared_loss(params, batch, key)  # noqa: E731  (its own compiled step)
+    cfg = TrainConfig(steps=20, lr=0.05, log_every=5, ckpt_every=10)
+    params = jax.device_put(params0(), jax.devices()[0])
+    reference = fit(loss, params, batch_at, cfg, key=jax.random.key(0), progress=False)
+    fit(loss, params, batch_at, cfg, key=jax.random.key(0), workdir=tmp_path, stop_at=10, progress=False)
+    resumed = fit(loss, params, batch_at, cfg, key=jax.random.key(0), workdir=tmp_path, progress=False)
+    assert resumed.resumed_from == 10
+    assert np.array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
+    assert _compiled_chunk(loss, None, cfg, None, None)._cache_size() == 1
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
