@@ -87,7 +87,7 @@ def test_greedy_portfolio_picks_best_average_then_best_complement():
 @pytest.fixture(scope="module")
 def surrogate(meta_file):
     meta = metadataset.load(meta_file, TINY_SPACE)
-    return meta, Surrogate.fit(meta.drop_tasks([0, 2, 3]), steps=150, seed=0)
+    return meta, Surrogate.fit(meta.drop_tasks([0, 2, 3]), steps=60, seed=0)  # 1 step: conditioned r = 0.82 < 0.85
 
 
 def test_surrogate_fits_training_tasks_and_uses_the_target_curve_prefix(surrogate):
