@@ -7,25 +7,40 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_cli, run_metafit
+import pytest
 
-TINY = ["--set", "args.hidden=[32]", "--set", "train.eval_every=0"]
+from conftest import REPO, run_cli, run_metafit
+
+QUICKSTART = str(REPO / "configs/quickstart.yaml")
+# Every training run below uses these settings (a narrow MLP, 300 steps in dispatches of 10), so they
+# share one compiled step: in this process through `fit`'s step cache, in the subprocesses through
+# the persistent compilation cache. Runs that must differ change a field the step never reads.
+TINY = ["--set", "args.hidden=[32]", "--set", "train.lr=1e-2", "--set", "train.eval_every=0",
+        "--set", "train.steps=300", "--set", "train.ckpt_every=100", "--set", "train.log_every=50",
+        "--set", "train.steps_per_dispatch=10"]
 
 
-def test_help_list_and_quickstart_run(repo, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished quickstart run with :data:`TINY` (run in this process): the quickstart output and the
+    uninterrupted reference of the resume test."""
+    run = tmp_path_factory.mktemp("cli") / "tiny"
+    out = run_cli("run", QUICKSTART, "--workdir", str(run), *TINY)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+def test_help_list_and_quickstart_run(tiny_run):
     assert "metafit" in run_metafit("--help").stdout
     listing = run_metafit("list")
     assert listing.returncode == 0 and "experiment" in listing.stdout and "quickstart" in listing.stdout
-    # `run` in this process: its real subprocesses are the killed run and the two below
-    out = run_cli("run", str(repo / "configs/quickstart.yaml"), "--workdir", str(tmp_path / "run"),
-                  "--set", "train.steps=200")
-    assert out.returncode == 0, out.stderr
-    run = tmp_path / "run"
+    # `run` in this process (tiny_run): its real subprocesses are the killed run and the config probe below
+    run = tiny_run
     for name in ("config.yaml", "metrics.jsonl", "results.json", "results.md", "learning_curve.png"):
         assert (run / name).exists(), name
     results = json.loads((run / "results.json").read_text())
-    assert results["metrics"]["test_accuracy"] > 0.9  # digits MLP after 200 steps
-    assert "steps: 200" in (run / "config.yaml").read_text()
+    assert results["metrics"]["test_accuracy"] > 0.9  # digits MLP (64-32-10) after 300 steps
+    assert "steps: 300" in (run / "config.yaml").read_text()
     shown = run_metafit("show", str(run))
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
@@ -39,14 +54,9 @@ SLOW_RUN = ("import sys, time; import metafit.experiments.quickstart as q; batch
             "q.epoch_batches = slow; from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
-    config = str(repo / "configs/quickstart.yaml")
-    common = [*TINY, "--set", "train.steps=300", "--set", "train.ckpt_every=100", "--set", "train.log_every=50",
-              "--set", "train.steps_per_dispatch=10"]
-    # the uninterrupted reference and the resume run in this process; the killed run is the real subprocess
-    reference = run_cli("run", config, "--workdir", str(tmp_path / "ref"), *common)
-    assert reference.returncode == 0, reference.stderr
-
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path, tiny_run):
+    config, common = QUICKSTART, TINY
+    # the uninterrupted reference (tiny_run) and the resume run in this process; the killed run is the real subprocess
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "run", config, "--workdir", str(killed_dir), *common],
@@ -64,7 +74,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path):
 
     resumed = run_cli("run", config, "--workdir", str(killed_dir), *common)
     assert resumed.returncode == 0, resumed.stderr
-    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    ref = json.loads((tiny_run / "results.json").read_text())
     got = json.loads((killed_dir / "results.json").read_text())
     assert got == ref
     lines = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
@@ -90,11 +100,12 @@ def test_bad_input_errors(repo, tmp_path):
     wrong_type = run_cli("run", config, "--set", "train.steps=many")
     assert wrong_type.returncode == 2 and "train.steps: expected int, got 'many'" in wrong_type.stderr
 
-    first = run_cli("run", config, *TINY, "--set", "train.steps=20", "--workdir", str(tmp_path / "w"))
+    first = run_cli("run", config, *TINY, "--workdir", str(tmp_path / "w"))
     assert first.returncode == 0, first.stderr
-    other = run_cli("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"))
+    # another config (log_every: the compiled step is the same, so the forced run below does not recompile)
+    other = run_cli("run", config, *TINY, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"))
     assert other.returncode == 2 and "different config" in other.stderr and "--force-new" in other.stderr
-    forced = run_cli("run", config, *TINY, "--set", "train.steps=30", "--workdir", str(tmp_path / "w"),
+    forced = run_cli("run", config, *TINY, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"),
                          "--force-new")
     assert forced.returncode == 0, forced.stderr
     assert (tmp_path / "w.old-1" / "results.json").exists()  # the old run was moved aside, not lost
@@ -146,34 +157,46 @@ def test_help_and_version_answer_without_importing_jax(repo):
     assert as_module.returncode == 0 and as_module.stdout == "metafit 0.1.0\n"
 
 
-RUN_PROBE = ("import json, sys; from metafit.cli import main; code = main(sys.argv[2:]); "
-             "json.dump(sorted(sys.modules), open(sys.argv[1], 'w')); sys.exit(code)")
+# `metafit config` then `metafit run` of the printed file, in one fresh process (one JAX import), which
+# then lists the modules it loaded
+CONFIG_RUN_PROBE = """
+import contextlib, io, json, sys
+from metafit.cli import main
+modules, config, *overrides = sys.argv[1:]
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    code = main(["config", "quickstart"])
+if code != 0:
+    sys.exit(code)
+with open(config, "w") as f:
+    f.write(printed.getvalue())
+code = main(["run", config, *overrides])
+json.dump(sorted(sys.modules), open(modules, "w"))
+sys.exit(code)
+"""
 
 
 def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path):
-    printed = run_metafit("config", "quickstart")
-    assert printed.returncode == 0, printed.stderr
-    assert "# optimiser steps in total.\n  steps: 100" in printed.stdout
-    assert "# widths of the hidden layers.\n  hidden: [128, 128]" in printed.stdout
-    config = tmp_path / "f.yaml"
-    config.write_text(printed.stdout)
-
-    bad = run_cli("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "run"))
-    assert bad.returncode == 2 and "train.optimizer" in bad.stderr and "'adamz'" in bad.stderr
-    assert not (tmp_path / "run").exists()
-
-    # the corrected command, in the same folder; it imports only the quickstart experiment's code
-    modules = tmp_path / "modules.json"
-    run = subprocess.run([sys.executable, "-c", RUN_PROBE, str(modules), "run", str(config), "--set", "train.steps=2",
+    modules, config = tmp_path / "modules.json", tmp_path / "f.yaml"
+    run = subprocess.run([sys.executable, "-c", CONFIG_RUN_PROBE, str(modules), str(config), *TINY,
                           "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=repo, timeout=300,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["steps"] == 2
+    printed = config.read_text()
+    assert "# optimiser steps in total.\n  steps: 100" in printed
+    assert "# widths of the hidden layers.\n  hidden: [128, 128]" in printed
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["steps"] == 300
+    # the run imported only the quickstart experiment's code
     loaded = set(json.loads(modules.read_text()))
     assert "metafit.experiments.quickstart" in loaded
     others = {"metafit.experiments.meta", "metafit.experiments.merge", "metafit.experiments.bayes",
               "metafit.experiments.robust", "metafit.meta", "metafit.merge", "metafit.bayes", "metafit.robust"}
     assert not loaded & others, sorted(loaded & others)
+
+    # a bad value in the printed file is refused before anything is written
+    bad = run_cli("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "train.optimizer" in bad.stderr and "'adamz'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 USER_EXPERIMENT = '''

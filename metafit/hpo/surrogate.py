@@ -217,7 +217,7 @@ class Surrogate:
         """Predicted seconds of a full run of each point on the task."""
         x = np.stack([np.concatenate([self.space.encode(p), self.features(raw_features)]) for p in points])
         mu, sd = self.cost_scale
-        return np.exp(np.asarray(mlp(self.cost_params, jnp.asarray(x)))[:, 0] * sd + mu)
+        return np.exp(np.asarray(_mlp_jit(self.cost_params, x.astype(np.float32)))[:, 0] * sd + mu)
 
 
 def _key(point: dict) -> str:
@@ -265,7 +265,7 @@ def _train_gp(params, data: Observations, steps: int, lr: float, seed: int, weig
     for _ in range(steps):
         idx = rng.choice(n, size, replace=False, p=p) if p is None or (p > 0).sum() >= size else rng.choice(n, size, p=p)
         u, y, mask = _pad(data.u[idx], data.y[idx], BATCH)
-        params, state = _gp_step(params, state, u, y, mask, jnp.float32(lr))
+        params, state = _gp_step(params, state, u, y, mask, np.float32(lr))
     return params
 
 
@@ -278,6 +278,8 @@ def _gp_step(params, state, u, y, mask, lr):
 
 
 def _pad(u: np.ndarray, y: np.ndarray, size: int):
+    """Host (numpy) arrays: a jitted call takes them as they are, where ``jnp.asarray`` would run one
+    more device program per array and step."""
     n = len(y)
     mask = np.zeros(size, np.float32)
     mask[:n] = 1
@@ -285,7 +287,7 @@ def _pad(u: np.ndarray, y: np.ndarray, size: int):
     u_pad[:n] = u
     y_pad = np.zeros(size, np.float32)
     y_pad[:n] = y
-    return jnp.asarray(u_pad), jnp.asarray(y_pad), jnp.asarray(mask)
+    return u_pad, y_pad, mask
 
 
 def _block(n: int, block: int) -> int:
@@ -298,6 +300,9 @@ def _predict_padded(params, u, y, u_star):
     star, _, _ = _pad(u_star, np.zeros(m, np.float32), _block(m, CANDIDATE_BLOCK))
     mean, var = _posterior_jit(params, ctx_u, ctx_y, ctx_mask, star)
     return np.asarray(mean)[:m], np.asarray(var)[:m]
+
+
+_mlp_jit = jax.jit(mlp)  # one compilation per input shape, not one per operation
 
 
 @jax.jit
@@ -323,19 +328,21 @@ def _train_cost(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 300, lr: f
     params = init_mlp(jax.random.key(seed + 7), (x.shape[1], HIDDEN, 1))
     size = _block(len(y), CONTEXT_BLOCK)
     xp, yp, mask = _pad(x, (y - mu) / sd, size)
-    opt = optax.adamw(lr)
-    state = opt.init(params)
-    for _ in range(steps):
-        params, state = _cost_step(params, state, xp, yp, mask, jnp.float32(lr))
-    return params, (mu, sd)
+    return _cost_fit(params, xp, yp, mask, np.float32(lr), steps), (mu, sd)
 
 
 @jax.jit
-def _cost_step(params, state, x, y, mask, lr):
+def _cost_fit(params, x, y, mask, lr, steps):
+    """``steps`` full-batch AdamW steps in one compiled loop (the trip count is traced: one compilation)."""
     def loss(q):
         err = optax.huber_loss(mlp(q, x)[:, 0], y)
         return jnp.sum(err * mask) / jnp.sum(mask)
 
-    grads = jax.grad(loss)(params)
-    updates, state = optax.adamw(lr).update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    opt = optax.adamw(lr)
+
+    def step(_, carry):
+        params, state = carry
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, steps, step, (params, opt.init(params)))[0]

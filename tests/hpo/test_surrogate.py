@@ -87,7 +87,7 @@ def test_greedy_portfolio_picks_best_average_then_best_complement():
 @pytest.fixture(scope="module")
 def surrogate(meta_file):
     meta = metadataset.load(meta_file, TINY_SPACE)
-    return meta, Surrogate.fit(meta.drop_tasks([0, 2, 3]), steps=150, seed=0)
+    return meta, Surrogate.fit(meta.drop_tasks([0, 2, 3]), steps=60, seed=0)  # 1 step: conditioned r = 0.82 < 0.85
 
 
 def test_surrogate_fits_training_tasks_and_uses_the_target_curve_prefix(surrogate):
@@ -118,3 +118,16 @@ def test_portfolio_and_suggest_choose_among_candidates(surrogate):
     point, fidelity = suggest(model, history, configs, meta.features[1], refit_steps=5)
     assert point in configs
     assert fidelity == 0 or (point == chosen[0] and fidelity == 1)  # a new config starts low; a promotion is one up
+
+
+def test_cost_model_trains_in_one_compiled_loop(surrogate):
+    """Any number of steps runs in the one compiled loop (no per-step dispatch, no recompilation)."""
+    from metafit.hpo import surrogate as module
+
+    meta, model = surrogate
+    before = module._cost_fit._cache_size()
+    x, y = module._cost_rows(meta.drop_tasks([0, 2, 3]), model.feature_mean, model.feature_std)
+    params, _ = module._train_cost(x, y, seed=0, steps=300)  # the steps Surrogate.fit takes
+    assert module._cost_fit._cache_size() == before
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(model.cost_params)):
+        np.testing.assert_array_equal(got, want)  # the same training as the fixture's
