@@ -41,6 +41,7 @@ cross-entropy of the resulting logits on the query set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
@@ -488,4 +489,14 @@ def make_learner(name: str, network: Network, *, loss: str, output_dim: int, con
         config = learner_config(name, options)
     elif options:
         raise TypeError("pass either config= or keyword options, not both")
+    try:
+        return _cached_learner(builder, network, config, loss, output_dim)
+    except TypeError:  # a config with an unhashable field: build it, uncached
+        return builder(network, config, loss=loss, output_dim=output_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_learner(builder, network: Network, config: Any, loss: str, output_dim: int) -> MetaLearner:
+    """Equal arguments give the same learner object: jitted functions taking the learner as a
+    static argument (evaluation, the outer step) then reuse their compiled programs."""
     return builder(network, config, loss=loss, output_dim=output_dim)

@@ -71,6 +71,9 @@ def test_meta_experiment_runs_and_resumes(tmp_path):
     assert untrained > zero  # a random init predicts worse than 0: the baseline is a real one
     assert metrics["query_mse"] < 0.8 * untrained, (metrics["query_mse"], untrained)
     saved = json.loads((run.path / "results.json").read_text())["metrics"]
+    from metafit.meta.outer import _evaluate_jit
+    compiled = _evaluate_jit._cache_size()
     _, again = run_experiment(CONFIG, overrides, workdir=tmp_path / "run")
+    assert _evaluate_jit._cache_size() == compiled  # the resumed run's learner equals the first run's: no recompile
     assert again["metrics"]["query_mse"] == saved["query_mse"]  # resumed from the final checkpoint: same numbers
     assert (run.path / "meta_loss.png").is_file()
