@@ -7,7 +7,7 @@ from flax import nnx
 
 import metafit.models as mm
 import metafit.peft as peft
-from metafit.serve.adapters import AdapterBank, AdapterError, adapter_folder, rank_class, read_lora_adapter
+from metafit.serve.adapters import AdapterBank, AdapterError, _write_slot, adapter_folder, rank_class, read_lora_adapter
 from serve_tiny import tiny_folder
 
 SPECS = {  # rank 4 -> class 8, rank 9 (rsLoRA) -> class 16 padded, rank 16 -> class 16; different targets
@@ -48,9 +48,10 @@ def test_mixed_batch_equals_each_alone_and_peft_without_recompiling(setup):
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 100, (4, 6)), jnp.int32)
     bank.set_rows([None] * 4)
     base_logits = _forward(*nnx.split(served), ids)
-    compiled = _forward._cache_size()
+    compiled, writes = _forward._cache_size(), _write_slot._cache_size()
     for adapter in adapters.values():
         bank.load(adapter)
+    assert _write_slot._cache_size() - writes <= 2  # one write program per rank class, not per module shape
     assert {n: (i.rank_class, i.slot) for n, i in bank.loaded.items()} == {"a": (8, 0), "b": (16, 0), "c": (16, 1)}
     names = ["a", None, "b", "c"]
     bank.set_rows(names)

@@ -128,7 +128,9 @@ def test_full_queue_answers_429_with_retry_after(served):
     with engine._lock:  # the worker blocks on its next batch; the queue then fills
         engine.submit(Request([5], max_tokens=1))
         deadline = time.monotonic() + 10
-        while engine.queue.qsize() and time.monotonic() < deadline:
+        # wait until the batch is formed (busy_rows): a worker still in its batching window could
+        # take a request after the queue was seen full, and the POST below would then wait on the lock
+        while not engine.busy_rows and time.monotonic() < deadline:
             time.sleep(0.01)
         while not engine.queue.full():
             engine.submit(Request([5], max_tokens=1))
