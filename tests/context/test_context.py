@@ -141,7 +141,8 @@ def test_user_attention_equals_last_row_of_the_full_map(llama, alpha):
 
 def test_retrieval_head_is_the_middle_layer_argmax(chat):
     model, tokenizer = chat
-    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "hello world, the cat sat on the mat."]
+    # two questions of one length in tokens (42): one compiled forward serves both direct maps
+    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "The cat sat on the mat. Where does it sit?"]
     mass = context.prompt_attention(model, tokenizer, probes)
     maps = []
     for p in probes:  # direct: full forward of each probe alone, last row
