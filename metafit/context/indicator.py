@@ -63,14 +63,16 @@ def add_indicator(model, tokenizer, token: str = INDICATOR):
     if token_id != vocab:
         raise ValueError(f"the tokenizer gave {token!r} id {token_id}, but the model's vocabulary has {vocab} rows: "
                          "the tokenizer and the model disagree on the vocabulary size")
-    grown = type(model)(dataclasses.replace(config, vocab_size=vocab + 1), rngs=nnx.Rngs(0))
+    # the grown model's structure only (every value is copied or grown from ``model``): an eager
+    # random initialisation would compile and run one program per parameter shape for nothing
+    graphdef, shapes = nnx.split(nnx.eval_shape(
+        lambda: type(model)(dataclasses.replace(config, vocab_size=vocab + 1), rngs=nnx.Rngs(0))))
     old = dict(jax.tree_util.tree_leaves_with_path(nnx.state(model)))
     new_state = jax.tree_util.tree_map_with_path(
         lambda path, leaf: jnp.asarray(_grow(np.asarray(old[path]), vocab) if old[path].shape != leaf.shape
                                        else old[path], leaf.dtype),
-        nnx.state(grown))
-    nnx.update(grown, new_state)
-    return grown, tokenizer, token_id
+        shapes)
+    return nnx.merge(graphdef, new_state), tokenizer, token_id
 
 
 def indicator_params(model, token_id: int) -> dict[str, Any]:

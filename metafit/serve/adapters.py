@@ -174,9 +174,12 @@ def read_lora_adapter(base_model: nnx.Module, path: str | Path, name: str) -> Lo
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(slots, slot, value):
-    """``slots[slot] = value`` (compiled once per class shape)."""
-    return jax.lax.dynamic_update_index_in_dim(slots, value.astype(slots.dtype), slot, 0)
+def _write_slot(slots, slot, values):
+    """``slots[i][slot] = values[i]`` for every slot array of one rank class, in one program.
+
+    One call per adapter load or unload (not one per module), compiled once per rank class.
+    """
+    return tuple(jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), slot, 0) for s, v in zip(slots, values))
 
 
 @dataclasses.dataclass
@@ -260,13 +263,17 @@ class AdapterBank:
 
     def _write(self, info: SlotInfo, weights: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         c = list(self.classes).index(info.rank_class)
+        variables, values = [], []
         for target, module in self.modules.items():
             a, b = weights.get(target, (np.zeros((1, 1), np.float32),) * 2)
             for slots, value in ((module.lora_A[c], a), (module.lora_B[c], b)):
-                current = slots.get_value()
-                padded = np.zeros(current.shape[1:], np.float32)  # rank padding: zero columns of A, rows of B
+                padded = np.zeros(slots.get_value().shape[1:], np.float32)  # rank padding: zero columns of A, rows of B
                 padded[:value.shape[0], :value.shape[1]] = value
-                slots.set_value(_write_slot(current, jnp.int32(info.slot), jnp.asarray(padded)))
+                variables.append(slots)
+                values.append(padded)
+        written = _write_slot(tuple(v.get_value() for v in variables), jnp.int32(info.slot), tuple(values))
+        for slots, value in zip(variables, written):
+            slots.set_value(value)
 
     def rows(self, names: Iterable[str | None]) -> np.ndarray:
         """The route ``[classes, batch_size]`` for rows serving ``names`` (None = base model; missing rows too)."""

@@ -97,14 +97,18 @@ def mixture_batches(task_arrays: Sequence[Mapping[str, np.ndarray]], probs: Sequ
 def flat_gradients(loss_fn, params: Any, batches: Sequence[Any], trainable: Any) -> np.ndarray:
     """``[T, P]``: the gradient of ``loss_fn(params, batch, None)[0]`` over the ``trainable`` leaves, per batch.
 
-    One jitted gradient serves every batch of the same shape.
+    Only the trainable leaves are differentiated; the frozen ones (a LoRA model's base weights)
+    enter as constants, so no gradient of a frozen weight is computed (a smaller program to
+    compile and run). One jitted gradient serves every batch of the same shape.
     """
-    grad = jax.jit(jax.grad(lambda p, batch: loss_fn(p, batch, None)[0]))
+    from metafit.train.loop import combine, partition
+
+    train, frozen = partition(params, trainable)
+    grad = jax.jit(jax.grad(lambda t, f, batch: loss_fn(combine(t, f), batch, None)[0]))
     rows = []
     for batch in batches:
-        leaves = jax.tree.leaves(grad(params, batch))
-        rows.append(np.concatenate([np.ravel(np.asarray(g, np.float64))
-                                    for g, keep in zip(leaves, jax.tree.leaves(trainable)) if keep]))
+        leaves = jax.tree.leaves(grad(train, frozen, batch))
+        rows.append(np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in leaves]))
     return np.stack(rows)
 
 

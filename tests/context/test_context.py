@@ -53,14 +53,26 @@ CONVERSATION = [
 ]
 
 
+def _full(model, ids, mask, **kwargs):
+    """Logits and every layer's attention map of one forward at the mask's positions.
+
+    The steering, user-attention and indicator checks on the (2, 9) prompts all call this one
+    signature: one compilation with ``attention_bias``, one without, per model.
+    """
+    positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
+    return forward(model, ids, mask, method="forward", position_ids=positions, return_attentions=True, **kwargs)
+
+
 # ----------------------------------------------------------------------------------- steering
 
 
-def test_alpha_one_leaves_logits_unchanged(llama):
+def test_alpha_one_leaves_logits_and_attentions_unchanged(llama):
     ids, mask, user = _prompts()
-    plain = forward(llama, ids, mask)
-    steered = forward(llama, ids, mask, attention_bias=context.steering_bias(user, 1.0))
-    np.testing.assert_array_equal(steered, plain)
+    plain = _full(llama, ids, mask)
+    steered = _full(llama, ids, mask, attention_bias=context.steering_bias(user, 1.0))
+    np.testing.assert_array_equal(steered.logits, plain.logits)
+    for a, b in zip(steered.attentions, plain.attentions, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_steering_scales_non_user_attention_by_alpha(llama):
@@ -70,8 +82,8 @@ def test_steering_scales_non_user_attention_by_alpha(llama):
     bias = context.steering_bias(user, alpha)
     assert bias.shape == (2, 1, 1, 9)
     np.testing.assert_allclose(np.asarray(bias)[:, 0, 0], np.where(user == 1, 0.0, np.log(alpha)), rtol=1e-6)
-    p = forward(llama.model, ids, mask, return_attentions=True)[1][0]
-    q = forward(llama.model, ids, mask, return_attentions=True, attention_bias=bias)[1][0]
+    p = _full(llama, ids, mask).attentions[0]
+    q = _full(llama, ids, mask, attention_bias=bias).attentions[0]
     scaled = p * np.where(user == 1, 1.0, alpha)[:, None, None, :]
     real_queries = np.broadcast_to(mask[:, None, :, None] == 1, p.shape)  # padded queries see no key at all
     np.testing.assert_allclose(q[real_queries], (scaled / scaled.sum(-1, keepdims=True))[real_queries], atol=1e-6)
@@ -89,8 +101,10 @@ def test_steered_generate_equals_full_forward_with_bias(llama, use_cache):
     logits = forward(llama, out, full_mask, position_ids=np.asarray(positions_from_mask(jnp.asarray(full_mask))),
                      attention_bias=context.steering_bias(slot_user, alpha))
     np.testing.assert_array_equal(out[:, 9:], np.argmax(logits[:, 8:-1], axis=-1))
-    unsteered = forward(llama, out, full_mask, position_ids=np.asarray(positions_from_mask(jnp.asarray(full_mask))))
-    assert (np.argmax(unsteered[:, 8:-1], -1) != out[:, 9:]).any(), "alpha=0.2 should change some greedy token"
+    # plain greedy decoding (the program of the next test) first departs from the steered tokens where
+    # an unsteered forward over them would: the same fact, without compiling a second forward
+    plain = np.asarray(mm.generate(llama, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=()))
+    assert (plain[:, 9:] != out[:, 9:]).any(), "alpha=0.2 should change some greedy token"
 
 
 def test_generate_without_steer_is_unchanged_by_alpha_one(llama):
@@ -119,8 +133,7 @@ def test_user_attention_equals_last_row_of_the_full_map(llama, alpha):
     ids, mask, user = _prompts()
     mass = np.asarray(context.user_attention(llama, ids, user, attention_mask=mask, alpha=alpha))
     bias = context.steering_bias(user, alpha)
-    maps = forward(llama, ids, mask, method="forward", position_ids=np.asarray(positions_from_mask(jnp.asarray(mask))),
-                   return_attentions=True, attention_bias=bias).attentions
+    maps = _full(llama, ids, mask, attention_bias=bias).attentions
     want = np.stack([(a[:, :, -1, :] * user[:, None, :]).sum(-1).mean(0) for a in maps])
     assert mass.shape == (2, 4)
     np.testing.assert_allclose(mass, want, atol=1e-5)
@@ -128,7 +141,8 @@ def test_user_attention_equals_last_row_of_the_full_map(llama, alpha):
 
 def test_retrieval_head_is_the_middle_layer_argmax(chat):
     model, tokenizer = chat
-    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "hello world, the cat sat on the mat."]
+    # two questions of one length in tokens (42): one compiled forward serves both direct maps
+    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "The cat sat on the mat. Where does it sit?"]
     mass = context.prompt_attention(model, tokenizer, probes)
     maps = []
     for p in probes:  # direct: full forward of each probe alone, last row
@@ -239,7 +253,7 @@ def test_add_indicator_grows_an_untied_head(llama):
     assert head.shape == (32, 98)
     np.testing.assert_allclose(head[:, ind], np.asarray(llama.lm_head.kernel[...]).mean(1), atol=1e-6)
     ids, mask, _ = _prompts()
-    np.testing.assert_allclose(forward(grown, ids, mask)[..., :97], forward(llama, ids, mask), atol=1e-6)
+    np.testing.assert_allclose(_full(grown, ids, mask).logits[..., :97], _full(llama, ids, mask).logits, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- data and answering

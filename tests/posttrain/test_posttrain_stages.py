@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metafit.data.pretraining import pretraining_corpus
+from metafit.data.pretraining import instruction_chats
+from metafit.data.text import load_text_dataset
 from metafit.models import LlamaForCausalLM, load, save_folder
 from metafit.posttrain import stages
 from metafit.posttrain.data import make_pool
@@ -25,11 +26,13 @@ def untrained_student(folder):
 
     The stages need the student's interface (chat template, role tokens, HF folder), not its
     skill, so the pretraining of ``small_lm.build`` (two compilations) is skipped: the tokenizer
-    is trained on the TINY corpus and the weights are drawn in numpy on an abstract model.
+    is trained on the TINY corpus' documents and chats (all documents: the held-out split only
+    matters for pretraining, and drawing it compiles a permutation per class) and the weights are
+    drawn in numpy on an abstract model.
     """
-    corpus = pretraining_corpus(TINY.text_datasets, n_chats=TINY.n_chats, n_heldout_chats=0, seed=0,
-                                max_documents=TINY.max_documents)
-    texts = [*corpus.train_texts, *(m["content"] for chat in corpus.train_chats for m in chat)]
+    documents = [text for name in TINY.text_datasets for text in load_text_dataset(name).texts[:TINY.max_documents]]
+    chats = instruction_chats(TINY.n_chats, seed=0)
+    texts = [*documents, *(m["content"] for chat in chats for m in chat)]
     tokenizer = train_chat_tokenizer(texts, TINY.vocab_size, model_max_length=TINY.max_position_embeddings)
     config = llama_config(TINY, len(tokenizer))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))

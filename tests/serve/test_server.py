@@ -2,6 +2,7 @@
 
 One tiny server (1-layer Llama, character tokenizer, one bucket pair) runs on a free loopback port
 for the whole module; outputs are checked against metafit.models.generate and metafit.peft.
+Every prompt is 6 tokens long (the chat prompt's length), so the reference generation compiles once.
 """
 import threading
 import time
@@ -62,7 +63,7 @@ def _post(served, path, body=None, *, content=None, key=KEY):
 
 def test_completions_and_chat_equal_generate_for_base_and_adapter(served):
     client, tokenizer = served["client"], served["tokenizer"]
-    prompt = "hello there"
+    prompt = "hello!"  # 6 tokens, as the chat prompt: one compiled reference generation
     text = client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW, temperature=0)
     assert text.choices[0].text == _expected(served, None, tokenizer(prompt)["input_ids"])
     assert text.usage.prompt_tokens == len(prompt) and text.choices[0].finish_reason in ("stop", "length")
@@ -127,7 +128,9 @@ def test_full_queue_answers_429_with_retry_after(served):
     with engine._lock:  # the worker blocks on its next batch; the queue then fills
         engine.submit(Request([5], max_tokens=1))
         deadline = time.monotonic() + 10
-        while engine.queue.qsize() and time.monotonic() < deadline:
+        # wait until the batch is formed (busy_rows): a worker still in its batching window could
+        # take a request after the queue was seen full, and the POST below would then wait on the lock
+        while not engine.busy_rows and time.monotonic() < deadline:
             time.sleep(0.01)
         while not engine.queue.full():
             engine.submit(Request([5], max_tokens=1))
@@ -141,7 +144,7 @@ def test_adapter_load_and_unload_while_serving_without_recompiling(served):
     compiled = compiled_programs()
     loaded = _post(served, "/admin/adapters", {"name": "c", "path": str(root / "c")})
     assert loaded.status_code == 201 and loaded.json()["rank_class"] == 16
-    prompt = "abc"
+    prompt = "abcdef"
     out = client.completions.create(model="tiny:c", prompt=prompt, max_tokens=NEW, temperature=0)
     assert out.choices[0].text == _expected(served, "c", served["tokenizer"](prompt)["input_ids"])
     assert compiled_programs() == compiled
@@ -159,7 +162,7 @@ def test_adapter_load_and_unload_while_serving_without_recompiling(served):
 def test_concurrent_mixed_requests_are_batched_and_each_matches_alone(served):
     tokenizer = served["tokenizer"]  # the queue holds 2: the client retries 429s after their Retry-After
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=KEY, max_retries=8, timeout=60)
-    jobs = [("tiny", "one"), ("tiny:a", "two"), ("tiny", "three"), ("tiny:a", "four")]
+    jobs = [("tiny", "first!"), ("tiny:a", "second"), ("tiny", "third!"), ("tiny:a", "fourth")]
     results = {}
 
     def call(i, model, prompt):
@@ -177,7 +180,7 @@ def test_concurrent_mixed_requests_are_batched_and_each_matches_alone(served):
 
 def test_graceful_shutdown_finishes_in_flight_requests(served):  # last: it stops the module's server
     server, engine = served["server"], served["state"].engine
-    body = {"model": "tiny", "prompt": "bye", "max_tokens": NEW, "temperature": 0}
+    body = {"model": "tiny", "prompt": "byebye", "max_tokens": NEW, "temperature": 0}
     result = {}
     with engine._lock:  # the request is taken by the worker and held there while shutdown starts
         thread = threading.Thread(target=lambda: result.update(response=_post(served, "/v1/completions", body)))
@@ -189,7 +192,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):  # last: it stop
         time.sleep(0.5)
     thread.join(60)
     assert result["response"].status_code == 200
-    assert result["response"].json()["choices"][0]["text"] == _expected(served, None, served["tokenizer"]("bye")["input_ids"])
+    assert result["response"].json()["choices"][0]["text"] == _expected(served, None, served["tokenizer"]("byebye")["input_ids"])
     server.thread.join(60)
     assert not server.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
