@@ -56,10 +56,14 @@ def test_task_joint_losses_and_accuracies_agree_with_direct_formulas():
     # references in numpy: eager jnp would compile one small program per op
     logits = [features[t] @ np.asarray(head_w[t]) + np.asarray(head_b[t]) for t in range(2)]
     ce = [numpy_cross_entropy(logits[t], np.asarray(y[t])) for t in range(2)]
+    # One jitted loss serves both tasks: the task is data (``with_task``), so it compiles once.
+    task_loss = jax.jit(heads.task_loss(encode, head_w, head_b))
     for t in range(2):
-        loss, metrics = heads.task_loss(encode, head_w, head_b, t)(params, (x[t], y[t]), None)
+        batch = heads.with_task(lambda step: (x[t], y[t]), t)(0)
+        loss, metrics = task_loss(params, batch, None)
         np.testing.assert_allclose(loss, ce[t], rtol=1e-6)
-        np.testing.assert_allclose(metrics["accuracy"], (logits[t].argmax(-1) == y[t]).mean())
+        np.testing.assert_allclose(metrics["accuracy"], (logits[t].argmax(-1) == np.asarray(y[t])).mean())
+    assert task_loss._cache_size() == 1
     joint, _ = heads.joint_loss(encode, head_w, head_b)(params, (x, y), None)
     np.testing.assert_allclose(joint, (ce[0] + ce[1]) / 2, rtol=1e-6)
     accuracies = heads.task_accuracies(encode, head_w, head_b)(params, x, y)
