@@ -135,9 +135,10 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
     val_score = lambda p: float(split_acc["validation"](p).mean())
     test_acc = lambda p: 100.0 * float(split_acc["test"](p).mean())
 
-    losses = [heads.task_loss(encode, head_w, head_b, t) for t in range(num_tasks)]
-    streams = [epoch_batches((x_tr[t], y_tr[t]), train.batch_size, cfg.seed + 10 + t) for t in range(num_tasks)]
-    specs = lambda epochs: [atm_lib.FinetuneSpec(losses[t], streams[t], epochs * per_epoch) for t in range(num_tasks)]
+    loss = heads.task_loss(encode, head_w, head_b)  # one loss (one compiled step) for every task
+    streams = [heads.with_task(epoch_batches((x_tr[t], y_tr[t]), train.batch_size, cfg.seed + 10 + t), t)
+               for t in range(num_tasks)]
+    specs = lambda epochs: [atm_lib.FinetuneSpec(loss, streams[t], epochs * per_epoch) for t in range(num_tasks)]
 
     # One-shot fine-tuning for max(K) epochs, snapshotting every epoch: every budget at once.
     k_max = max(args.budgets)
@@ -186,7 +187,8 @@ def merge_atm(cfg: RunConfig, run: RunDir) -> dict:
     # PH-ATM: from the tuned TA merge of the K_max-epoch fine-tunes, rounds on the validation split.
     x_val, y_val = data["validation"]
     val_batch = min(train.batch_size, args.val_size)
-    ph_specs = [atm_lib.FinetuneSpec(losses[t], epoch_batches((x_val[t], y_val[t]), val_batch, cfg.seed + 20 + t),
+    ph_specs = [atm_lib.FinetuneSpec(loss, heads.with_task(epoch_batches((x_val[t], y_val[t]), val_batch,
+                                                                        cfg.seed + 20 + t), t),
                                      max(1, args.val_size // val_batch)) for t in range(num_tasks)]
     _, ta_merge, _ = atm_lib.tune_scale(lambda s: task_arithmetic(base, at_budget[k_max], s), args.scales, val_score)
     ph = atm_lib.atm(ta_merge, atm_lib.fit_finetune(ph_specs, train), num_tasks, args.ph_rounds,

@@ -89,16 +89,27 @@ def linear_head_loss(encode: Encode, head_graphdef: nnx.GraphDef):
     return loss_fn
 
 
-def task_loss(encode: Encode, head_w: jax.Array, head_b: jax.Array, task: int):
-    """Cross-entropy of task ``task`` through its frozen head, as a trainer loss over θ (batch ``(x, y)``)."""
+def task_loss(encode: Encode, head_w: jax.Array, head_b: jax.Array):
+    """Cross-entropy of one task through its frozen head, as a trainer loss over θ.
+
+    The batch ``(x, y, task)`` names its task (an int32 scalar, see :func:`with_task`), so every
+    task trains through this one loss function and one compiled step; a task index closed over
+    (static) would compile a step per task.
+    """
 
     def loss_fn(params, batch, key):
-        x, y = batch
+        x, y, task = batch
         logits = encode(params, x) @ head_w[task] + head_b[task]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
 
     return loss_fn
+
+
+def with_task(batches: Callable[[int], Any], task: int) -> Callable[[int], Any]:
+    """``batch_at(step)`` of ``(x, y)`` batches as the ``(x, y, task)`` batches of :func:`task_loss`."""
+    task_id = np.int32(task)
+    return lambda step: (*batches(step), task_id)
 
 
 def _all_task_logits(encode: Encode, params, x, head_w, head_b):

@@ -22,6 +22,7 @@ block's residual stream (for CKA, :func:`metafit.merge.cka`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -157,6 +158,9 @@ def fit_routers(graphdef: nnx.GraphDef, experts: Sequence[Any], data: Callable[[
 
     The routers start at zero (the uniform average of the candidates); only they train, through
     :func:`metafit.train.fit` on ``data``. The experts' non-MLP weights are the first expert's.
+    The experts enter the compiled step as frozen arguments, not as constants, so runs of one
+    architecture, expert count, window and loss (early and late experts, a control) share one
+    compiled step and one compiled evaluation.
 
     Args:
       graphdef: the experts' architecture (GPT-2 style).
@@ -171,15 +175,31 @@ def fit_routers(graphdef: nnx.GraphDef, experts: Sequence[Any], data: Callable[[
     Returns:
       ``(router params, jitted (router params, batch) -> loss)``.
     """
-    models = [nnx.merge(graphdef, p) for p in experts]
-    mlps = expert_mlps(models)
-    num_layers, features = len(mlps), models[0].transformer.wte.features
+    experts = list(experts)
+    first = nnx.merge(graphdef, experts[0])
+    num_layers, features = len(first.transformer.h), first.transformer.wte.features
     router_def, router_params = nnx.split(Routers(num_layers, features, len(experts) * window, rngs=nnx.Rngs(0)),
                                           nnx.Param)
+    loss_fn, eval_loss = _router_losses(graphdef, router_def, window, token_loss)
+    params = {"routers": router_params, "experts": experts}
+    trainable = {"routers": jax.tree.map(lambda _: True, router_params), "experts": jax.tree.map(lambda _: False, experts)}
+    result = fit(loss_fn, params, data, config, key=key, trainable=trainable, progress=False, name=name, log=log)
+    return result.params["routers"], lambda router_params, batch: eval_loss(router_params, experts, batch)
+
+
+@functools.lru_cache(maxsize=32)
+def _router_losses(graphdef: nnx.GraphDef, router_def: nnx.GraphDef, window: int, token_loss: TokenLoss):
+    """``(train loss {routers, experts}, jitted (routers, experts, batch) -> loss)``, one pair per setting.
+
+    Cached: :func:`metafit.train.fit` reuses its compiled step for the same loss function object.
+    """
+
+    def routed_loss(router_params, experts, batch):
+        models = [nnx.merge(graphdef, p) for p in experts]
+        mlp_fn = routed(nnx.merge(router_def, router_params), expert_mlps(models), window, k=2 * window)
+        return token_loss(forward(models[0], batch["input_ids"], mlp_fn)[0], batch)
 
     def loss_fn(params, batch, key):
-        mlp_fn = routed(nnx.merge(router_def, params), mlps, window, k=2 * window)
-        return token_loss(forward(models[0], batch["input_ids"], mlp_fn)[0], batch), {}
+        return routed_loss(params["routers"], params["experts"], batch), {}
 
-    result = fit(loss_fn, router_params, data, config, key=key, progress=False, name=name, log=log)
-    return result.params, jax.jit(lambda params, batch: loss_fn(params, batch, None)[0])
+    return loss_fn, jax.jit(routed_loss)

@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 
 from metafit.data.instructions import encode_sft, make_instructions
-from tiny_lm import make_tiny_llama
+from tiny_lm import shared_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    texts = [f"{ex.prompt} {ex.response}" for ex in make_instructions(300, seed=0)]
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", texts)
+def tiny_model():
+    return shared_tiny_llama()
 
 
 def test_instructions_are_deterministic_and_masks_cover_responses_only(tiny_model):

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from metafit.data.instructions import make_instructions
-from tiny_lm import make_tiny_llama
+from tiny_lm import shared_tiny_llama
 
 OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.lr=3e-2", "args.n_train=32",
              "args.n_eval=4", "args.tasks=[upper,add]", "args.atm_rounds=2", "args.buckets=[96,128]",
@@ -16,9 +15,8 @@ OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    texts = [f"{ex.prompt} {ex.response}" for ex in make_instructions(300, seed=0)]
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", texts)
+def tiny_model():
+    return shared_tiny_llama()
 
 
 def _weights(folder):

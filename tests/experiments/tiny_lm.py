@@ -1,4 +1,7 @@
 """A tiny random Llama checkpoint with a real (trained) tokenizer and chat template, built offline."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -31,3 +34,23 @@ def make_tiny_llama(directory: Path, texts: list[str], hidden: int = 32, layers:
     LlamaForCausalLM(config).save_pretrained(directory)
     fast.save_pretrained(directory)
     return Path(directory)
+
+
+def shared_tiny_llama() -> Path:
+    """The tiny Llama of the instruction texts, built once per test run (the run's ``METAFIT_CACHE``).
+
+    Every test module and xdist worker of the run reads the same folder instead of training a
+    tokenizer and saving a model again; a worker that loses the race to build it uses the winner's.
+    """
+    from metafit.data.instructions import make_instructions
+
+    folder = Path(os.environ["METAFIT_CACHE"]) / "tests" / "tiny_llama"
+    if not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix="tiny_llama."))
+        make_tiny_llama(staging, [f"{ex.prompt} {ex.response}" for ex in make_instructions(300, seed=0)])
+        try:
+            staging.rename(folder)
+        except OSError:  # another worker finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -83,12 +83,20 @@ def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers():
     np.testing.assert_allclose(router_loss(params, batch), interp(pa, pb, 0.5, batch), rtol=1e-5)
     # Routing over two copies of one model's MLPs is that model whatever the router learned (gates sum to 1):
     # the capacity control adds nothing at n = 1.
+    from metafit.train.loop import _jitted_chunk
+
+    steps_compiled = _jitted_chunk.cache_info().misses
     same, same_loss = routing.fit_routers(graphdef, [pa, pa], char_stream("T", 8, 0),
-                                          TrainConfig(steps=1, batch_size=8, lr=0.0), window=1, key=jax.random.key(0))
+                                          TrainConfig(steps=2, batch_size=8, lr=0.0), window=1, key=jax.random.key(0))
     leaves, tree = jax.tree.flatten(same)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     random_router = jax.tree.unflatten(tree, [3.0 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
     np.testing.assert_allclose(same_loss(random_router, batch), plain(pa, batch), rtol=1e-5)
+    # Other experts, same setting: the experts are arguments of the compiled step and evaluation, not
+    # constants baked into them, so the second run compiles neither again.
+    assert _jitted_chunk.cache_info().misses == steps_compiled
+    router_def = nnx.split(routing.Routers(3, 16, 2, rngs=nnx.Rngs(0)), nnx.Param)[0]
+    assert routing._router_losses(graphdef, router_def, 1, lm_batch_loss)[1]._cache_size() == 1
     trained, trained_loss = routing.fit_routers(graphdef, [pa, pb], char_stream("T", 8, 0),
                                                 TrainConfig(steps=3, batch_size=8, lr=0.05), window=2,
                                                 key=jax.random.key(0))
