@@ -15,6 +15,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+# One intra-op thread: the reference forwards here are tiny, and torch's default (one thread per
+# core) spin-waits on a busy machine (xdist workers, other processes): SmolLM2's 40-token forward
+# took 4.5 s of CPU with 2 threads and 0.5 s with 1, for the same numbers.
+torch.set_num_threads(1)
 
 VOCAB = 97
 INIT = 0.2
