@@ -15,6 +15,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+# One intra-op thread: the reference forwards here are tiny, and torch's default (one thread per
+# core) spin-waits on a busy machine (xdist workers, other processes): SmolLM2's 40-token forward
+# took 4.5 s of CPU with 2 threads and 0.5 s with 1, for the same numbers.
+torch.set_num_threads(1)
 
 VOCAB = 97
 INIT = 0.2
@@ -69,6 +73,23 @@ def build(cls_name: str, config, seed: int = 0):
             if name.endswith("bias") or "norm" in name.lower() or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def host_random(build, seed: int = 0, scale: float = 0.3):
+    """``build()`` (an NNX module) made abstractly, then filled with host N(0, scale^2) values.
+
+    Eager ``jax.random`` initialisation compiles one XLA program per initializer and shape
+    (about 1 s of CPU each on a busy machine); numpy compiles nothing.
+    """
+    model = nnx.eval_shape(build)
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    rng = np.random.default_rng(seed)
+    for x in leaves:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"host_random fills floating arrays only; the model holds a {x.dtype} variable")
+    values = [jnp.asarray(rng.normal(0.0, scale, x.shape).astype(x.dtype)) for x in leaves]
+    nnx.update(model, jax.tree.unflatten(treedef, values))
+    return model
 
 
 def save(model, path) -> str:

@@ -142,6 +142,8 @@ def test_transformers_reads_the_folder_with_the_same_logits(built):
     torch = pytest.importorskip("torch")
     import transformers
 
+    torch.set_num_threads(1)  # a tiny forward: more threads only spin-wait on a busy machine (models_tiny.py)
+
     folder, probe, logits = built
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():

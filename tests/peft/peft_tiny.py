@@ -88,9 +88,14 @@ METHODS = {
 }
 
 
+def _numpy_normal(seed, shape, scale):
+    return np.random.default_rng(seed).normal(0.0, scale, shape).astype(np.float32)
+
+
 def _host_normal(seed, shape, scale):
-    # Host-side random numbers: eager jax.random would compile one XLA program per shape.
-    return jnp.asarray(np.random.default_rng(seed).normal(0.0, scale, shape), jnp.float32)
+    # Host-side random numbers: eager jax.random would compile one XLA program per shape, and so
+    # would casting float64 -> float32 on the device (cast in numpy, then transfer).
+    return jnp.asarray(_numpy_normal(seed, shape, scale))
 
 
 def random_model(build, seed=0, scale=0.3):
@@ -120,7 +125,9 @@ def perturb_adapters(model, seed=2, scale=0.3):
     """Moves every adapter weight away from its (often identity) init, so tests are not vacuous."""
     state = nnx.state(model, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(state)
-    noisy = [x + _host_normal(seed * 1000 + i, x.shape, scale) for i, x in enumerate(leaves)]
+    # added in numpy: an eager jnp add compiles one program per shape
+    noisy = [jnp.asarray(np.asarray(x) + _numpy_normal(seed * 1000 + i, x.shape, scale).astype(x.dtype))
+             for i, x in enumerate(leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, noisy))
     return model
 

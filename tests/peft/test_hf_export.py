@@ -11,6 +11,7 @@ import metafit.peft as peft
 from peft_tiny import forward, perturb_adapters
 
 torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # tiny reference forwards; more threads only spin-wait (see models_tiny.py)
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft", reason="pip install --no-deps peft==0.21.2 accelerate==1.15.0")
 

@@ -23,6 +23,7 @@ from peft_tiny import forward, make_model, random_model
 from test_hf_export import IDS, tiny_hf_folder
 
 torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # tiny reference forwards; more threads only spin-wait (see models_tiny.py)
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft", reason="pip install --no-deps peft==0.21.2 accelerate==1.15.0")
 
