@@ -33,6 +33,10 @@ import pytest
 sys.dont_write_bytecode = False  # see "Bytecode caches" above; test modules are rewritten after this runs
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Reference libraries (torch, BLAS) on one thread: their idle threads spin-wait, and with two
+# xdist workers on two cores that spinning is CPU taken from the other worker (SmolLM2's torch
+# reference forward: 4.5 s of CPU with 2 threads, 0.5 s with 1, same numbers). XLA keeps its own pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # XLA's CPU backend without LLVM's optimisation passes: the suite's programs are tiny and run
 # once, so compiling them is most of its time, and O0 cuts that by a third to a half (a tiny
 # BERT's gradient: 5.7 s -> 3.1 s of CPU). The HLO passes (fusion, layout) and IEEE float
