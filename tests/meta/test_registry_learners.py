@@ -10,10 +10,9 @@ from metafit.meta import META_LEARNERS, MLP, Conv4, evaluate, functional, make_l
 
 
 def classification_tasks(num_tasks=3, ways=3, shots=2, queries=2, side=8):
-    key_x, key_perm = jax.random.split(jax.random.key(0))
-    x = jax.random.uniform(key_x, (num_tasks, ways * (shots + queries), side, side, 1))
-    labels = jnp.repeat(jnp.arange(ways), shots + queries)
-    labels = jnp.tile(labels, (num_tasks, 1))
+    # numpy, not eager jax.random: every eager op would compile its own tiny program
+    x = np.random.default_rng(0).uniform(size=(num_tasks, ways * (shots + queries), side, side, 1)).astype(np.float32)
+    labels = np.tile(np.repeat(np.arange(ways, dtype=np.int32), shots + queries), (num_tasks, 1))
     support = (x[:, : ways * shots], labels[:, : ways * shots])
     query = (x[:, ways * shots:], labels[:, ways * shots:])
     return Task(support, query)
@@ -56,10 +55,12 @@ def test_classification_learners(name):
 
 
 def test_conv4_shapes_and_meta_gradient_structure():
-    network, params = functional(Conv4(1, 3, hidden=4, image_size=28, rngs=nnx.Rngs(0)))
+    # abstract modules (shapes only): nothing here is initialised or compiled, only traced
+    network, params = functional(nnx.eval_shape(lambda: Conv4(1, 3, hidden=4, image_size=28, rngs=nnx.Rngs(0))))
     features = jax.eval_shape(network.features, params, jnp.zeros((2, 28, 28, 1)))
     assert features.shape == (2, 4 * 2 * 2)  # 28 -> 14 -> 7 -> 4 -> 2
-    network, params = functional(Conv4(1, 3, hidden=4, image_size=8, norm="layer", rngs=nnx.Rngs(0)))
+    network, params = functional(nnx.eval_shape(
+        lambda: Conv4(1, 3, hidden=4, image_size=8, norm="layer", rngs=nnx.Rngs(0))))
     learner = make_learner("maml", network, loss="xent", output_dim=3, inner_lr=0.1)
     meta = learner.init(params)
     # traced, not compiled: second-order Conv4 compiles slowly on a small CPU; the numerics of the
