@@ -91,10 +91,13 @@ def test_glyph_split_file_is_small_disjoint_by_alphabet_and_reproducible():
     assert regenerated["splits"] == splits and regenerated["fonts"] == committed["fonts"]
 
 
+def _digest_batches(taskset) -> dict:
+    return {split: taskset.split(split).sample_batch(jax.random.key(7), 3) for split in ("train", "validation", "test")}
+
+
 def _digest(taskset) -> str:
     digest = hashlib.sha256()
-    for split in ("train", "validation", "test"):
-        batch = taskset.split(split).sample_batch(jax.random.key(7), 3)
+    for split, batch in _digest_batches(taskset).items():
         for leaf in jax.tree.leaves(batch):
             leaf = np.asarray(leaf)
             digest.update(str(leaf.dtype).encode() + str(leaf.shape).encode() + leaf.tobytes())
@@ -121,7 +124,7 @@ def test_glyph_tasks_shapes_labels_and_distinct_classes():
     # is the test's whole cost
     tasks = get_tasksets("glyphs", ways=5, shots=1, queries=1, instances=2, image_size=8)
     assert tasks.info["classes"]["train"] > 1000 and tasks.info["alphabets"]["test"] >= 5
-    task = jax.jit(tasks.test.sample)(jax.random.key(3))
+    task = jax.tree.map(lambda leaf: leaf[0], _digest_batches(tasks)["test"])  # the digest's sampler, compiled once
     assert task.support[0].shape == (5, 8, 8, 1) and task.query[0].shape == (5, 8, 8, 1)
     assert task.support[0].dtype == jnp.float32 and 0.0 <= float(task.support[0].min()) <= float(
         task.support[0].max()) <= 1.0
@@ -138,10 +141,12 @@ def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():
     """``batch_fn`` draws the tasks ``sample_batch`` draws; ``fit`` runs it inside its step as a DeviceSampler."""
     from metafit.train import DeviceSampler, TrainConfig, fit
 
-    for tasks in (get_tasksets("sinusoid", shots=3, queries=2), get_tasksets("digits", ways=3, shots=1, queries=2)):
-        sampler = tasks.train
-        drawn = sampler.batch_fn(4)(jax.random.key(7), sampler.data)
-        expected = sampler.sample_batch(jax.random.key(7), 4)
+    # the sizes of the hetero and digest tests above: their compiled samplers are reused
+    sizes = (("sinusoid", dict(shots=5, queries=15), 100), ("digits", dict(ways=3, shots=2, queries=1), 3))
+    for name, options, num_tasks in sizes:
+        sampler = get_tasksets(name, **options).train
+        drawn = sampler.batch_fn(num_tasks)(jax.random.key(7), sampler.data)
+        expected = sampler.sample_batch(jax.random.key(7), num_tasks)
         for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
 
@@ -155,15 +160,16 @@ def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():
     from metafit.data.tasks import _sample_batch
 
     compiled = _sample_batch._cache_size()
-    for name, options in (("sinusoid", dict(shots=3, queries=2)), ("digits", dict(ways=3, shots=1, queries=2))):
+    for name, options, num_tasks in sizes:
         again = get_tasksets(name, **options)
-        assert again.train.fn is get_tasksets(name, **options).train.fn and again.train.batch_fn(4) is again.train.batch_fn(4)
-        again.train.sample_batch(jax.random.key(7), 4)
+        assert again.train.fn is get_tasksets(name, **options).train.fn
+        assert again.train.batch_fn(num_tasks) is again.train.batch_fn(num_tasks)
+        again.train.sample_batch(jax.random.key(7), num_tasks)
     assert _sample_batch._cache_size() == compiled
-    sinusoid = get_tasksets("sinusoid", shots=3, queries=2).train
+    sinusoid = get_tasksets("sinusoid", shots=5, queries=15).train
     fit(loss, {"w": jnp.ones(())}, DeviceSampler(sinusoid.batch_fn(5), data=sinusoid.data),
         TrainConfig(steps=2, lr=0.1, log_every=1), key=jax.random.key(0), progress=False)
-    assert seen[0].support[0] == (5, 3, 1)
+    assert seen[0].support[0] == (5, 5, 1)
 
 
 def test_the_data_layer_imports_no_layer_above_it():
