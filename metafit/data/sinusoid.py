@@ -15,13 +15,12 @@ should help (AMFS card).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from metafit.data.tasks import TASKSETS, Task, TaskSampler, TaskSet
+from metafit.data.tasks import TASKSETS, Task, TaskSampler, TaskSet, bound
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -90,7 +89,7 @@ def _regression_ways(name: str, ways: int | None) -> None:
 def sinusoid(*, ways: int | None, shots: int, queries: int) -> TaskSet:
     """Finn et al. sinusoid regression: ``shots`` support and ``queries`` query points per task."""
     _regression_ways("sinusoid", ways)
-    sample = functools.partial(_clean, shots=shots, queries=queries)
+    sample = bound(_clean, shots=shots, queries=queries)
     samplers = {split: TaskSampler(sample, split) for split in ("train", "validation", "test")}
     return TaskSet("sinusoid", "regression", 1, shots, queries, (1,), 1, **samplers,
                    info={"amplitude": AMPLITUDE, "phase": PHASE, "x": INPUT_RANGE})
@@ -105,9 +104,9 @@ def sinusoid_hetero(*, ways: int | None, shots: int, queries: int, outlier_fract
         raise ValueError(f"sinusoid_hetero: outlier_fraction must be in [0, 1), got {outlier_fraction}")
     if noise_std < 0:
         raise ValueError(f"sinusoid_hetero: noise_std must be >= 0, got {noise_std}")
-    mixed = functools.partial(_mixed, shots=shots, queries=queries, outlier_fraction=outlier_fraction,
+    mixed = bound(_mixed, shots=shots, queries=queries, outlier_fraction=outlier_fraction,
                               noise_std=noise_std)
-    clean = functools.partial(_clean, shots=shots, queries=queries)
+    clean = bound(_clean, shots=shots, queries=queries)
     return TaskSet(
         "sinusoid_hetero", "regression", 1, shots, queries, (1,), 1,
         train=TaskSampler(mixed, "train"), validation=TaskSampler(mixed, "validation"),

@@ -74,7 +74,19 @@ class TaskSampler:
 
             DeviceSampler(sampler.batch_fn(25), data=sampler.data)
         """
-        return functools.partial(_sample_from, self.fn, num_tasks)
+        return bound(_sample_from, self.fn, num_tasks)
+
+
+@functools.lru_cache(maxsize=256)
+def bound(fn: Callable[..., Any], /, *args: Any, **options: Any) -> functools.partial:
+    """``functools.partial(fn, *args, **options)``, the *same* object for equal arguments.
+
+    Samplers are static arguments of jitted functions (:func:`_sample_batch`) and keys of the
+    trainer's step cache, which compare partials by identity: a fresh partial per
+    :func:`get_tasksets` call would compile the same sampler again for every task set built with
+    equal options (each learner of ``meta_compare``, each evaluation helper).
+    """
+    return functools.partial(fn, *args, **options)
 
 
 def _sample_from(fn, num_tasks, key, data=None):  # data=None: a task set without arrays (sinusoid)
@@ -240,7 +252,7 @@ def pooled_taskset(name: str, pools: dict[str, Any], *, ways: int, shots: int, q
         pool = pools[split]
         check_class_pool(name, split, pool.shape[0], pool.shape[1], ways, shots, queries)
     samplers = {
-        split: TaskSampler(functools.partial(sampler, ways=ways, shots=shots, queries=queries), split,
+        split: TaskSampler(bound(sampler, ways=ways, shots=shots, queries=queries), split,
                            jnp.asarray(pools[split]))
         for split in ("train", "validation", "test")
     }

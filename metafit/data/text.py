@@ -197,13 +197,23 @@ def keyword_corpus(num_examples: int = 600, num_classes: int = 4, *, keywords_pe
 
 
 def stratified_permutation(key: jax.Array, labels: np.ndarray) -> list[np.ndarray]:
-    """For each class (in order), its sample indices in a random order drawn from ``key``."""
+    """For each class (in order), its sample indices in a random order drawn from ``key``.
+
+    Class ``c`` (the ``c``-th of the sorted labels) is shuffled by ``jax.random.permutation`` with
+    the ``c``-th key of ``jax.random.split(key, num_classes)``.
+    """
     labels = np.asarray(labels)
+    classes = np.unique(labels)
     per_class = []
-    for c, class_key in zip(np.unique(labels), jax.random.split(key, len(np.unique(labels)))):
+    for c, class_key in zip(classes, _split_keys(key, len(classes))):
         members = np.flatnonzero(labels == c)
-        per_class.append(members[np.asarray(jax.random.permutation(class_key, len(members)))])
+        per_class.append(members[np.asarray(_permutation(class_key, len(members)))])
     return per_class
+
+
+# Jitted: eagerly, each of the permutation's ops would compile on its own for every class size.
+_split_keys = jax.jit(jax.random.split, static_argnums=1)
+_permutation = jax.jit(jax.random.permutation, static_argnums=1)
 
 
 def split_dataset(dataset: TextDataset, *, key: jax.Array, val_fraction: float = 0.1,

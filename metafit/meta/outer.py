@@ -49,8 +49,15 @@ def adapted_predictions(learner: MetaLearner, meta_params: Params, task: Task, k
 
     The same adaptation :func:`meta_loss` scores: ``predict(adapt(support), x_query)``.
     """
+    return np.asarray(_adapted_predictions_jit(learner, meta_params, task, key))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adapted_predictions_jit(learner, meta_params, task, key):
+    # one compiled program (the learner static, as in _evaluate_jit): eagerly, every op of the
+    # inner loop or closed-form solve would compile on its own
     adapted = learner.adapt(meta_params, task.support, key=key)
-    return np.asarray(learner.predict(meta_params, adapted, task.query[0]))
+    return learner.predict(meta_params, adapted, task.query[0])
 
 
 def batch_meta_loss(learner: MetaLearner, meta_params: Params, tasks: Task, key: jax.Array):

@@ -91,10 +91,13 @@ def test_glyph_split_file_is_small_disjoint_by_alphabet_and_reproducible():
     assert regenerated["splits"] == splits and regenerated["fonts"] == committed["fonts"]
 
 
+def _digest_batches(taskset) -> dict:
+    return {split: taskset.split(split).sample_batch(jax.random.key(7), 3) for split in ("train", "validation", "test")}
+
+
 def _digest(taskset) -> str:
     digest = hashlib.sha256()
-    for split in ("train", "validation", "test"):
-        batch = taskset.split(split).sample_batch(jax.random.key(7), 3)
+    for split, batch in _digest_batches(taskset).items():
         for leaf in jax.tree.leaves(batch):
             leaf = np.asarray(leaf)
             digest.update(str(leaf.dtype).encode() + str(leaf.shape).encode() + leaf.tobytes())
@@ -103,9 +106,12 @@ def _digest(taskset) -> str:
 
 # Digests of the tasks sampled by the code before digits and glyphs moved onto pooled_taskset
 # (commit 509c3e9, key 7, 3 tasks per split): the shared builder must not change a single bit.
+# glyphs: 8-pixel drawings, 2 per class, 5-way 1-shot 1-query (the digest of 12 pixels, 3 per class,
+# 1 shot, 2 queries was 25c14dcc...; the smaller pool renders in half the time). To recompute one:
+# `git archive 509c3e9 metafit | tar -x -C OLD` and call get_tasksets and _digest with PYTHONPATH=OLD.
 BEFORE = {
     "digits": "fd416aea0d88a6154ae4eecdeccb5f5bdf354fe2415b9ddca8a1eea2020578f1",
-    "glyphs": "25c14dcc4364f3b6c81ef3412aa8cc219f13d8fd7def57d58a5c4d99cdab79bc",
+    "glyphs": "0cb1b17d5d2406ceac5341f721c88c6fc05c82c032147f78c6be022e01444f00",
 }
 
 
@@ -114,15 +120,16 @@ def test_digits_tasks_are_bit_identical_to_before_the_shared_builder():
 
 
 def test_glyph_tasks_shapes_labels_and_distinct_classes():
-    # 12-pixel drawings, 3 per class: rendering every class of three splits is the test's whole cost
-    tasks = get_tasksets("glyphs", ways=5, shots=1, queries=2, instances=3, image_size=12)
+    # the smallest drawings (8 pixels) and pool (2 per class): rendering every class of three splits
+    # is the test's whole cost
+    tasks = get_tasksets("glyphs", ways=5, shots=1, queries=1, instances=2, image_size=8)
     assert tasks.info["classes"]["train"] > 1000 and tasks.info["alphabets"]["test"] >= 5
-    task = jax.jit(tasks.test.sample)(jax.random.key(3))
-    assert task.support[0].shape == (5, 12, 12, 1) and task.query[0].shape == (10, 12, 12, 1)
+    task = jax.tree.map(lambda leaf: leaf[0], _digest_batches(tasks)["test"])  # the digest's sampler, compiled once
+    assert task.support[0].shape == (5, 8, 8, 1) and task.query[0].shape == (5, 8, 8, 1)
     assert task.support[0].dtype == jnp.float32 and 0.0 <= float(task.support[0].min()) <= float(
         task.support[0].max()) <= 1.0
     np.testing.assert_array_equal(task.support[1], np.arange(5))
-    np.testing.assert_array_equal(task.query[1], np.repeat(np.arange(5), 2))
+    np.testing.assert_array_equal(task.query[1], np.arange(5))
     # the five classes really are different glyphs, and support/query are different drawings
     flat = np.asarray(task.support[0]).reshape(5, -1)
     assert min(np.abs(flat[i] - flat[j]).sum() for i in range(5) for j in range(i + 1, 5)) > 1.0
@@ -134,10 +141,12 @@ def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():
     """``batch_fn`` draws the tasks ``sample_batch`` draws; ``fit`` runs it inside its step as a DeviceSampler."""
     from metafit.train import DeviceSampler, TrainConfig, fit
 
-    for tasks in (get_tasksets("sinusoid", shots=3, queries=2), get_tasksets("digits", ways=3, shots=1, queries=2)):
-        sampler = tasks.train
-        drawn = sampler.batch_fn(4)(jax.random.key(7), sampler.data)
-        expected = sampler.sample_batch(jax.random.key(7), 4)
+    # the sizes of the hetero and digest tests above: their compiled samplers are reused
+    sizes = (("sinusoid", dict(shots=5, queries=15), 100), ("digits", dict(ways=3, shots=2, queries=1), 3))
+    for name, options, num_tasks in sizes:
+        sampler = get_tasksets(name, **options).train
+        drawn = sampler.batch_fn(num_tasks)(jax.random.key(7), sampler.data)
+        expected = sampler.sample_batch(jax.random.key(7), num_tasks)
         for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
 
@@ -147,10 +156,20 @@ def test_batch_fn_is_the_pure_sampler_the_trainer_wraps():
         seen.append(jax.tree.map(lambda x: x.shape, batch))
         return jnp.mean((batch.query[0] * params["w"]) ** 2), {}
 
-    sinusoid = get_tasksets("sinusoid", shots=3, queries=2).train
+    # a task set built again with equal options has the same sampler objects, so nothing recompiles
+    from metafit.data.tasks import _sample_batch
+
+    compiled = _sample_batch._cache_size()
+    for name, options, num_tasks in sizes:
+        again = get_tasksets(name, **options)
+        assert again.train.fn is get_tasksets(name, **options).train.fn
+        assert again.train.batch_fn(num_tasks) is again.train.batch_fn(num_tasks)
+        again.train.sample_batch(jax.random.key(7), num_tasks)
+    assert _sample_batch._cache_size() == compiled
+    sinusoid = get_tasksets("sinusoid", shots=5, queries=15).train
     fit(loss, {"w": jnp.ones(())}, DeviceSampler(sinusoid.batch_fn(5), data=sinusoid.data),
         TrainConfig(steps=2, lr=0.1, log_every=1), key=jax.random.key(0), progress=False)
-    assert seen[0].support[0] == (5, 3, 1)
+    assert seen[0].support[0] == (5, 5, 1)
 
 
 def test_the_data_layer_imports_no_layer_above_it():

@@ -47,6 +47,15 @@ def test_split_is_a_stratified_pure_function_of_the_key():
         split_dataset(corpus, key=jax.random.key(0), val_fraction=0.6, test_fraction=0.5)
 
 
+def test_stratified_permutation_is_one_jax_permutation_per_class():
+    from metafit.data.text import stratified_permutation
+
+    # what the eager definition (before it was jitted: commit 74a7409) returned for this key
+    labels = np.array([2, 0, 2, 1, 0, 2, 2])
+    got = stratified_permutation(jax.random.key(3), labels)
+    assert [members.tolist() for members in got] == [[1, 4], [3], [2, 5, 6, 0]]
+
+
 def test_encode_texts_gives_fixed_shapes_with_bert_template():
     corpus = keyword_corpus(10, 4)
     tokenizer = keyword_tokenizer(corpus)

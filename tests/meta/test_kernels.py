@@ -1,4 +1,5 @@
 """I-AMFS closed forms vs explicit gradient descent on the linearised network and independent kernel ridge."""
+import functools
 import warnings
 
 import jax
@@ -20,7 +21,10 @@ from metafit.meta import (
 
 
 def tiny_problem(outputs: int = 1):
-    """A 2-6-6-o tanh-free (ReLU) MLP in float64 with a 5-point support and 4-point query set."""
+    """A 2-6-6-o tanh-free (ReLU) MLP in float64 with a 5-point support and 4-point query set.
+
+    The tests use ``outputs`` 1 and 3 only, so the Jacobians below compile once per shape.
+    """
     network, params = functional(MLP(2, (6, 6), outputs, rngs=nnx.Rngs(0)))
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     rng = np.random.default_rng(0)
@@ -29,10 +33,11 @@ def tiny_problem(outputs: int = 1):
     return network, params, xs, ys, xq
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def explicit_jacobian(network, params, x):
     """``[n*o, P]`` by forward-mode on the flattened parameters (independent of ntk_gram's jacrev)."""
     flat, unravel = ravel_pytree(params)
-    return jax.jit(jax.jacfwd(lambda v: network.apply(unravel(v), x).reshape(-1)))(flat)
+    return jax.jacfwd(lambda v: network.apply(unravel(v), x).reshape(-1))(flat)
 
 
 def linearised_gd(network, params, xs, ys, xq, lr, steps, weight_decay=0.0):
@@ -78,9 +83,9 @@ def test_flow_form_equals_gradient_descent_on_linearised_model():
 
 def test_ridge_form_equals_converged_weight_decay_gd_and_independent_kernel_ridge():
     with jax.enable_x64(True):
-        network, params, xs, ys, xq = tiny_problem(outputs=2)
+        network, params, xs, ys, xq = tiny_problem(outputs=3)
         ridge = 0.3
-        learner = make_learner("i-amfs", network, loss="mse", output_dim=2, form="ridge", ridge=ridge)
+        learner = make_learner("i-amfs", network, loss="mse", output_dim=3, form="ridge", ridge=ridge)
         meta = learner.init(params)
         closed = np.asarray(adapt_and_predict(learner, meta, xs, ys, xq))
 
@@ -88,7 +93,7 @@ def test_ridge_form_equals_converged_weight_decay_gd_and_independent_kernel_ridg
         js, jq = (np.asarray(explicit_jacobian(network, params, x)) for x in (xs, xq))
         residual = (np.asarray(ys) - np.asarray(network.apply(params, xs))).reshape(-1)
         alpha = np.linalg.solve(js @ js.T + ridge * np.eye(len(residual)), residual)
-        reference = np.asarray(network.apply(params, xq)) + (jq @ js.T @ alpha).reshape(4, 2)
+        reference = np.asarray(network.apply(params, xq)) + (jq @ js.T @ alpha).reshape(4, 3)
         np.testing.assert_allclose(closed, reference, rtol=1e-8, atol=1e-10)
 
         # GD with weight decay converges to the ridge solution
@@ -98,9 +103,10 @@ def test_ridge_form_equals_converged_weight_decay_gd_and_independent_kernel_ridg
 
 
 def test_flow_form_is_finite_for_a_singular_kernel_and_tends_to_t_times_residual():
+    flow = jax.jit(flow_coefficients)  # one program, not one per eager op of expm
     gram = jnp.zeros((3, 3))  # Theta = 0: phi1(0) = 1, so alpha = t r
     residual = jnp.array([1.0, -2.0, 0.5])
-    np.testing.assert_allclose(flow_coefficients(gram, residual, 0.7), 0.7 * residual, rtol=1e-6)
+    np.testing.assert_allclose(flow(gram, residual, 0.7), 0.7 * residual, rtol=1e-6)
     # and matches the eigendecomposition formula on a well-conditioned kernel
     with jax.enable_x64(True):
         a = np.random.default_rng(0).normal(size=(4, 4))
@@ -108,7 +114,7 @@ def test_flow_form_is_finite_for_a_singular_kernel_and_tends_to_t_times_residual
         r = np.arange(4.0)
         s, u = np.linalg.eigh(gram)
         expected = u @ np.diag((1 - np.exp(-0.5 * s)) / s) @ u.T @ r
-        np.testing.assert_allclose(flow_coefficients(jnp.asarray(gram), jnp.asarray(r), 0.5), expected, rtol=1e-9)
+        np.testing.assert_allclose(flow(jnp.asarray(gram), jnp.asarray(r), 0.5), expected, rtol=1e-9)
 
 
 def test_ill_conditioned_solve_adds_jitter_and_warns_instead_of_nan():

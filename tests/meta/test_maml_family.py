@@ -45,7 +45,8 @@ def test_maml_meta_gradient_on_quadratic_equals_analytic(steps):
     with jax.enable_x64(True):
         learner = make_learner("maml", linear_network(), loss="mse", output_dim=1, inner_lr=lr, inner_steps=steps)
         meta_params = learner.init({"w": jnp.asarray(w0)})
-        grads = jax.grad(lambda p: meta_loss(learner, p, as_jax(task, jnp.float64), jax.random.key(0))[0])(meta_params)
+        batch = as_jax(task, jnp.float64)
+        grads = jax.jit(jax.grad(lambda p: meta_loss(learner, p, batch, jax.random.key(0))[0]))(meta_params)
         np.testing.assert_allclose(np.asarray(grads["net"]["w"]), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -63,11 +64,17 @@ def test_fomaml_equals_maml_with_stop_gradient():
     fomaml = make_learner("fomaml", net, loss="mse", output_dim=1, inner_lr=lr)
     maml = make_learner("maml", net, loss="mse", output_dim=1, inner_lr=lr)
     key = jax.random.key(0)
-    g_fo = jax.grad(lambda p: meta_loss(fomaml, p, task, key)[0])(fomaml.init(w0))["net"]["w"]
-    g_so = jax.grad(lambda p: meta_loss(maml, p, task, key)[0])(maml.init(w0))["net"]["w"]
-    np.testing.assert_allclose(g_fo, jax.grad(by_hand)(w0)["w"], rtol=1e-5)
-    adapted = maml.adapt(maml.init(w0), task.support, key=key)
-    np.testing.assert_allclose(g_fo, jax.grad(query_loss)(adapted)["w"], rtol=1e-5)  # = grad at the adapted point
+
+    @jax.jit  # one program instead of one per eager op
+    def gradients(w):
+        adapted = maml.adapt(maml.init(w), task.support, key=key)
+        return (jax.grad(lambda p: meta_loss(fomaml, p, task, key)[0])(fomaml.init(w))["net"]["w"],
+                jax.grad(lambda p: meta_loss(maml, p, task, key)[0])(maml.init(w))["net"]["w"],
+                jax.grad(by_hand)(w)["w"], jax.grad(query_loss)(adapted)["w"])
+
+    g_fo, g_so, g_by_hand, g_at_adapted = gradients(w0)
+    np.testing.assert_allclose(g_fo, g_by_hand, rtol=1e-5)
+    np.testing.assert_allclose(g_fo, g_at_adapted, rtol=1e-5)  # = grad at the adapted point
     assert not np.allclose(g_fo, g_so, rtol=1e-3)  # the second-order term is really dropped
 
 
@@ -117,8 +124,10 @@ def test_metasgd_at_init_equals_maml_and_its_rate_gradient_has_the_closed_form()
     maml = make_learner("maml", linear_network(), loss="mse", output_dim=1, inner_lr=0.05)
     msgd = make_learner("metasgd", linear_network(), loss="mse", output_dim=1, inner_lr=0.05)
     key = jax.random.key(0)
-    assert np.isclose(meta_loss(maml, maml.init(w0), task, key)[0], meta_loss(msgd, msgd.init(w0), task, key)[0])
-    grads = jax.grad(lambda p: meta_loss(msgd, p, task, key)[0])(msgd.init(w0))
+    maml_loss, msgd_loss, grads = jax.jit(lambda w: (
+        meta_loss(maml, maml.init(w), task, key)[0], meta_loss(msgd, msgd.init(w), task, key)[0],
+        jax.grad(lambda p: meta_loss(msgd, p, task, key)[0])(msgd.init(w))))(w0)
+    assert np.isclose(maml_loss, msgd_loss)
     w = np.ones((3, 1))
     support_grad = 2 * xs.T @ (xs @ w - ys) / len(xs)
     adapted = w - 0.05 * support_grad
@@ -132,7 +141,7 @@ def test_reptile_direction_is_theta_minus_phi():
     w0 = {"w": jnp.ones((3, 1), jnp.float32)}
     reptile = make_learner("reptile", linear_network(), loss="mse", output_dim=1, inner_lr=0.05, inner_steps=3)
     batch = jax.tree.map(lambda a: a[None], task)
-    (_, _), grads = meta_value_and_grad(reptile, reptile.init(w0), batch, jax.random.key(0))
+    (_, _), grads = jax.jit(lambda p: meta_value_and_grad(reptile, p, batch, jax.random.key(0)))(reptile.init(w0))
     phi = np.ones((3, 1))  # three SGD steps on the support loss, by hand
     for _ in range(3):
         phi = phi - 0.05 * 2 * xs.T @ (xs @ phi - ys) / len(xs)

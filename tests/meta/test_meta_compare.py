@@ -12,8 +12,9 @@ from metafit.experiments import load_run_config, run_experiment
 from metafit.meta import MLP, adapted_predictions, functional, make_learner, meta_loss
 
 REPO = Path(__file__).resolve().parents[2]
+# val_tasks = eval_tasks: the validation and test batches come from one compiled sampler
 TINY = ["train.steps=20", "train.log_every=10", "train.steps_per_dispatch=10", "train.ckpt_every=20",
-        "args.widths=[8]", "args.eval_tasks=8", "args.val_tasks=4", "args.plot_points=16",
+        "args.widths=[8]", "args.eval_tasks=8", "args.val_tasks=8", "args.plot_points=16",
         "args.learners={anil: {}, r2d2: {}}"]  # ANIL compiles faster than second-order MAML; the wiring is the same
 
 

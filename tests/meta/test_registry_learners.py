@@ -10,10 +10,9 @@ from metafit.meta import META_LEARNERS, MLP, Conv4, evaluate, functional, make_l
 
 
 def classification_tasks(num_tasks=3, ways=3, shots=2, queries=2, side=8):
-    key_x, key_perm = jax.random.split(jax.random.key(0))
-    x = jax.random.uniform(key_x, (num_tasks, ways * (shots + queries), side, side, 1))
-    labels = jnp.repeat(jnp.arange(ways), shots + queries)
-    labels = jnp.tile(labels, (num_tasks, 1))
+    # numpy, not eager jax.random: every eager op would compile its own tiny program
+    x = np.random.default_rng(0).uniform(size=(num_tasks, ways * (shots + queries), side, side, 1)).astype(np.float32)
+    labels = np.tile(np.repeat(np.arange(ways, dtype=np.int32), shots + queries), (num_tasks, 1))
     support = (x[:, : ways * shots], labels[:, : ways * shots])
     query = (x[:, ways * shots:], labels[:, ways * shots:])
     return Task(support, query)
@@ -56,10 +55,12 @@ def test_classification_learners(name):
 
 
 def test_conv4_shapes_and_meta_gradient_structure():
-    network, params = functional(Conv4(1, 3, hidden=4, image_size=28, rngs=nnx.Rngs(0)))
+    # abstract modules (shapes only): nothing here is initialised or compiled, only traced
+    network, params = functional(nnx.eval_shape(lambda: Conv4(1, 3, hidden=4, image_size=28, rngs=nnx.Rngs(0))))
     features = jax.eval_shape(network.features, params, jnp.zeros((2, 28, 28, 1)))
     assert features.shape == (2, 4 * 2 * 2)  # 28 -> 14 -> 7 -> 4 -> 2
-    network, params = functional(Conv4(1, 3, hidden=4, image_size=8, norm="layer", rngs=nnx.Rngs(0)))
+    network, params = functional(nnx.eval_shape(
+        lambda: Conv4(1, 3, hidden=4, image_size=8, norm="layer", rngs=nnx.Rngs(0))))
     learner = make_learner("maml", network, loss="xent", output_dim=3, inner_lr=0.1)
     meta = learner.init(params)
     # traced, not compiled: second-order Conv4 compiles slowly on a small CPU; the numerics of the
@@ -81,9 +82,8 @@ def test_anil_adapts_only_the_head_and_protonet_prototypes_are_class_means():
     np.testing.assert_array_equal(adapted["dense0"]["kernel"], params["dense0"]["kernel"])
     assert not np.allclose(adapted["head"]["kernel"], params["head"]["kernel"])
     proto = make_learner("protonet", network, loss="xent", output_dim=2)
-    features = network.features(params, x)
-    np.testing.assert_allclose(proto.adapt(proto.init(params), (x, y)), [features[:3].mean(0), features[3:].mean(0)],
-                               rtol=1e-6)
+    prototypes, features = jax.jit(lambda p: (proto.adapt(proto.init(p), (x, y)), network.features(p, x)))(params)
+    np.testing.assert_allclose(prototypes, [features[:3].mean(0), features[3:].mean(0)], rtol=1e-6)
 
 
 def test_r2d2_head_is_ridge_regression_on_features():
@@ -92,9 +92,10 @@ def test_r2d2_head_is_ridge_regression_on_features():
     y = jnp.array([0, 1, 0, 1, 1])
     learner = make_learner("r2d2", network, loss="xent", output_dim=2, ridge=0.7)
     meta = learner.init(params)
-    out = jax.jit(lambda m: learner.predict(m, learner.adapt(m, (x, y)), xq))(meta)
-    phi = np.concatenate([np.asarray(network.features(params, x)), np.ones((5, 1))], 1)  # bias feature
-    phi_q = np.concatenate([np.asarray(network.features(params, xq)), np.ones((2, 1))], 1)
+    out, features, features_q = jax.jit(lambda m: (learner.predict(m, learner.adapt(m, (x, y)), xq),
+                                                   network.features(m["net"], x), network.features(m["net"], xq)))(meta)
+    phi = np.concatenate([np.asarray(features), np.ones((5, 1))], 1)  # bias feature
+    phi_q = np.concatenate([np.asarray(features_q), np.ones((2, 1))], 1)
     weights = np.linalg.solve(phi.T @ phi + 0.7 * np.eye(phi.shape[1]), phi.T @ np.eye(2)[np.asarray(y)])  # primal
     np.testing.assert_allclose(out, phi_q @ weights, rtol=2e-4, atol=2e-5)
 
@@ -117,7 +118,9 @@ def test_build_backbone_by_name():
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
     x = jnp.ones((7, 2, 3))
-    np.testing.assert_array_equal(network.apply(params, x), reference.apply(ref_params, x))
+    assert network is reference  # one Network per backbone structure, so this compiles once
+    apply = jax.jit(network.apply)
+    np.testing.assert_array_equal(apply(params, x), apply(ref_params, x))
     conv, conv_params = build_backbone("conv4", (8, 8, 1), 3, seed=0, conv_hidden=4, conv_norm="layer")
     assert jax.eval_shape(conv.apply, conv_params, jnp.zeros((2, 8, 8, 1))).shape == (2, 3)  # traced, not compiled
     with pytest.raises(ValueError, match="conv4 needs image inputs"):

@@ -78,7 +78,8 @@ def test_gradient_agreement_downweights_an_opposing_task_in_the_meta_gradient():
     y = jnp.array([[[1.0], [0.0]], [[1.0], [0.0]], [[-1.0], [0.0]]])
     tasks = Task((x, y), (x, y))
     learner = make_learner("o-amfs", net, loss="mse", output_dim=1, inner_lr=0.0, weighting="gradient_agreement")
-    (_, metrics), grads = meta_value_and_grad(learner, learner.init({"w": jnp.zeros((2, 1))}), tasks, jax.random.key(0))
+    (_, metrics), grads = jax.jit(lambda p: meta_value_and_grad(learner, p, tasks, jax.random.key(0)))(
+        learner.init({"w": jnp.zeros((2, 1))}))
     # per-task grads of mean((x w - y)^2) at w = 0: -y_0 on w_0 -> (-1, -1, +1); weights (1/3, 1/3, -1/3)
     np.testing.assert_allclose(grads["net"]["w"][:, 0], [-1.0, 0.0], rtol=1e-6)
     assert float(metrics["weight_negative"]) == pytest.approx(1 / 3)
