@@ -119,6 +119,8 @@ def proxy_posterior(proxy: jax.Array, proxy_noise: jax.Array, prior: PriorConfig
     return normal_posterior(prior.phi_mean, prior.phi_scale**2, proxy, proxy_noise**2)
 
 
+# Jitted (one program per shape and normalisation, not one per array operation when called eagerly).
+@functools.partial(jax.jit, static_argnames="normalise")
 def relevance_weights(y: jax.Array, fitted: jax.Array, q: Gaussian, noise_var, *,
                       normalise: Literal["peak", "max", "mean"] = "peak", min_weight: float = 1e-6) -> jax.Array:
     """Step 2: ``r_n ∝ ∫ N(y_n; fitted_n + phi, noise_var) q(phi) dphi = N(y_n; fitted_n + m_q, noise_var + v_q)``.
@@ -144,6 +146,7 @@ def relevance_weights(y: jax.Array, fitted: jax.Array, q: Gaussian, noise_var, *
     return jnp.maximum(jnp.exp(log_r), min_weight)
 
 
+@functools.partial(jax.jit, static_argnames=("kernel", "prior", "config"))
 def prompt_weights(data: TransferData, kernel: Callable, prior: PriorConfig, q: Gaussian,
                    config: MethodConfig) -> jax.Array:
     """Relevance weights with ``f_hat`` from a pooled pilot fit, refined ``config.refinements`` times.

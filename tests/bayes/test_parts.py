@@ -89,24 +89,38 @@ def test_hsgp_prior_covariance_approximates_the_rbf_kernel():
     x = jnp.linspace(-3, 3, 7)[:, None]
     prior = PriorConfig(lengthscale=1.0, amplitude=1.5, hyper_log_sd=1e-3)
 
+    @jax.jit  # one compiled program, not one per eager operation and column
     def basis_cov():  # Var f = Phi diag(S) Phi^T: read S and Phi off the model with beta = identity columns
         seeded = handlers.seed(handlers.substitute(hsgp_function, {"lengthscale": 1.0, "amplitude": 1.5}), 0)
         with handlers.trace() as tr:
             seeded(x, x, prior)
         m = tr["basis_weights"]["value"].shape[0]
-        columns = [handlers.substitute(hsgp_function, {"lengthscale": 1.0, "amplitude": 1.5,
-                                                      "basis_weights": jnp.eye(m)[j]})(x, x, prior)[0] for j in range(m)]
-        features = jnp.stack(columns, 1)
+        column = lambda unit: handlers.substitute(hsgp_function, {"lengthscale": 1.0, "amplitude": 1.5,  # noqa: E731
+                                                                  "basis_weights": unit})(x, x, prior)[0]
+        features = jax.vmap(column, out_axes=1)(jnp.eye(m))
         return features @ features.T
 
     np.testing.assert_allclose(basis_cov(), rbf_kernel(x, x, 1.0, 1.5), atol=0.03 * 1.5**2)
     assert HSGP_BOUNDARY > 1
 
 
-def test_simulator_shapes_truth_and_common_random_numbers():
-    config = SimulatorConfig(n_sources=3, source_size=(5, 6, 7), n_features=2, n_proxy=2, n_target=4)
-    # heterogeneity passed both times, so the two calls share one compiled simulator
-    data, truth = simulate(jax.random.PRNGKey(0), config, heterogeneity=config.heterogeneity)
+SIMULATOR = SimulatorConfig(n_sources=3, source_size=(5, 6, 7), n_features=2, n_proxy=2, n_target=4)
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    # heterogeneity passed (traced) in every call of the module, so they all share one compiled simulator
+    return simulate(jax.random.PRNGKey(0), SIMULATOR, heterogeneity=SIMULATOR.heterogeneity)
+
+
+@pytest.fixture(scope="module")
+def problem(simulated):
+    return simulated[0]
+
+
+def test_simulator_shapes_truth_and_common_random_numbers(simulated):
+    config = SIMULATOR
+    data, truth = simulated
     assert data.x_source.shape == (18, 2) and data.proxy.shape == (2,) and data.x_target.shape == (4, 2)
     np.testing.assert_array_equal(data.task_source, np.repeat([0, 1, 2], [5, 6, 7]))
     np.testing.assert_allclose(data.y_source, truth.f_source + truth.phi_source[data.task_source], atol=2.5)
@@ -121,20 +135,15 @@ def test_simulator_shapes_truth_and_common_random_numbers():
         SimulatorConfig(n_sources=3, source_size=(5, 6))
 
 
-@pytest.fixture(scope="module")
-def problem():
-    return simulate(jax.random.PRNGKey(0), SimulatorConfig(n_sources=2, source_size=(5,), n_target=3))[0]
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(proxy=None), "no proxy"),
     (dict(proxy=jnp.zeros((0,))), "no proxy: proxy has 0 readings"),
     (dict(proxy=jnp.zeros((2, 1))), r"proxy must have shape \[M\]"),
     (dict(proxy=jnp.asarray(0.3)), r"proxy must have shape \[M\]"),
-    (dict(x_source=jnp.zeros((0, 3)), y_source=jnp.zeros(0), task_source=jnp.zeros(0, int)), "empty source set"),
-    (dict(y_source=jnp.full(10, jnp.nan)), "y_source has 10 non-finite"),
-    (dict(x_target=jnp.zeros((3, 2))), "x_target has 2 features but x_source has 3"),
-    (dict(y_source=jnp.zeros(9)), r"y_source must have shape \[N\] with N=10"),
+    (dict(x_source=jnp.zeros((0, 2)), y_source=jnp.zeros(0), task_source=jnp.zeros(0, int)), "empty source set"),
+    (dict(y_source=jnp.full(18, jnp.nan)), "y_source has 18 non-finite"),
+    (dict(x_target=jnp.zeros((3, 3))), "x_target has 3 features but x_source has 2"),
+    (dict(y_source=jnp.zeros(9)), r"y_source must have shape \[N\] with N=18"),
     (dict(proxy_noise=jnp.asarray(-1.0)), "proxy_noise must be > 0"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(problem, change, message):
@@ -142,22 +151,22 @@ def test_bad_input_is_refused_with_a_clear_error(problem, change, message):
     with pytest.raises(TransferDataError, match=message):
         validate_transfer_data(bad)
     with pytest.raises(TransferDataError, match=message):  # the public entry point checks before compiling
-        fit_transfer("prompt", bad, n_sources=2, key=jax.random.PRNGKey(0))
+        fit_transfer("prompt", bad, n_sources=3, key=jax.random.PRNGKey(0))
 
 
 def test_unknown_method_or_function_prior_names_the_valid_ones(problem):
     with pytest.raises(UnknownNameError, match="did you mean 'prompt'"):
-        fit_transfer("prompty", problem, n_sources=2, key=jax.random.PRNGKey(0))
+        fit_transfer("prompty", problem, n_sources=3, key=jax.random.PRNGKey(0))
     with pytest.raises(UnknownNameError, match="valid names: gp, linear"):
-        fit_transfer("no_transfer", problem, n_sources=2, key=jax.random.PRNGKey(0), function="spline")
+        fit_transfer("no_transfer", problem, n_sources=3, key=jax.random.PRNGKey(0), function="spline")
 
 
 def test_no_transfer_is_the_closed_form_prior_predictive(problem):
-    fit, diag = fit_transfer("no_transfer", problem, n_sources=2, key=jax.random.PRNGKey(0))
+    fit, diag = fit_transfer("no_transfer", problem, n_sources=3, key=jax.random.PRNGKey(0))
     prior = PriorConfig()
     q = proxy_posterior(problem.proxy, problem.proxy_noise, prior)
     expected_var = prior.theta_scale**2 * (problem.x_target**2).sum(-1) + q.var + prior.noise_scale**2
-    assert diag is None and fit.mean.shape == (1, 3)
+    assert diag is None and fit.mean.shape == (1, 4)
     np.testing.assert_allclose(fit.mean[0], q.mean, rtol=1e-6)
     np.testing.assert_allclose(fit.var[0], expected_var, rtol=1e-5)
     assert math.isfinite(float(q.mean))

@@ -130,26 +130,28 @@ def oracle_closed_form(data, n_sources: int, prior: PriorConfig):
 
 def test_oracle_recovers_theta_as_data_grow():
     prior = PriorConfig()
-    errors, spreads = [], []
+    errors, spreads, posts = [], [], []
     sim = SimulatorConfig(n_sources=3, source_size=(1000,), n_features=2, heterogeneity=2.0, n_target=5)
     data, truth = simulate(jax.random.PRNGKey(3), sim)  # one compiled simulation: the small problem is a subset
     first_ten = np.concatenate([np.arange(10) + 1000 * k for k in range(3)])
     small = data._replace(x_source=data.x_source[first_ten], y_source=data.y_source[first_ten],
                           task_source=data.task_source[first_ten])
     for subset in (small, data):
-        post = oracle_closed_form(subset, 3, prior)
-        errors.append(float(jnp.abs(post.mean[:2] - truth.theta).max()))
-        spreads.append(float(jnp.sqrt(jnp.diag(post.var)[:2]).max()))
+        posts.append(oracle_closed_form(subset, 3, prior))
+        errors.append(float(jnp.abs(posts[-1].mean[:2] - truth.theta).max()))
+        spreads.append(float(jnp.sqrt(jnp.diag(posts[-1].var)[:2]).max()))
     assert all(a > b for a, b in zip(spreads, spreads[1:]))            # concentrates ~ 1/sqrt(n)
     assert all(e < 4 * s for e, s in zip(errors, spreads)) and errors[-1] < 0.05   # ... on the true theta
-    # The oracle method's NUTS posterior is that closed form (one size, tolerance from ESS).
-    config = MethodConfig(nuts=NutsConfig(num_warmup=200, num_samples=250, num_chains=2))
-    fit, diag = fit_transfer("oracle", data, n_sources=3, key=jax.random.PRNGKey(4), config=config)
+    # The oracle method's NUTS posterior is that closed form (the 30-point problem, tolerance from ESS;
+    # sequential chains compile in half the time of vectorised ones, which the conjugate tests above use).
+    config = MethodConfig(nuts=NutsConfig(num_warmup=200, num_samples=250, num_chains=2, chain_method="sequential"))
+    fit, diag = fit_transfer("oracle", small, n_sources=3, key=jax.random.PRNGKey(4), config=config)
     theta = np.asarray(fit.draws.samples["theta"])
     ess = effective_sample_size(theta)
+    post = posts[0]
     sd = np.sqrt(np.diag(np.asarray(post.var))[:2])
     np.testing.assert_array_less(np.abs(theta.mean((0, 1)) - np.asarray(post.mean[:2])), 4 * sd / np.sqrt(ess))
-    assert diag.divergences == 0
+    assert np.all(ess > 100) and diag.divergences == 0
 
 
 def test_poor_diagnostics_warn_and_good_ones_do_not():

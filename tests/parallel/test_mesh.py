@@ -1,7 +1,8 @@
-"""One training run on 1 device, 8 fake CPU devices (data and fsdp meshes) and 2 processes: same loss curve.
+"""One training run on 1 device, 4 fake CPU devices (data x fsdp) and 8 in 2 processes (data): same loss curve.
 
-The single-process layouts share one subprocess (8 CPU devices; the 1-device mesh takes the first);
-the 2-process cluster is a pair of subprocesses.
+One pair of subprocesses (4 CPU devices each) forms the cluster: together they train on data x 8
+across the processes, then process 0 alone on a mesh of its first device and on data 2 x fsdp 2 over
+its own 4 devices.
 """
 import json
 import os
@@ -28,14 +29,6 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _curves(tmp_path: Path, devices: int, layouts: str) -> list[dict]:
-    out = tmp_path / "curves.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), layouts], env=_env(devices),
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,28 +36,25 @@ def _free_port() -> int:
 
 
 def test_same_loss_curve_on_1_and_8_devices_and_2_processes(tmp_path):
-    # one process with 8 CPU devices trains on a 1-device mesh, data x 8 and data 4 x fsdp 2
-    one, eight, fsdp = _curves(tmp_path, 8, "1:1:1,-1:1:-1,4:2:-1")
-    assert one["devices"] == 1 and eight["devices"] == 8 and fsdp["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
-
     coordinator = f"127.0.0.1:{_free_port()}"
-    out = tmp_path / "multi.json"
+    out = tmp_path / "curves.json"
     procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT), str(out), "-1:1:-1", coordinator, "2", str(i)],
-                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, str(SCRIPT), str(out), "-1:1:-1,1:1:1,2:2:4", coordinator, "2", str(i)],
+                         env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
-    [multi] = json.loads(out.read_text())
-    assert multi["devices"] == 4  # 2 processes x 2 local CPU devices form one mesh
+    eight, one, fsdp = json.loads(out.read_text())
+    assert eight["devices"] == 8 and eight["processes"] == 2  # 2 processes x 4 local CPU devices form one mesh
+    assert one["devices"] == 1 and fsdp["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and fsdp["processes"] == 1
 
     assert len(one["loss"]) == 8 and one["loss"][-1] < one["loss"][0] * 0.5  # it actually trains
-    for other in (eight, fsdp, multi):
+    for other in (eight, fsdp):
         np.testing.assert_allclose(other["loss"], one["loss"], rtol=2e-5)
     # The train chunk compiles once on every layout (state shardings are stable across calls).
-    assert [run["compiles"] for run in (one, eight, fsdp, multi)] == [1, 1, 1, 1]
+    assert [run["compiles"] for run in (one, eight, fsdp)] == [1, 1, 1]
 
 
 def test_mesh_config_errors_and_fsdp_rules():
