@@ -21,8 +21,8 @@ from flax import nnx
 from metafit.registry import Registry, did_you_mean
 
 from .base import family_of
-from .layers import abstract_model
 from .convert import CheckpointMismatch, MalformedWeightsError, check_checkpoint_layout, load_hf_tensors, to_hf_tensors
+from .layers import abstract_model
 from .model_files import (file_in_folder, present, read_generation_config, read_hf_config, read_index,
                           read_safetensors_header)
 
