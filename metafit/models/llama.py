@@ -150,14 +150,13 @@ class LlamaModel(nnx.Module):
         masks = {}
         biases = per_layer(attention_bias, cfg.num_hidden_layers)
         attentions, new_keys, new_values = [], [], []
-        if cache is None and not return_attentions and scanning():
-            for window in {cfg.window(i) for i in range(cfg.num_hidden_layers)} - set(masks):
+        if not return_attentions and scanning():
+            for window in {cfg.window(i) for i in range(cfg.num_hidden_layers)}:
                 masks[window] = L.attention_allowed(attention_mask, query_slots, key_slots, causal=True, window=window)
-            step = lambda layer, h, allowed, bias: _block_output(layer, h, cos, sin, allowed, bias)  # noqa: E731
             inputs = [(masks[cfg.window(i)], biases[i]) for i in range(cfg.num_hidden_layers)]
-            scanned = scan_blocks(step, list(self.layers), x, inputs)
+            scanned = self._scanned(x, cos, sin, inputs, cache, cache_index)
             if scanned is not None:
-                return self.norm(scanned), None, None
+                return self.norm(scanned[0]), None, scanned[1]
         for i, layer in enumerate(self.layers):
             window = cfg.window(i)
             if window not in masks:
@@ -180,6 +179,26 @@ class LlamaModel(nnx.Module):
             new_values.append(v)
         new_cache = None if cache is None else L.KVCache(tuple(new_keys), tuple(new_values))
         return self.norm(x), (tuple(attentions) if return_attentions else None), new_cache
+
+
+    def _scanned(self, x, cos, sin, inputs, cache, cache_index):
+        """``(hidden, new cache)`` with the blocks run as one ``lax.scan`` (None when they do not stack).
+
+        With a cache, each layer's key/value buffers are scanned alongside its weights and the
+        new cache comes back stacked ``[layers, b, T, kv_heads, head_dim]`` (see
+        :class:`~metafit.models.layers.KVCache`), so a generation loop carries it stacked.
+        """
+        if cache is None:
+            step = lambda layer, h, allowed, bias: _block_output(layer, h, cos, sin, allowed, bias)  # noqa: E731
+            hidden = scan_blocks(step, list(self.layers), x, inputs)
+            return None if hidden is None else (hidden, None)
+
+        def step(layer, h, allowed, bias, kv):
+            h, _, kv = layer(h, cos, sin, allowed, cache_kv=kv, cache_index=cache_index, bias=bias)
+            return h, kv
+
+        out = scan_blocks(step, list(self.layers), x, inputs, stacked=L.stacked_cache(cache))
+        return None if out is None else (out[0], L.KVCache(*out[1]))
 
 
 class _LlamaBase(nnx.Module):

@@ -22,6 +22,7 @@ from metafit.registry import Registry, did_you_mean
 
 from .base import family_of
 from .convert import CheckpointMismatch, MalformedWeightsError, check_checkpoint_layout, load_hf_tensors, to_hf_tensors
+from .layers import abstract_model
 from .model_files import (file_in_folder, present, read_generation_config, read_hf_config, read_index,
                           read_safetensors_header)
 
@@ -272,8 +273,8 @@ def build_model(
     With ``shapes`` (tensor name -> shape, from the files' headers), names and shapes are checked
     against the config before the model is built (:func:`~metafit.models.convert.check_checkpoint_layout`),
     so a config claiming thousands of layers fails at once. The module tree is built abstractly
-    (``nnx.eval_shape``), so no random initialisation of the full model is paid before the
-    weights arrive. ``config_source`` names where the config came from in errors.
+    (:func:`~metafit.models.layers.abstract_model`), so no random initialisation of the full
+    model is paid before the weights arrive. ``config_source`` names where the config came from in errors.
     """
     family = family_of(hf_config.model_type)
     architectures = getattr(hf_config, "architectures", None) or [None]
@@ -286,10 +287,10 @@ def build_model(
     if shapes is not None:
         layers_key = "n_layer" if hasattr(config, "n_layer") else "num_hidden_layers"
         one_layer = dataclasses.replace(config, **{layers_key: 1})
-        template = nnx.eval_shape(lambda: cls(one_layer, rngs=nnx.Rngs(0)))
+        template = abstract_model(lambda: cls(one_layer, rngs=nnx.Rngs(0)))
         check_checkpoint_layout(template, getattr(config, layers_key), shapes, base_prefix=family.base_prefix,
                                 source=source, layers_field=f"{layers_key} in {config_source}")
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda: cls(config, rngs=nnx.Rngs(0)))
     return load_hf_tensors(model, get_tensor, names, base_prefix=family.base_prefix, source=source)
 
 

@@ -51,12 +51,17 @@ def scanning() -> bool:
     return _active[-1][1]
 
 
-def scan_blocks(call: Callable, blocks, x, per_layer_inputs) -> jax.Array | None:
+def scan_blocks(call: Callable, blocks, x, per_layer_inputs, stacked=None):
     """``x`` through ``call(block_i, x, *per_layer_inputs[i])`` for every block, as one ``lax.scan``.
 
     The blocks' states are stacked inside the traced function (the module tree, and so every
     ``model.layers[i]`` path that PEFT targets, sharding rules and checkpoints use, is unchanged);
     ``per_layer_inputs[i]`` (e.g. each layer's mask and attention bias) are stacked alongside.
+
+    ``stacked``: a pytree whose arrays already have a leading layer axis (the KV cache during
+    generation); layer ``i`` gets its slice ``stacked[i]`` as the last argument, ``call`` returns
+    ``(x, y_i)`` and the result is ``(x, ys)`` with the ``y_i`` stacked the same way.
+
     Returns None when the blocks differ in structure (e.g. LoRA on some layers only) or their
     inputs do not stack; the caller then runs them one by one.
     """
@@ -68,17 +73,20 @@ def scan_blocks(call: Callable, blocks, x, per_layer_inputs) -> jax.Array | None
     if any(structure != leaves[0] for structure in leaves[1:]):
         return None
     try:
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
+        states = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
         inputs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer_inputs)
     except (ValueError, TypeError):  # shapes differ between layers
         return None
     block_call = maybe_remat(call)
 
     def body(h, layer):
-        state, layer_inputs = layer
-        return block_call(nnx.merge(graphdef, state), h, *layer_inputs), None
+        state, layer_inputs, layer_stacked = layer
+        if stacked is None:
+            return block_call(nnx.merge(graphdef, state), h, *layer_inputs), None
+        return block_call(nnx.merge(graphdef, state), h, *layer_inputs, layer_stacked)
 
-    return jax.lax.scan(body, x, (stacked, inputs))[0]
+    h, ys = jax.lax.scan(body, x, (states, inputs, stacked))
+    return h if stacked is None else (h, ys)
 
 
 def maybe_remat(call: Callable) -> Callable:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import metafit.models as mm
-from metafit.models.generate import _generate
+from metafit.models.generate import _STATIC, _generate, _settings
+from metafit.models.remat import remat_policy
 from models_tiny import build, gpt2_config, llama_config, save, torch
 
 NEW = 6
@@ -48,10 +49,12 @@ def _hf_greedy(reference, ids, mask, stop):
 
 
 def test_greedy_equals_transformers_generate(pair):
+    """Llama decodes through the layer-scanned stack here (the other tests run it unrolled); GPT-2 has no scan."""
     reference, model = pair
     ids, mask = _prompts()
     want = _hf_greedy(reference, ids, mask, stop=None)
-    got = np.asarray(mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), pad_token_id=0))
+    got = np.asarray(mm.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), pad_token_id=0,
+                                 scan_layers=True))
     np.testing.assert_array_equal(got, want)
 
 
@@ -67,12 +70,13 @@ def test_stop_token_pads_the_rest_like_transformers(pair):
 
 
 def test_kv_cache_equals_full_recompute_and_right_padding_is_left_aligned(llama):
+    """Sampled tokens: the layer-scanned stack with its stacked KV cache = the unrolled stack recomputing everything."""
     _, model = llama
     ids, mask = _prompts()
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, stop_tokens=(), temperature=0.9, top_k=20, top_p=0.9,
-                  key=jax.random.key(7))
+                  key=jax.random.key(7), scan_layers=True)
     cached = np.asarray(mm.generate(model, ids, **kwargs))
-    recomputed = np.asarray(mm.generate(model, ids, use_cache=False, **kwargs))
+    recomputed = np.asarray(mm.generate(model, ids, **{**kwargs, "use_cache": False, "scan_layers": False}))
     np.testing.assert_array_equal(cached, recomputed)
     # the same prompts right-padded: rows are left-aligned first, so the output is identical
     right_ids = np.stack([ids[0], np.concatenate([ids[1, 2:], [0, 0]])])
@@ -88,6 +92,12 @@ def test_generation_compiles_once_per_shape(llama):
     before = _generate._cache_size()
     mm.generate(model, ids[::-1] + 1, attention_mask=mask, max_new_tokens=NEW, stop_tokens=(5,), pad_token_id=3)
     assert _generate._cache_size() == before  # new values, same shapes and settings: no recompilation
+    # the layer mode is a static argument (part of the key), read when generate is called, not from the
+    # remat_policy context of whichever call traced first; an explicit scan_layers wins over the context
+    mode = lambda **kw: _settings(model, ids, max_new_tokens=NEW, **kw)[2]["scan_layers"]  # noqa: E731
+    assert "scan_layers" in _STATIC and mode() is False and mode(scan_layers=True) is True
+    with remat_policy("none", scan_layers=True):
+        assert mode() is True and mode(scan_layers=False) is False
 
 
 def test_sampling_with_top_k_1_is_greedy(llama):

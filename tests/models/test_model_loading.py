@@ -2,6 +2,7 @@
 import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -274,3 +275,41 @@ def test_a_failed_save_keeps_the_previous_weights(gguf_pair, tmp_path, monkeypat
         mm.save(model, folder, tokenizer)
     assert (folder / "model.safetensors").read_bytes() == before
     assert not [p for p in folder.iterdir() if "partial" in p.name]
+
+
+_ABSTRACT_CASES = {
+    "llama-untied-bf16": (mm.LlamaForCausalLM, mm.LlamaConfig(
+        vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, qkv_bias=True, dtype="bfloat16")),
+    "llama-classifier": (mm.LlamaForSequenceClassification, mm.LlamaConfig(
+        vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=4, tie_word_embeddings=True, id2label=("a", "b"))),
+    "gpt2": (mm.GPT2LMHeadModel, mm.GPT2Config(vocab_size=11, n_embd=8, n_layer=2, n_head=2, n_positions=16,
+                                               tie_word_embeddings=False)),
+    "bert": (mm.BertModel, mm.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=8, max_position_embeddings=16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ABSTRACT_CASES))
+def test_abstract_build_is_nnx_eval_shape_with_no_shared_variables(case):
+    """The loaders' linear-time abstract build = ``nnx.eval_shape``: same module tree, shapes and dtypes.
+
+    Equal graphdefs also mean no two projections share a variable (same-shape projections come
+    from one cached template; a shared variable shows as a node reference in the graphdef).
+    """
+    from flax import nnx
+
+    from metafit.models.layers import abstract_model
+
+    cls, config = _ABSTRACT_CASES[case]
+    got_def, got = nnx.split(abstract_model(lambda: cls(config, rngs=nnx.Rngs(0))))
+    want_def, want = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
+    assert got_def == want_def
+    got, want = dict(nnx.to_flat_state(got)), dict(nnx.to_flat_state(want))
+    assert got.keys() == want.keys()
+    for path, variable in want.items():
+        assert type(got[path]) is type(variable), path
+        value = got[path].get_value()
+        assert isinstance(value, jax.ShapeDtypeStruct), path
+        assert (value.shape, value.dtype) == (variable.shape, variable.dtype), path
