@@ -27,6 +27,11 @@ class DeliftArgs:
         (FLCG given an existing set).
       pool_file: a JSONL file of ``{"instruction", "response"}`` pairs to select from
         (empty = ``n_pool`` generated pairs).
+      families: the generated family set: ``pretraining`` (:mod:`metafit.data.instructions`, the
+        families metafit-small-lm was pretrained on; the default, kept for old configs) or ``unseen``
+        (:mod:`metafit.data.unseen_instructions`, families it never saw; the shipped configs).
+      tasks: the pool's families (empty = every family of the set).
+      mix: one weight per pool family (``unseen`` only; empty = the families in turn).
       n_pool, n_side, n_eval: pool, target/existing set and evaluation set sizes.
       side_tasks: instruction families of the target (task) or existing (continual) set.
       budget: fraction of the pool selected.
@@ -42,6 +47,9 @@ class DeliftArgs:
     encoder: str = "all-minilm-l6-v2"
     use_case: str = "instruction"
     pool_file: str = ""
+    families: str = "pretraining"
+    tasks: tuple[str, ...] = ()
+    mix: tuple[float, ...] = ()
     n_pool: int = 500
     n_side: int = 60
     n_eval: int = 60
@@ -58,6 +66,7 @@ class DeliftArgs:
     def __post_init__(self):
         if self.use_case not in study.USE_CASES:
             raise ValueError(f"args.use_case must be one of {study.USE_CASES}, got {self.use_case!r}")
+        study.check_families(self.families, self.tasks, self.side_tasks, self.mix)
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"args.budget is a fraction in (0, 1], got {self.budget}")
         unknown = [a for a in self.arms if a not in study.ARMS]
@@ -75,7 +84,8 @@ def delift(cfg: RunConfig, run: RunDir) -> dict:
     args = cfg.args
     pool = study.read_pairs(args.pool_file) if args.pool_file else None
     sets = study.use_case_sets(args.use_case, n_pool=args.n_pool, n_side=args.n_side, n_eval=args.n_eval,
-                               seed=cfg.seed, side_tasks=args.side_tasks, pool=pool)
+                               seed=cfg.seed, side_tasks=args.side_tasks, pool=pool,
+                               families=args.families, tasks=args.tasks or None, mix=args.mix or None)
     model, tokenizer = load(args.model)
     encoder, encoder_tokenizer = load(args.encoder)
     results = study.run_arms(model, tokenizer, encoder, encoder_tokenizer, sets, args.use_case, arms=args.arms,

@@ -1,6 +1,9 @@
 """The DELIFT comparison: three use cases, every selection arm, the same LoRA fine-tuning, three metrics.
 
-Use cases (generated instruction families, :mod:`metafit.data.instructions`):
+Use cases (generated instruction families: ``families="unseen"``, :mod:`metafit.data.unseen_instructions`,
+families the small LM never saw, which is what the configs use; ``"pretraining"``,
+:mod:`metafit.data.instructions`, the families the small LM was pretrained on, so fine-tuning on
+them barely moves it):
 
 * ``instruction`` -- pool of all families; select with FL; evaluate on held-out pairs of all families;
 * ``task`` -- a target set of a few families; select from the mixed pool with FLMI (target
@@ -26,7 +29,8 @@ from flax import nnx
 
 from metafit import peft
 from metafit.data.batching import epoch_batches
-from metafit.data.instructions import Instruction, encode_sft, make_instructions
+from metafit.data.instructions import INSTRUCTION_TASKS, Instruction, encode_sft, make_instructions
+from metafit.data.unseen_instructions import UNSEEN_TASKS, make_unseen
 from metafit.train import TrainConfig, fit
 from metafit.train.lm_eval import greedy_answers
 from metafit.train.losses import next_token_loss
@@ -36,6 +40,7 @@ from .objectives import budget_of, facility_location, flcg, flmi
 from .utility import as_pair, pair_distances, similarity_from_utility
 
 USE_CASES = ("instruction", "task", "continual")
+FAMILY_SETS = {"pretraining": INSTRUCTION_TASKS, "unseen": UNSEEN_TASKS}
 ARMS = ("initial", "random", "selectit", "less", "deft_ucs", "delift_se", "fl_only", "delift", "full")
 _SIDE_OFFSET = 1_000_000  # generator indices of the target/existing and eval sets, apart from the pool's
 
@@ -49,15 +54,47 @@ class Sets:
     eval: list[Instruction]
 
 
+def check_families(families: str, tasks: Sequence[str], side_tasks: Sequence[str], mix: Sequence[float]) -> None:
+    """Raises ValueError, before any compute, for a family set, family or mix the generators cannot make."""
+    if families not in FAMILY_SETS:
+        raise ValueError(f"families must be one of {tuple(FAMILY_SETS)}, got {families!r}")
+    known = FAMILY_SETS[families].names()
+    unknown = [t for t in (*tasks, *side_tasks) if t not in known]
+    if unknown:
+        raise ValueError(f"instruction families {unknown} are not in the {families!r} set; choose from {known}")
+    if mix and families != "unseen":
+        raise ValueError("mix (uneven family weights) needs families 'unseen'; leave it empty for 'pretraining'")
+    if mix and len(mix) != len(tasks or known):
+        raise ValueError(f"mix has {len(mix)} weights for {len(tasks or known)} families {list(tasks or known)}")
+
+
+def family_pairs(families: str, n: int, *, seed: int, tasks: Sequence[str] | None = None,
+                 mix: Sequence[float] | None = None, offset: int = 0) -> list[Instruction]:
+    """``n`` generated pairs of the family set ``families`` (``mix``: uneven weights, ``unseen`` only)."""
+    check_families(families, tasks or (), (), mix or ())
+    if families == "unseen":
+        return make_unseen(n, seed=seed, tasks=tasks, mix=mix or None, offset=offset)
+    return make_instructions(n, seed=seed, tasks=tasks, offset=offset)
+
+
 def use_case_sets(use_case: str, *, n_pool: int, n_side: int, n_eval: int, seed: int,
-                  side_tasks: Sequence[str] = ("reverse", "sort"), pool: list[Instruction] | None = None) -> Sets:
-    """Pool, side set and evaluation set of a use case (``pool`` given = a user's own pairs)."""
+                  side_tasks: Sequence[str] = ("reverse", "sort"), pool: list[Instruction] | None = None,
+                  families: str = "pretraining", tasks: Sequence[str] | None = None,
+                  mix: Sequence[float] | None = None) -> Sets:
+    """Pool, side set and evaluation set of a use case (``pool`` given = a user's own pairs).
+
+    The pool draws ``tasks`` (default: every family of the set) with weights ``mix`` (default: in
+    turn); the side set and the evaluation set take their families in turn, so every family weighs
+    the same in the score however rare it is in the pool.
+    """
     if use_case not in USE_CASES:
         raise ValueError(f"use_case must be one of {USE_CASES}, got {use_case!r}")
-    pool = pool if pool is not None else make_instructions(n_pool, seed=seed)
-    side = make_instructions(n_side, seed=seed, tasks=side_tasks, offset=_SIDE_OFFSET) if use_case != "instruction" else []
-    eval_tasks = side_tasks if use_case == "task" else None
-    return Sets(pool, side, make_instructions(n_eval, seed=seed, tasks=eval_tasks, offset=2 * _SIDE_OFFSET))
+    pairs = lambda n, task_names, offset, weights=None: family_pairs(  # noqa: E731
+        families, n, seed=seed, tasks=task_names, mix=weights, offset=offset)
+    pool = pool if pool is not None else pairs(n_pool, tasks, 0, mix)
+    side = pairs(n_side, side_tasks, _SIDE_OFFSET) if use_case != "instruction" else []
+    eval_tasks = side_tasks if use_case == "task" else tasks
+    return Sets(pool, side, pairs(n_eval, eval_tasks, 2 * _SIDE_OFFSET))
 
 
 def read_pairs(path: str | Path) -> list[Instruction]:
