@@ -126,19 +126,16 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     # How far each model moved from the base on the LoRA targets: ‖θ − θ_base‖ / ‖θ_base‖, mean over
     # tensors, measured on the model as it is scored (each folder is read once).
     is_target = lambda name: any(target in name for target in args.lora.targets)
+    moved = lambda scored: relative_change(base_params, nnx.split(scored)[1], is_target)
     weight_change = {}
-
-    def score_and_measure(name, scored_model):
-        weight_change[name] = relative_change(base_params, nnx.split(scored_model)[1], is_target)
-        return score(scored_model)
 
     rows = {"base": score(model)}
     if not is_saved(run.path / "models" / "base"):
         save_folder(model, run.path / "models" / "base", tokenizer)
     for t, task in enumerate(tasks):
-        rows[f"expert {task}"] = score_and_measure(f"expert {task}", load_or_train_expert(
-            finetune, base_params, t, key, steps=cfg.train.steps, root=run.path,
-            checkpoint_dir=run.checkpoint_dir(f"expert_{task}"), tokenizer=tokenizer))
+        expert = load_or_train_expert(finetune, base_params, t, key, steps=cfg.train.steps, root=run.path,
+                                      checkpoint_dir=run.checkpoint_dir(f"expert_{task}"), tokenizer=tokenizer)
+        rows[f"expert {task}"], weight_change[f"expert {task}"] = score(expert), moved(expert)
     rows["experts, each on its own task"] = {
         "mean_em": float(np.mean([rows[f"expert {t}"][f"{t}_em"] for t in tasks])),
         "mean_loss": float(np.mean([rows[f"expert {t}"][f"{t}_loss"] for t in tasks])),
@@ -152,7 +149,8 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     for spec in args.merges:
         chosen, merge_seconds[spec.name] = merge_with_recipe(spec, tasks, cfg.seed, run.path, val_score, run.metrics)
         merged = load(run.path / "merged" / spec.name)[0]
-        rows[f"merge {spec.name}"] = {**score_and_measure(f"merge {spec.name}", merged), **chosen}
+        rows[f"merge {spec.name}"], weight_change[f"merge {spec.name}"] = {**score(merged), **chosen}, moved(merged)
+    expert = merged = None  # the last expert and merge need not stay in memory through ATM
 
     if args.atm_rounds:
         steps = cfg.train.steps // args.atm_rounds
@@ -167,8 +165,7 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
         plot_curves(run.plot_path("atm_rounds"), curves, xlabel="ATM round", ylabel="mean exact match",
                     title=f"language ATM, tasks {', '.join(tasks)}")
     if args.atm_rounds:  # the rounds' merges were scored in memory; the saved final merge is measured here
-        weight_change["ATM"] = relative_change(base_params, nnx.split(load(run.path / "merged" / "atm")[0])[1],
-                                               is_target)
+        weight_change["ATM"] = moved(load(run.path / "merged" / "atm")[0])
     run.log({"merge_seconds": merge_seconds, "seconds": time.perf_counter() - started}, step=0, stage="summary")
     out = {"methods": rows, "weight_change": weight_change}
     if args.atm_rounds:
