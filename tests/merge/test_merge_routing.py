@@ -67,9 +67,9 @@ def test_forward_matches_the_model_and_routing_closed_forms():
 
 
 def test_answer_exact_match_counts_strings_with_every_answer_token_right():
-    ids = jnp.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
-    batch = {"input_ids": ids, "loss_mask": jnp.array([[0, 0, 1, 1]] * 3, jnp.float32)}
-    logits = np.asarray(jax.nn.one_hot(jnp.roll(ids, -1, axis=1), 17)) * 5.0  # position t predicts token t + 1
+    ids = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+    batch = {"input_ids": ids, "loss_mask": np.array([[0, 0, 1, 1]] * 3, np.float32)}
+    logits = np.eye(17, dtype=np.float32)[np.roll(ids, -1, axis=1)] * 5.0  # position t predicts token t + 1
     wrong_answer, wrong_prompt = logits.copy(), logits.copy()
     wrong_answer[1, 2] = np.eye(17)[9] * 5.0  # row 1 predicts 9 instead of its last answer token
     wrong_prompt[2, 0] = np.eye(17)[9] * 5.0  # row 2 errs outside the answer: not counted
