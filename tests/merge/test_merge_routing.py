@@ -44,26 +44,21 @@ def tiny_gpt(seed):
     return GPT2LMHeadModel(cfg, rngs=nnx.Rngs(seed))
 
 
-def test_forward_matches_the_model_and_routing_closed_forms():
-    a, b = tiny_gpt(0), tiny_gpt(1)
+def test_forward_matches_the_model_and_returns_every_residual_stream():
+    """The routed forward with the model's own MLPs is the model. Its closed forms under interpolation
+    (alpha = 1 is expert A) and zero-initialised routing (the uniform mixture) are checked through the
+    jitted losses shared with the smoke run, in the test below."""
+    a = tiny_gpt(0)
     ids = jnp.arange(2 * SEQ_LEN).reshape(2, SEQ_LEN) % len(CHARS)
-    mlps = routing.expert_mlps([a, b])
-    routers = routing.Routers(2, 16, 2, rngs=nnx.Rngs(0))
 
     @jax.jit  # one compiled program instead of hundreds of eager dispatches
     def outputs():
         logits, hiddens = routing.forward(a, ids)
-        return (logits, a(ids), hiddens, routing.forward(a, ids, routing.interpolate_activations(mlps, 1.0))[0],
-                routing.forward(a, ids, routing.routed(routers, mlps, 1, 2))[0],
-                routing.forward(a, ids, routing.interpolate_activations(mlps, 0.5))[0])
+        return logits, a(ids), hiddens
 
-    logits, direct, hiddens, alpha_one, uniform_routing, half = outputs()
+    logits, direct, hiddens = outputs()
     np.testing.assert_allclose(logits, direct, atol=1e-5)
     assert len(hiddens) == 2 and hiddens[0].shape == (2, SEQ_LEN, 16)
-    # alpha = 1 uses expert A's MLPs only: the model A itself.
-    np.testing.assert_allclose(alpha_one, logits, atol=1e-5)
-    # Zero-initialised routers with top-k = all give the uniform mixture = interpolation at 1/2.
-    np.testing.assert_allclose(uniform_routing, half, atol=1e-5)
 
 
 def test_answer_exact_match_counts_strings_with_every_answer_token_right():
