@@ -132,6 +132,9 @@ def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers(smoke_cfg
     ids = jnp.concatenate([batch["input_ids"]] * 3)
     hidden = routing.residual_streams(graphdef, ids)
     ha, hb = hidden(pa), hidden(pb)
+    # a second set of inputs of the same shape reuses the compiled streams (the inputs are an argument)
+    routing.residual_streams(graphdef, jnp.asarray(np.asarray(ids)[::-1]))(pa)
+    assert routing._residual_streams_jit(graphdef)._cache_size() == 1
     values = layer_cka(ha, hb)
     assert len(values) == 2
     np.testing.assert_allclose(values[1], cka(ha[1].reshape(-1, 16), hb[1].reshape(-1, 16)), rtol=1e-6)
