@@ -123,13 +123,19 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     finetune = LoraFinetuner(graphdef, train_arrays, args.lora, cfg.train, cfg.seed, run.metrics)
     key = jax.random.key(cfg.seed)
 
+    # How far each model moved from the base on the LoRA targets: ‖θ − θ_base‖ / ‖θ_base‖, mean over
+    # tensors, measured on the model as it is scored (each folder is read once).
+    is_target = lambda name: any(target in name for target in args.lora.targets)
+    moved = lambda scored: relative_change(base_params, nnx.split(scored)[1], is_target)
+    weight_change = {}
+
     rows = {"base": score(model)}
     if not is_saved(run.path / "models" / "base"):
         save_folder(model, run.path / "models" / "base", tokenizer)
     for t, task in enumerate(tasks):
-        rows[f"expert {task}"] = score(load_or_train_expert(
-            finetune, base_params, t, key, steps=cfg.train.steps, root=run.path,
-            checkpoint_dir=run.checkpoint_dir(f"expert_{task}"), tokenizer=tokenizer))
+        expert = load_or_train_expert(finetune, base_params, t, key, steps=cfg.train.steps, root=run.path,
+                                      checkpoint_dir=run.checkpoint_dir(f"expert_{task}"), tokenizer=tokenizer)
+        rows[f"expert {task}"], weight_change[f"expert {task}"] = score(expert), moved(expert)
     rows["experts, each on its own task"] = {
         "mean_em": float(np.mean([rows[f"expert {t}"][f"{t}_em"] for t in tasks])),
         "mean_loss": float(np.mean([rows[f"expert {t}"][f"{t}_loss"] for t in tasks])),
@@ -142,7 +148,9 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
     merge_seconds = {}
     for spec in args.merges:
         chosen, merge_seconds[spec.name] = merge_with_recipe(spec, tasks, cfg.seed, run.path, val_score, run.metrics)
-        rows[f"merge {spec.name}"] = {**score(load(run.path / "merged" / spec.name)[0]), **chosen}
+        merged = load(run.path / "merged" / spec.name)[0]
+        rows[f"merge {spec.name}"], weight_change[f"merge {spec.name}"] = {**score(merged), **chosen}, moved(merged)
+    expert = merged = None  # the last expert and merge need not stay in memory through ATM
 
     if args.atm_rounds:
         steps = cfg.train.steps // args.atm_rounds
@@ -156,14 +164,8 @@ def merge_lm(cfg: RunConfig, run: RunDir) -> dict:
             curves[f"{spec.name} of experts"] = ([0, args.atm_rounds], [rows[f"merge {spec.name}"]["mean_em"]] * 2)
         plot_curves(run.plot_path("atm_rounds"), curves, xlabel="ATM round", ylabel="mean exact match",
                     title=f"language ATM, tasks {', '.join(tasks)}")
-    # How far each model moved from the base on the LoRA targets: ‖θ − θ_base‖ / ‖θ_base‖, mean over tensors.
-    is_target = lambda name: any(target in name for target in args.lora.targets)
-    folders = {f"expert {t}": run.path / "models" / t for t in tasks}
-    folders.update({f"merge {m.name}": run.path / "merged" / m.name for m in args.merges})
-    if args.atm_rounds:
-        folders["ATM"] = run.path / "merged" / "atm"
-    weight_change = {name: relative_change(base_params, nnx.split(load(folder)[0])[1], is_target)
-                     for name, folder in folders.items()}
+    if args.atm_rounds:  # the rounds' merges were scored in memory; the saved final merge is measured here
+        weight_change["ATM"] = moved(load(run.path / "merged" / "atm")[0])
     run.log({"merge_seconds": merge_seconds, "seconds": time.perf_counter() - started}, step=0, stage="summary")
     out = {"methods": rows, "weight_change": weight_change}
     if args.atm_rounds:

@@ -116,8 +116,18 @@ def mlp_mask(params: Any) -> Any:
 
 
 def residual_streams(graphdef: nnx.GraphDef, ids: Array) -> Callable[[Any], list[Array]]:
-    """Jitted ``params -> [b, s, d]`` residual stream after each block on the fixed inputs ``ids``."""
-    return jax.jit(lambda params: forward(nnx.merge(graphdef, params), ids)[1])
+    """Jitted ``params -> [b, s, d]`` residual stream after each block on the fixed inputs ``ids``.
+
+    ``ids`` enter the compiled program as an argument, so every call for one architecture and
+    input shape shares one compilation.
+    """
+    streams = _residual_streams_jit(graphdef)
+    return lambda params: streams(params, ids)
+
+
+@functools.lru_cache(maxsize=32)
+def _residual_streams_jit(graphdef: nnx.GraphDef):
+    return jax.jit(lambda params, ids: forward(nnx.merge(graphdef, params), ids)[1])
 
 
 def answer_exact_match(logits: Array, batch) -> Array:
@@ -131,15 +141,21 @@ def answer_exact_match(logits: Array, batch) -> Array:
     return jnp.mean(jnp.all(right | ~mask, axis=-1).astype(jnp.float32))
 
 
+@functools.lru_cache(maxsize=32)
 def forward_loss(graphdef: nnx.GraphDef, token_loss: TokenLoss = lm_batch_loss) -> Callable[[Any, Any], Array]:
-    """Jitted ``(params, batch) -> loss`` of the plain model."""
+    """Jitted ``(params, batch) -> loss`` of the plain model.
+
+    Cached per ``(graphdef, token_loss)``: equal architectures share one jitted function and its compilations.
+    """
     return jax.jit(lambda params, batch: token_loss(forward(nnx.merge(graphdef, params), batch["input_ids"])[0], batch))
 
 
+@functools.lru_cache(maxsize=32)
 def interpolation_loss(graphdef: nnx.GraphDef, token_loss: TokenLoss = lm_batch_loss):
     """Jitted ``(params_a, params_b, alpha, batch) -> loss`` under activation interpolation of two experts.
 
-    The non-MLP weights are expert A's (equal to B's when only MLPs were fine-tuned).
+    The non-MLP weights are expert A's (equal to B's when only MLPs were fine-tuned). Cached like
+    :func:`forward_loss`.
     """
 
     @jax.jit

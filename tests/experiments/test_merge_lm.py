@@ -7,11 +7,14 @@ from safetensors.numpy import load_file
 
 from tiny_lm import shared_tiny_llama
 
-OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.lr=3e-2", "args.n_train=32",
+# A constant learning rate: the experts' 8-step runs and the ATM rounds' 4-step runs then share one
+# compiled step (a decaying schedule's length is part of the step).
+OVERRIDES = ["train.steps=8", "train.log_every=4", "train.ckpt_every=4", "train.lr=3e-2", "train.schedule=constant",
+             "train.warmup_steps=0", "args.n_train=32",
              "args.n_eval=4", "args.tasks=[upper,add]", "args.atm_rounds=2", "args.buckets=[96,128]",
              "args.max_new_tokens=4",
              "args.n_val=4", "args.merges=[{name: average, method: linear, parameters: {normalize: true}},"
-             " {name: ties, method: ties, parameters: {density: 0.5}, scales: [0.5, 1.0]}]"]
+             " {name: ta, method: task_arithmetic, parameters: {weight: 0.5}, scales: [0.5, 1.0]}]"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
     rows = results["methods"]
     for task in ("upper", "add"):  # each expert learned its own task's answers
         assert rows[f"expert {task}"][f"{task}_loss"] < rows["base"][f"{task}_loss"] - 0.5
-    assert {"merge average", "merge ties", "ATM (2 rounds x 4 steps)"} <= set(rows)
+    assert {"merge average", "merge ta", "ATM (2 rounds x 4 steps)"} <= set(rows)
 
     # The average merge is θ_base + mean_t (θ_t − θ_base) tensor by tensor, as the recipe says.
     base, up, add = (_weights(run.path / "models" / name) for name in ("base", "upper", "add"))
@@ -49,31 +52,36 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
         np.testing.assert_allclose(results["weight_change"][row], expected, rtol=1e-4)
     # the round curve ends at the ATM row
     assert len(results["atm_rounds"]) == 2 and results["atm_rounds"][-1] == rows["ATM (2 rounds x 4 steps)"]
-    # TIES' scale was chosen on validation among [0.5, 1.0]; the recipe file holds the chosen value
-    # and produced merged/ties exactly; the two candidates' validation scores are logged.
-    recipe = load_recipe(run.path / "recipes" / "ties.yaml")
-    chosen = rows["merge ties"]["scale"]
-    assert chosen in (0.5, 1.0) and recipe.method == "ties" and recipe.parameters == {"density": 0.5, "scale": chosen}
+    assert set(results["weight_change"]) == {"expert upper", "expert add", "merge average", "merge ta", "ATM"}
+    # The task-arithmetic merge's scale was chosen on validation among [0.5, 1.0]; the recipe file holds the
+    # chosen value and produced merged/ta exactly; the two candidates' validation scores are logged.
+    recipe = load_recipe(run.path / "recipes" / "ta.yaml")
+    chosen = rows["merge ta"]["scale"]
+    assert chosen in (0.5, 1.0) and recipe.method == "task_arithmetic"
+    assert recipe.parameters == {"weight": 0.5, "scale": chosen}
+    ta = _weights(run.path / "merged" / "ta")
+    for name in base:  # θ_base + scale · Σ_t w_t (θ_t − θ_base) with w_t = 0.5
+        np.testing.assert_allclose(ta[name], base[name] + chosen * 0.5 * ((up[name] - base[name]) + (add[name] - base[name])),
+                                   atol=1e-6)
     from metafit.merge.recipe import run_recipe
 
-    run_recipe(run.path / "recipes" / "ties.yaml", tmp_path / "ties_again", progress=False)
-    assert (tmp_path / "ties_again" / "model.safetensors").read_bytes() == \
-        (run.path / "merged" / "ties" / "model.safetensors").read_bytes()
+    run_recipe(run.path / "recipes" / "ta.yaml", tmp_path / "ta_again", progress=False)
+    assert (tmp_path / "ta_again" / "model.safetensors").read_bytes() == \
+        (run.path / "merged" / "ta" / "model.safetensors").read_bytes()
     tuning = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()
-              if '"tune_ties"' in line]
+              if '"tune_ta"' in line]
     assert [t["scale"] for t in tuning] == [0.5, 1.0]
     best = max(tuning, key=lambda t: (t["mean_em"], -t["mean_loss"]))
-    assert best["scale"] == chosen and rows["merge ties"]["val_mean_em"] == best["mean_em"]
-    assert not (run.path / "merged" / "ties.candidate").exists()
+    assert best["scale"] == chosen and rows["merge ta"]["val_mean_em"] == best["mean_em"]
+    assert not (run.path / "merged" / "ta.candidate").exists()
 
     # transformers loads a merged folder and agrees with metafit's scores' model.
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(run.path / "merged" / "ties")
-    ties = _weights(run.path / "merged" / "ties")
+    hf = AutoModelForCausalLM.from_pretrained(run.path / "merged" / "ta")
     np.testing.assert_allclose(hf.model.layers[0].self_attn.q_proj.weight.detach().numpy(),
-                               ties["model.layers.0.self_attn.q_proj.weight"], atol=1e-7)
+                               ta["model.layers.0.self_attn.q_proj.weight"], atol=1e-7)
     assert torch.isfinite(hf(torch.tensor([[1, 2, 3]])).logits).all()
 
     # A rerun of the same folder trains nothing again (experts saved, ATM rounds checkpointed) and agrees.
@@ -90,7 +98,7 @@ def test_merge_lm_experts_recipes_atm_and_resume(tiny_model, tmp_path, repo):
         np.testing.assert_array_equal(value, atm_before[name])
     assert again["methods"]["ATM (2 rounds x 4 steps)"] == rows["ATM (2 rounds x 4 steps)"]
     logged = (run.path / "metrics.jsonl").read_text()
-    assert logged.count('"tune_ties"') == 2 and logged.count('"stage": "atm"') == 2  # not duplicated by the rerun
+    assert logged.count('"tune_ta"') == 2 and logged.count('"stage": "atm"') == 2  # not duplicated by the rerun
 
 
 def test_merge_lm_rejects_bad_args_before_compute(tmp_path, repo):

@@ -24,7 +24,9 @@ def test_probe_heads_give_sklearn_probabilities_and_block_unused_classes():
     assert w.shape == (2, 5, 10) and b.shape == (2, 10) and w.dtype == np.float32
     for t in range(2):
         probe = LogisticRegression(C=0.5, max_iter=300).fit(features[t], labels[t])
-        probs = jax.nn.softmax(features[t] @ w[t] + b[t])
+        logits = (features[t] @ w[t] + b[t]).astype(np.float64)  # numpy softmax: no eager jnp programs
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
         k = probe.classes_.size
         np.testing.assert_allclose(probs[:, :k], probe.predict_proba(features[t]), atol=1e-5)
         assert float(probs[:, k:].max()) == 0.0 and np.all(b[t, k:] == heads.UNUSED_CLASS_BIAS)
@@ -64,7 +66,7 @@ def test_task_joint_losses_and_accuracies_agree_with_direct_formulas():
         np.testing.assert_allclose(loss, ce[t], rtol=1e-6)
         np.testing.assert_allclose(metrics["accuracy"], (logits[t].argmax(-1) == np.asarray(y[t])).mean())
     assert task_loss._cache_size() == 1
-    joint, _ = heads.joint_loss(encode, head_w, head_b)(params, (x, y), None)
+    joint, _ = jax.jit(heads.joint_loss(encode, head_w, head_b))(params, (x, y), None)
     np.testing.assert_allclose(joint, (ce[0] + ce[1]) / 2, rtol=1e-6)
     accuracies = heads.task_accuracies(encode, head_w, head_b)(params, x, y)
     np.testing.assert_allclose(accuracies, [(logits[t].argmax(-1) == y[t]).mean() for t in range(2)])
@@ -78,7 +80,14 @@ def test_linear_head_loss_trains_encoder_and_head_together():
     loss_fn = heads.linear_head_loss(encode, head_def)
     both = {"encoder": params, "head": head_params}
     head = nnx.merge(head_def, head_params)
-    logits = np.asarray(encode(params, x)) @ np.asarray(head.kernel[...]) + np.asarray(head.bias[...])
-    np.testing.assert_allclose(loss_fn(both, (x, y), None)[0], numpy_cross_entropy(logits, np.asarray(y)), rtol=1e-6)
-    grads = jax.grad(lambda p: loss_fn(p, (x, y), None)[0])(both)
+    # one compiled program for the features, the loss and its gradient (eager jnp would compile one per op)
+    features, (loss, grads) = jax.jit(lambda p: (encode(p["encoder"], x),
+                                                 jax.value_and_grad(lambda q: loss_fn(q, (x, y), None)[0])(p)))(both)
+    logits = np.asarray(features) @ np.asarray(head.kernel[...]) + np.asarray(head.bias[...])
+    np.testing.assert_allclose(loss, numpy_cross_entropy(logits, np.asarray(y)), rtol=1e-6)
     assert set(grads) == {"encoder", "head"}
+    # The head's gradient in closed form: ∂L/∂W = featuresᵀ (softmax(logits) − onehot(y)) / n.
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.asarray(features).T @ (probs - np.eye(5)[np.asarray(y)]) / len(y)
+    np.testing.assert_allclose(grads["head"]["kernel"][...], expected, rtol=1e-5, atol=1e-6)

@@ -231,18 +231,20 @@ SHARDED = textwrap.dedent("""
     import metafit.merge as mm
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
-    base = {"a": jnp.asarray(rng.standard_normal((64, 48)), jnp.float32), "b": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+    # two tensors of one shape (the single-device merges compile once per method), laid out differently:
+    # "a" split over both mesh axes, "b" over "data" only and replicated over "model"
+    base = {name: jnp.asarray(rng.standard_normal((64, 48)), jnp.float32) for name in "ab"}
     fts = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1, base) for _ in range(3)]
     key = jax.random.key(0)
     single = [mm.ties(base, fts, 0.3, 0.8), mm.merge("dare_ties", base, fts, drop_rate=0.5, key=key),
               mm.breadcrumbs(base, fts, 0.2, 0.05)]
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    spec = {"a": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("data"))}
+    spec = {"a": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("data", None))}
     put = lambda t: jax.tree.map(jax.device_put, t, spec)
     sbase, sfts = put(base), [put(f) for f in fts]
     sharded = [mm.ties(sbase, sfts, 0.3, 0.8), mm.merge("dare_ties", sbase, sfts, drop_rate=0.5, key=key),
                mm.breadcrumbs(sbase, sfts, 0.2, 0.05)]
-    assert len(sharded[0]["a"].sharding.device_set) == 8
+    assert len(sharded[0]["a"].sharding.device_set) == 8 and len(sharded[0]["b"].sharding.device_set) == 8
     for s, m in zip(single, sharded):
         for x, y in zip(jax.tree.leaves(s), jax.tree.leaves(m)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

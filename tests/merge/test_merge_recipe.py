@@ -108,8 +108,9 @@ def test_bad_recipes_fail_before_merging(tmp_path, text, error, match):
 def test_recipe_output_loads_in_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    # square attention and MLP matrices: three tensor shapes in all, so the merge compiles three programs
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     models = [transformers.LlamaForCausalLM(config) for _ in range(3)]
     for i, model in enumerate(models):
