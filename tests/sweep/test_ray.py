@@ -16,8 +16,7 @@ def test_ray_local_cluster_runs_jobs_and_records_failures(fake_project, monkeypa
     root = fake_project.parent.parent
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the cluster's workers import this checkout's metafit
     try:
-        # one CPU: the cluster starts one Ray worker (each is a Python process importing Ray), which runs both jobs
-        report = run_sweep(fake_project, executor="ray", jobs=1, only=["x2_s1", "broken"], log=lambda _: None)
+        report = run_sweep(fake_project, executor="ray", jobs=2, only=["x2_s1", "broken"], log=lambda _: None)
     finally:
         ray.shutdown()
     assert report.done == ["x2_s1"] and "x=1.0 was asked to fail" in report.failed["broken"]
