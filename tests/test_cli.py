@@ -5,43 +5,73 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, run_metafit
+from conftest import REPO, run_cli
 
 QUICKSTART = str(REPO / "configs/quickstart.yaml")
-# Every training run below uses these settings (a narrow MLP, 300 steps in dispatches of 10), so they
-# share one compiled step: in this process through `fit`'s step cache, in the subprocesses through
-# the persistent compilation cache. Runs that must differ change a field the step never reads.
+# Every training run below uses these settings (a narrow MLP, 300 steps in dispatches of 10) on the
+# default config that `metafit config quickstart` prints, so they share one compiled step: in this
+# process through `fit`'s step cache, in the subprocesses through the persistent compilation cache.
+# The default schedule is constant, so the step never reads `train.steps` either: runs that must
+# differ change a field the step never reads.
 TINY = ["--set", "args.hidden=[32]", "--set", "train.lr=1e-2", "--set", "train.eval_every=0",
         "--set", "train.steps=300", "--set", "train.ckpt_every=100", "--set", "train.log_every=50",
         "--set", "train.steps_per_dispatch=10"]
 
+# `metafit config quickstart` then `metafit run` of the printed file, in one fresh process (one JAX import), which
+# then lists the modules it loaded
+CONFIG_RUN_PROBE = """
+import contextlib, io, json, sys
+from metafit.cli import main
+modules, config, *overrides = sys.argv[1:]
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    code = main(["config", "quickstart"])
+if code != 0:
+    sys.exit(code)
+with open(config, "w") as f:
+    f.write(printed.getvalue())
+code = main(["run", config, *overrides])
+json.dump(sorted(sys.modules), open(modules, "w"))
+sys.exit(code)
+"""
+
+
+@dataclass(frozen=True)
+class PrintedRun:
+    config: Path  # what `metafit config quickstart` printed
+    run: Path  # the finished run of it with TINY
+    modules: frozenset[str]  # every module the fresh process had loaded when the run ended
+
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A finished quickstart run with :data:`TINY` (run in this process): the quickstart output and the
-    uninterrupted reference of the resume test."""
-    run = tmp_path_factory.mktemp("cli") / "tiny"
-    out = run_cli("run", QUICKSTART, "--workdir", str(run), *TINY)
-    assert out.returncode == 0, out.stderr
-    return run
+def printed_run(tmp_path_factory) -> PrintedRun:
+    """The quickstart's printed default config run with :data:`TINY` by the real CLI in a fresh process: the
+    quickstart output, the config-runs-as-is check and the uninterrupted reference of the resume test."""
+    root = tmp_path_factory.mktemp("cli")
+    modules, config, run = root / "modules.json", root / "quickstart.yaml", root / "run"
+    probe = subprocess.run([sys.executable, "-c", CONFIG_RUN_PROBE, str(modules), str(config), *TINY,
+                            "--workdir", str(run)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert probe.returncode == 0, probe.stderr
+    return PrintedRun(config, run, frozenset(json.loads(modules.read_text())))
 
 
-def test_help_list_and_quickstart_run(tiny_run):
-    assert "metafit" in run_metafit("--help").stdout
-    listing = run_metafit("list")
+def test_list_show_and_the_quickstart_run(printed_run):
+    # in this process: `--help` and `--version` have their real subprocess below, `run` in printed_run
+    listing = run_cli("list")
     assert listing.returncode == 0 and "experiment" in listing.stdout and "quickstart" in listing.stdout
-    # `run` in this process (tiny_run): its real subprocesses are the killed run and the config probe below
-    run = tiny_run
+    run = printed_run.run
     for name in ("config.yaml", "metrics.jsonl", "results.json", "results.md", "learning_curve.png"):
         assert (run / name).exists(), name
     results = json.loads((run / "results.json").read_text())
     assert results["metrics"]["test_accuracy"] > 0.9  # digits MLP (64-32-10) after 300 steps
     assert "steps: 300" in (run / "config.yaml").read_text()
-    shown = run_metafit("show", str(run))
+    shown = run_cli("show", str(run))
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
 
@@ -54,9 +84,9 @@ SLOW_RUN = ("import sys, time; import metafit.experiments.quickstart as q; batch
             "q.epoch_batches = slow; from metafit.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path, tiny_run):
-    config, common = QUICKSTART, TINY
-    # the uninterrupted reference (tiny_run) and the resume run in this process; the killed run is the real subprocess
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path, printed_run):
+    config, common = str(printed_run.config), TINY
+    # the uninterrupted reference (printed_run) and the killed run are real subprocesses; the resume runs in this process
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "run", config, "--workdir", str(killed_dir), *common],
@@ -74,7 +104,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path, tiny_r
 
     resumed = run_cli("run", config, "--workdir", str(killed_dir), *common)
     assert resumed.returncode == 0, resumed.stderr
-    ref = json.loads((tiny_run / "results.json").read_text())
+    ref = json.loads((printed_run.run / "results.json").read_text())
     got = json.loads((killed_dir / "results.json").read_text())
     assert got == ref
     lines = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +113,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(repo, tmp_path, tiny_r
     assert [r["step"] for r in lines if r["split"] == "train"] == list(range(50, 301, 50))
 
 
-def test_bad_input_errors(repo, tmp_path):
+def test_bad_input_errors(repo, tmp_path, printed_run):
     config = str(repo / "configs/quickstart.yaml")
     missing = run_cli("run", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "config file not found" in missing.stderr
@@ -100,13 +130,15 @@ def test_bad_input_errors(repo, tmp_path):
     wrong_type = run_cli("run", config, "--set", "train.steps=many")
     assert wrong_type.returncode == 2 and "train.steps: expected int, got 'many'" in wrong_type.stderr
 
-    first = run_cli("run", config, *TINY, "--workdir", str(tmp_path / "w"))
+    # finished runs of the printed config: 20 steps of the compiled step of the runs above (constant schedule)
+    short = [str(printed_run.config), *TINY, "--set", "train.steps=20"]
+    first = run_cli("run", *short, "--workdir", str(tmp_path / "w"))
     assert first.returncode == 0, first.stderr
     # another config (log_every: the compiled step is the same, so the forced run below does not recompile)
-    other = run_cli("run", config, *TINY, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"))
+    other = run_cli("run", *short, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"))
     assert other.returncode == 2 and "different config" in other.stderr and "--force-new" in other.stderr
-    forced = run_cli("run", config, *TINY, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"),
-                         "--force-new")
+    forced = run_cli("run", *short, "--set", "train.log_every=100", "--workdir", str(tmp_path / "w"),
+                     "--force-new")
     assert forced.returncode == 0, forced.stderr
     assert (tmp_path / "w.old-1" / "results.json").exists()  # the old run was moved aside, not lost
 
@@ -157,44 +189,20 @@ def test_help_and_version_answer_without_importing_jax(repo):
     assert as_module.returncode == 0 and as_module.stdout == "metafit 0.1.0\n"
 
 
-# `metafit config` then `metafit run` of the printed file, in one fresh process (one JAX import), which
-# then lists the modules it loaded
-CONFIG_RUN_PROBE = """
-import contextlib, io, json, sys
-from metafit.cli import main
-modules, config, *overrides = sys.argv[1:]
-printed = io.StringIO()
-with contextlib.redirect_stdout(printed):
-    code = main(["config", "quickstart"])
-if code != 0:
-    sys.exit(code)
-with open(config, "w") as f:
-    f.write(printed.getvalue())
-code = main(["run", config, *overrides])
-json.dump(sorted(sys.modules), open(modules, "w"))
-sys.exit(code)
-"""
-
-
-def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path):
-    modules, config = tmp_path / "modules.json", tmp_path / "f.yaml"
-    run = subprocess.run([sys.executable, "-c", CONFIG_RUN_PROBE, str(modules), str(config), *TINY,
-                          "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=repo, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert run.returncode == 0, run.stderr
-    printed = config.read_text()
+def test_config_prints_a_default_config_that_runs_as_is(repo, tmp_path, printed_run):
+    printed = printed_run.config.read_text()
     assert "# optimiser steps in total.\n  steps: 100" in printed
     assert "# widths of the hidden layers.\n  hidden: [128, 128]" in printed
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["steps"] == 300
+    assert json.loads((printed_run.run / "results.json").read_text())["metrics"]["steps"] == 300
     # the run imported only the quickstart experiment's code
-    loaded = set(json.loads(modules.read_text()))
+    loaded = printed_run.modules
     assert "metafit.experiments.quickstart" in loaded
     others = {"metafit.experiments.meta", "metafit.experiments.merge", "metafit.experiments.bayes",
               "metafit.experiments.robust", "metafit.meta", "metafit.merge", "metafit.bayes", "metafit.robust"}
     assert not loaded & others, sorted(loaded & others)
 
     # a bad value in the printed file is refused before anything is written
-    bad = run_cli("run", str(config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "bad"))
+    bad = run_cli("run", str(printed_run.config), "--set", "train.optimizer=adamz", "--workdir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "train.optimizer" in bad.stderr and "'adamz'" in bad.stderr
     assert not (tmp_path / "bad").exists()
 

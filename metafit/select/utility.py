@@ -233,10 +233,16 @@ class _Tiler:
             mask[r, :t] = 1.0
         return pieces, start, targets, mask
 
-    def with_cache(self, heads: list[list[int]], query_rows: np.ndarray) -> np.ndarray:
-        """``[2, len(query_rows), len(heads)]`` distances via the shared-prefix cache."""
-        n_heads = _round_up(len(heads), self.chunk)
-        head_ids = _pad_rows(heads, _power_of_two(max(map(len, heads))), n_heads)
+    def with_cache(self, heads: list[list[int]], query_rows: np.ndarray, *, n_heads: int = 0,
+                   head_len: int = 0) -> np.ndarray:
+        """``[2, len(query_rows), len(heads)]`` distances via the shared-prefix cache.
+
+        Heads are padded to at least ``n_heads`` rows of at least ``head_len`` tokens (padding slots
+        are overwritten by the queries or causally invisible to them), so that tiles of one matrix
+        share one compiled program.
+        """
+        n_heads = max(n_heads, _round_up(len(heads), self.chunk))
+        head_ids = _pad_rows(heads, max(head_len, _power_of_two(max(map(len, heads)))), n_heads)
         head_len = np.array([len(h) for h in heads] + [1] * (n_heads - len(heads)), np.int32)
         out = _tile_with_prefix_cache(self.graphdef, self.state, jnp.asarray(head_ids), jnp.asarray(head_len),
                                       *map(jnp.asarray, self._queries(query_rows)), chunk=self.chunk)
@@ -322,12 +328,16 @@ def pair_distances(model, tokenizer, queries: Sequence, examples: Sequence, *, w
     tiler = _Tiler(model, encoded, block, batch_pairs)
     n_q, n_e = len(encoded.queries), len(encoded.heads)
     query_blocks = [np.arange(s, min(s + block, n_q)) for s in range(0, n_q, block)]
+    # Every tile (and the no-example head) padded to one shape: one compiled program for the whole matrix.
+    tile_shape = dict(n_heads=_round_up(min(block, n_e), tiler.chunk),
+                      head_len=_power_of_two(max(map(len, [*encoded.heads, encoded.bare_head]))))
     bare = store.get("bare")
     if bare is None:
-        bare = np.concatenate([tiler.with_cache([encoded.bare_head], rows)[:, :, 0] for rows in query_blocks], 1)
+        bare = np.concatenate([tiler.with_cache([encoded.bare_head], rows, **tile_shape)[:, :, 0]
+                               for rows in query_blocks], 1)
         store.put("bare", bare)
     joined = np.zeros((2, n_q, n_e), np.float32)
-    run = tiler.with_cache if reuse_prefix else tiler.without_cache
+    run = functools.partial(tiler.with_cache, **tile_shape) if reuse_prefix else tiler.without_cache
     for qi, rows in enumerate(query_blocks):
         for ej, start in enumerate(range(0, n_e, block)):
             name = f"tile_{qi}_{ej}"

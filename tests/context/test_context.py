@@ -16,8 +16,14 @@ from metafit.train import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from models_tiny import build, forward, llama_config, save  # noqa: E402
 from tiny_lm import make_tiny_llama  # noqa: E402
+
+
+def forward(model, ids, mask=None, **kwargs):
+    """models_tiny's one-jit forward; models_tiny (torch, transformers) is imported on first use, not at collection."""
+    from models_tiny import forward
+
+    return forward(model, ids, mask, **kwargs)
 
 NEW = 5
 TEXTS = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "hello world, the cat sat on the mat.",
@@ -26,6 +32,8 @@ TEXTS = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "hello
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
+    from models_tiny import build, llama_config, save
+
     return mm.load(save(build("LlamaForCausalLM", llama_config()), tmp_path_factory.mktemp("llama")))[0]
 
 

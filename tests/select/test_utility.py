@@ -42,7 +42,11 @@ def data():
 @pytest.fixture(scope="module")
 def distances(tiny, data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("u")
-    return workdir, utility.pair_distances(*tiny, data[:5], data, workdir=workdir, block=4, batch_pairs=8)
+    compiled = utility._tile_with_prefix_cache._cache_size()
+    out = utility.pair_distances(*tiny, data[:5], data, workdir=workdir, block=4, batch_pairs=8)
+    # the no-example head and both example tiles (heads of different lengths) share one compiled program
+    assert utility._tile_with_prefix_cache._cache_size() - compiled <= 1
+    return workdir, out
 
 
 def direct_distances(model, rows):

@@ -5,7 +5,7 @@ import pytest
 
 import metafit.models as mm
 from metafit.models.generate import TextStream, generate_text, stream, stream_text
-from serve_tiny import set_generation_config, tiny_folder, torch, transformers
+from serve_tiny import set_generation_config, tiny_folder
 
 NEW = 8
 
@@ -37,6 +37,8 @@ def test_generation_config_eos_list_and_max_new_tokens_match_transformers(folder
     assert model2.config.generation.eos_token_ids == (2, stop)
     assert model2.config.generation.max_new_tokens == NEW and not model2.config.generation.do_sample
     got = np.asarray(mm.generate(model2, ids))  # eos list and length from the file
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "gc")).eval()
     with torch.no_grad():  # transformers reads the same generation_config.json
         want = reference.generate(torch.as_tensor(ids[None], dtype=torch.long), do_sample=False).numpy()[0]
