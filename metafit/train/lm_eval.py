@@ -5,6 +5,7 @@ decoding up to the end-of-turn token, compared with the response string, is a fa
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -50,6 +51,17 @@ def exact_match(model, tokenizer, examples: Sequence[Instruction], max_new_token
     return float(np.mean([a == ex.response for a, ex in zip(answers, examples)]))
 
 
+@functools.lru_cache(maxsize=32)
+def _response_loss(graphdef: nnx.GraphDef):
+    """The jitted response-token loss of one architecture, shared by every scorer of it.
+
+    A jit built per scorer would trace and compile again for each scorer (test, validation, a rerun
+    in the same process); keyed on the graph definition, they all reuse one program.
+    """
+    loss_fn = next_token_loss(graphdef)
+    return jax.jit(lambda params, batch: loss_fn(params, batch, None)[0])
+
+
 class InstructionScorer:
     """Per-task exact match and response-token loss of any model with one architecture.
 
@@ -68,8 +80,7 @@ class InstructionScorer:
         self.tokenizer, self.eval_sets = tokenizer, eval_sets
         self.bucket, self.max_new_tokens = buckets[0], max_new_tokens
         self.batches = {t: jax.tree.map(jnp.asarray, encode_sft(tokenizer, ex, buckets)) for t, ex in eval_sets.items()}
-        loss_fn = next_token_loss(graphdef)
-        self.loss = jax.jit(lambda params, batch: loss_fn(params, batch, None)[0])
+        self.loss = _response_loss(graphdef)
 
     def __call__(self, model) -> dict[str, float]:
         params = nnx.state(model)
