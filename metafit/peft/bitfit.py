@@ -12,7 +12,6 @@ Reference:
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from metafit.peft.core import BitFitParam, PeftWrapper, bias_of, filled, kernel_of, new_gate, replace_value
