@@ -13,8 +13,7 @@ IDS = jnp.array([[3, 7, 1, 9, 4], [2, 2, 8, 5, 6]])
 
 
 def tiny_llama():
-    # one layer: the prefix hook, per-sample gates and the KV cache are per layer (half the compile of two)
-    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=4)
     return random_model(lambda rngs: LlamaForCausalLM(cfg, rngs=rngs))
 
@@ -23,7 +22,7 @@ def test_prefix_on_llama_gate_zero_is_base_and_generation_with_cache_matches_wit
     model = tiny_llama()
     base = forward(model, IDS)
     peft.apply(model, peft.PrefixConfig(num_prefix=3, init_scale=1.0), rngs=nnx.Rngs(0))
-    assert peft.gated_paths(model) == ["model.layers.0.self_attn.kv_prefix"]
+    assert peft.gated_paths(model) == [f"model.layers.{i}.self_attn.kv_prefix" for i in range(2)]
     assert model.model.layers[0].self_attn.kv_prefix.prefix_k.shape == (3, 2, 4)
     assert not np.allclose(forward(model, IDS), base, atol=1e-4)
     peft.set_gates(model, jnp.array([[0.0, 1.0]]))
