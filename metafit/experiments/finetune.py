@@ -25,7 +25,7 @@ from metafit.data.instructions import encode_sft, make_instructions
 from metafit.data.sft_files import as_instructions, encode_chats, sft_file_split
 from metafit.experiments import RunConfig, experiment, plot_curves
 from metafit.models import load
-from metafit.parallel import make_mesh
+from metafit.parallel import make_mesh, shard_params
 from metafit.runs import RunDir
 from metafit.train import fit
 from metafit.train.lm_eval import exact_match
@@ -85,9 +85,16 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     eval_batch = jax.tree.map(jnp.asarray, eval_arrays)
 
     peft.apply(model, args.lora, rngs=nnx.Rngs(cfg.seed))
+    mesh = make_mesh(cfg.mesh)
     graphdef, params = nnx.split(model)
+    # placed as fit places them, so the evaluations and generation before training and after it see
+    # the same argument shardings and compile once
+    params = shard_params(params, mesh)
+    nnx.update(model, params)
     loss_fn = next_token_loss(graphdef)
-    eval_loss = jax.jit(lambda p: loss_fn(p, eval_batch, None)[0])
+    # the batch is an argument, not a constant baked into the program: runs of one model share the compile
+    jit_loss = jax.jit(loss_fn)
+    eval_loss = lambda p: jit_loss(p, eval_batch, None)[0]
     before = {"eval_loss": float(eval_loss(params)),
               **({} if eval_set is None else
                  {"exact_match": exact_match(model, tokenizer, eval_set, args.max_new_tokens, args.buckets[0])})}
@@ -95,7 +102,7 @@ def lora_sft(cfg: RunConfig, run: RunDir) -> dict:
     result = fit(loss_fn, params, epoch_batches(train_arrays, cfg.train.batch_size, cfg.seed), cfg.train,
                  key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir("sft"),
                  eval_fn=lambda p: {"eval_loss": eval_loss(p)}, trainable=peft.trainable_mask(params),
-                 mesh=make_mesh(cfg.mesh), log=run.metrics)
+                 mesh=mesh, log=run.metrics)
     nnx.update(model, result.params)
     after = {"eval_loss": result.eval["eval_loss"],
              **({} if eval_set is None else

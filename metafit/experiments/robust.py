@@ -38,6 +38,7 @@ class RobustArgs:
       backbone: ``tiny`` (a 2-layer BERT pre-trained here on an independent keyword corpus;
         only for ``keywords``) or ``all-minilm-l6-v2`` (the shipped encoder).
       backbone_steps: pre-training steps of the ``tiny`` backbone.
+      backbone_layers: transformer layers of the ``tiny`` backbone (one routing group per layer).
       max_len: tokens per text (truncate / pad).
       val_fraction, test_fraction: the stratified split (fixed by ``split_seed``).
       train_size, test_size: stratified subsets of the train / test split (None = all);
@@ -64,6 +65,7 @@ class RobustArgs:
     num_classes: int = 4
     backbone: str = "tiny"
     backbone_steps: int = 150
+    backbone_layers: int = 2
     max_len: int = 32
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -98,6 +100,8 @@ class RobustArgs:
             raise ValueError(f"args.backbone must be one of {', '.join(BACKBONES)}, got '{self.backbone}'")
         if self.backbone == "tiny" and self.dataset != "keywords":
             raise ValueError("args.backbone 'tiny' only knows the keywords vocabulary; use all-minilm-l6-v2")
+        if self.backbone_layers < 1:
+            raise ValueError(f"args.backbone_layers must be >= 1, got {self.backbone_layers}")
         if self.epochs < 1:
             raise ValueError(f"args.epochs must be >= 1, got {self.epochs}")
 
@@ -108,7 +112,7 @@ def robust(cfg: RunConfig, run: RunDir) -> dict:
     args: RobustArgs = cfg.args
     seeds = args.seeds or (cfg.seed,)
     backbone = make_backbone(args.backbone, num_classes=args.num_classes, seed=cfg.seed, max_len=args.max_len,
-                             steps=args.backbone_steps)
+                             steps=args.backbone_steps, layers=args.backbone_layers)
     corpus_size = {"num_examples": args.num_examples, "num_classes": args.num_classes} if args.dataset == "keywords" else {}
     splits = encoded_splits(args.dataset, backbone.tokenizer, max_len=args.max_len, split_seed=args.split_seed,
                             val_fraction=args.val_fraction, test_fraction=args.test_fraction,

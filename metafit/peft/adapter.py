@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import AdapterParam, PeftWrapper, kernel_of, new_gate
+from metafit.peft.core import AdapterParam, PeftWrapper, filled, kernel_of, new_gate
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -41,9 +41,9 @@ class BottleneckAdapter(PeftWrapper):
         self.base_layer = base_layer
         self.activation = activation
         self.down = AdapterParam(init_scale * jax.random.normal(rngs.params(), (features, bottleneck), dtype))
-        self.down_bias = AdapterParam(jnp.zeros((bottleneck,), dtype))
-        self.up = AdapterParam(jnp.zeros((bottleneck, features), dtype))
-        self.up_bias = AdapterParam(jnp.zeros((features,), dtype))
+        self.down_bias = AdapterParam(filled((bottleneck,), dtype, 0.0))
+        self.up = AdapterParam(filled((bottleneck, features), dtype, 0.0))
+        self.up_bias = AdapterParam(filled((features,), dtype, 0.0))
         self.gate = new_gate()
 
     def __call__(self, x, *args, **kwargs):

@@ -12,10 +12,9 @@ Reference:
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import BitFitParam, PeftWrapper, bias_of, kernel_of, new_gate, replace_value
+from metafit.peft.core import BitFitParam, PeftWrapper, bias_of, filled, kernel_of, new_gate, replace_value
 
 
 class BitFitBias(PeftWrapper):
@@ -30,7 +29,7 @@ class BitFitBias(PeftWrapper):
             kernel = kernel_of(base_layer).get_value()
             shape, dtype = kernel.shape[-1:], kernel.dtype
         self.base_layer = base_layer
-        self.bias_delta = BitFitParam(jnp.zeros(shape, dtype))
+        self.bias_delta = BitFitParam(filled(shape, dtype, 0.0))
         self.gate = new_gate()
 
     def __call__(self, x, *args, **kwargs):

@@ -18,7 +18,9 @@ import fnmatch
 import re
 from typing import Any, Iterable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from metafit.tree import path_name
@@ -92,6 +94,15 @@ def check_weights(weights: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         raise ValueError(f"{what}: " + ", ".join(f"{k} has shape {s}, expected {tuple(shapes[k])}"
                                                  for k, s in wrong.items()))
     return {k: jnp.asarray(v, dtype) for k, v in weights.items()}
+
+
+def filled(shape: tuple[int, ...], dtype: Any, value: float) -> jax.Array:
+    """A constant array put on the device from the host.
+
+    Eager ``jnp.zeros``/``jnp.ones`` compile one XLA program per shape; a PEFT method applied
+    to a model with many differently shaped targets would compile a dozen tiny programs.
+    """
+    return jnp.asarray(np.full(shape, value, dtype))
 
 
 def new_gate() -> Gate:

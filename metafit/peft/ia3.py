@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from metafit.peft.core import IA3Param, PeftWrapper, bias_of, kernel_of, new_gate, replace_value
+from metafit.peft.core import IA3Param, PeftWrapper, bias_of, filled, kernel_of, new_gate, replace_value
 
 
 class IA3Linear(PeftWrapper):
@@ -26,7 +26,7 @@ class IA3Linear(PeftWrapper):
         size = kernel.shape[0] if feedforward else kernel.shape[1]
         self.base_layer = base_layer
         self.feedforward = feedforward
-        self.ia3_l = IA3Param(jnp.ones((size,), kernel.dtype))
+        self.ia3_l = IA3Param(filled((size,), kernel.dtype, 1.0))
         self.gate = new_gate()
 
     def _scale(self, like: jnp.ndarray) -> jnp.ndarray:

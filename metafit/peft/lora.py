@@ -20,6 +20,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -93,6 +94,25 @@ def _project_up_bwd(residuals, dy):
 project_up.defvjp(_project_up_fwd, _project_up_bwd)
 
 
+LORA_INITS = ("default", "gaussian", "random")
+
+
+@functools.partial(jax.jit, static_argnames=("init", "d_in", "d_out", "rank", "dtype"))
+def _lora_init(key_a, key_b, *, init: str, d_in: int, d_out: int, rank: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Initial ``A [in, r]`` and ``B [r, out]``: one compiled program per shape, not one per operation."""
+    if init == "gaussian":
+        a = jax.random.normal(key_a, (d_in, rank), dtype) / rank
+    else:  # torch kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key_a, (d_in, rank), dtype, -bound, bound)
+    if init == "random":
+        bound = 1.0 / math.sqrt(rank)
+        b = jax.random.uniform(key_b, (rank, d_out), dtype, -bound, bound)
+    else:
+        b = jnp.zeros((rank, d_out), dtype)
+    return a, b
+
+
 def _column_norm(weight: jnp.ndarray) -> jnp.ndarray:
     """L2 norm of each output column of a ``[in, out]`` kernel (= row norm of torch's ``[out, in]``)."""
     return jnp.linalg.norm(weight, axis=0)
@@ -144,20 +164,10 @@ class LoRALinear(PeftWrapper):
         self.gate = new_gate()
 
     def _initial_weights(self, init, d_in, d_out, dtype, rngs):
+        if init not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init '{init}'; valid: {', '.join(LORA_INITS)}")
         key_a, key_b = rngs.params(), rngs.params()
-        if init == "gaussian":
-            a = jax.random.normal(key_a, (d_in, self.rank), dtype) / self.rank
-        else:  # torch kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(key_a, (d_in, self.rank), dtype, -bound, bound)
-        if init == "random":
-            bound = 1.0 / math.sqrt(self.rank)
-            b = jax.random.uniform(key_b, (self.rank, d_out), dtype, -bound, bound)
-        elif init in ("default", "gaussian"):
-            b = jnp.zeros((self.rank, d_out), dtype)
-        else:
-            raise ValueError(f"unknown LoRA init '{init}'; valid: default, gaussian, random")
-        return a, b
+        return _lora_init(key_a, key_b, init=init, d_in=d_in, d_out=d_out, rank=self.rank, dtype=dtype)
 
     def lora_weight(self) -> jnp.ndarray:
         """The low-rank update ``s * A B`` as an ``[in, out]`` matrix."""

@@ -96,11 +96,13 @@ def tiny_keyword_backbone(num_classes: int = 4, *, seed: int = 0, hidden: int = 
 BACKBONES = ("tiny", "all-minilm-l6-v2")
 
 
-def make_backbone(name: str, *, num_classes: int = 4, seed: int = 0, max_len: int = 32, steps: int = 150) -> Backbone:
+def make_backbone(name: str, *, num_classes: int = 4, seed: int = 0, max_len: int = 32, steps: int = 150,
+                  layers: int = 2) -> Backbone:
     """The backbone called ``name``: ``tiny`` (:func:`tiny_keyword_backbone`, pre-trained here with
-    ``num_classes``, ``seed``, ``max_len`` and ``steps``) or ``all-minilm-l6-v2`` (:func:`minilm_backbone`)."""
+    ``num_classes``, ``seed``, ``max_len``, ``steps`` and ``layers``) or ``all-minilm-l6-v2``
+    (:func:`minilm_backbone`; ``layers`` and ``steps`` do not apply)."""
     if name == "tiny":
-        return tiny_keyword_backbone(num_classes, seed=seed, max_len=max_len, steps=steps)
+        return tiny_keyword_backbone(num_classes, seed=seed, max_len=max_len, steps=steps, layers=layers)
     if name == "all-minilm-l6-v2":
         return minilm_backbone()
     raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}")

@@ -33,14 +33,22 @@ def test_instructions_are_deterministic_and_masks_cover_responses_only(tiny_mode
         encode_sft(tok, a[:1], buckets=(8,))
 
 
-def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
+# One set of shape and optimiser settings for both runs below (one bucket, the same LoRA targets, steps and
+# schedule), so the second run reuses the first one's compiled train step, evaluation and generation.
+SFT_OVERRIDES = ["train.steps=30", "train.eval_every=15", "train.ckpt_every=15", "train.batch_size=8",
+                 "args.n_eval=8", "train.lr=3e-2", "args.buckets=[128]",
+                 "args.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+
+
+def sft_run(repo, tiny_model, workdir, *overrides):
     from conftest import run_cli  # in process: `metafit run` has its subprocess test in tests/test_cli.py
 
-    out = run_cli("run", str(repo / "configs/finetune/lora_smollm2.yaml"), "--workdir", str(tmp_path / "run"),
-                  "--set", f"args.model={tiny_model}", "--set", "train.steps=30", "--set", "train.eval_every=15",
-                  "--set", "train.ckpt_every=15", "--set", "args.n_train=64", "--set", "args.n_eval=8",
-                  "--set", "train.lr=3e-2", "--set", "args.buckets=[96,128]",
-                  "--set", "args.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    sets = [arg for o in [f"args.model={tiny_model}", *SFT_OVERRIDES, *overrides] for arg in ("--set", o)]
+    return run_cli("run", str(repo / "configs/finetune/lora_smollm2.yaml"), "--workdir", str(workdir), *sets)
+
+
+def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
+    out = sft_run(repo, tiny_model, tmp_path / "run", "args.n_train=64")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
     assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"] - 0.5  # random model learns the format
@@ -56,25 +64,19 @@ def test_lora_sft_experiment_on_tiny_llama(tiny_model, tmp_path, repo):
 
 def test_lora_sft_on_your_own_jsonl(tiny_model, tmp_path, repo):
     """``args.data=my.jsonl``: chat and prompt/response rows train; a bad file fails before the run folder exists."""
-    from conftest import run_cli
-
     data = tmp_path / "my.jsonl"
     rows = [{"prompt": ex.prompt, "response": ex.response} for ex in make_instructions(20, seed=1, tasks=["upper"])]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    common = ["--set", f"args.model={tiny_model}", "--set", "train.steps=8", "--set", "train.eval_every=8",
-              "--set", "train.ckpt_every=8", "--set", "train.batch_size=8", "--set", "args.n_eval=4",
-              "--set", "train.lr=3e-2", "--set", "args.buckets=[96]", "--set", "args.export_adapter=false"]
-    out = run_cli("run", str(repo / "configs/finetune/lora_small.yaml"), "--workdir", str(tmp_path / "run"),
-                  "--set", f"args.data={data}", *common)
+    out = sft_run(repo, tiny_model, tmp_path / "run", f"args.data={data}", "args.export_adapter=false")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
     assert results["lora_sft"]["eval_loss"] < results["base"]["eval_loss"]
-    assert results["lora_sft"]["exact_match"] * 4 == round(results["lora_sft"]["exact_match"] * 4)  # k of n_eval = 4
+    assert results["lora_sft"]["exact_match"] * 8 == round(results["lora_sft"]["exact_match"] * 8)  # k of n_eval = 8
+    assert not (tmp_path / "run" / "adapter").exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "x"\n')
-    out = run_cli("run", str(repo / "configs/finetune/lora_small.yaml"), "--workdir", str(tmp_path / "bad_run"),
-                  "--set", f"args.data={bad}", *common)
+    out = sft_run(repo, tiny_model, tmp_path / "bad_run", f"args.data={bad}")
     assert out.returncode != 0 and "line 2 is not valid JSON" in out.stderr
     assert not (tmp_path / "bad_run").exists()
 

@@ -169,3 +169,19 @@ def test_lora_dropout_train_vs_eval():
         assert not np.allclose(model(x), a)
         model.eval()
         np.testing.assert_allclose(model(x), a, rtol=1e-5, atol=1e-6)  # eval() still wins in a training step
+
+
+def test_lora_init_compiles_one_program_per_shape_and_draws_the_documented_ranges():
+    """A and B of ``init="random"`` come from one compiled program per (in, out, rank), not one per operation;
+    A ~ U(-1/sqrt(in), 1/sqrt(in)) (torch's kaiming_uniform_(a=sqrt(5))), B ~ U(-1/sqrt(r), 1/sqrt(r))."""
+    from metafit.peft.lora import _lora_init
+
+    model, before = make_model(), _lora_init._cache_size()
+    peft.apply(model, peft.LoraConfig(rank=5, targets=("q_proj", "k_proj", "up_proj"), init="random"),
+               rngs=nnx.Rngs(1))
+    assert _lora_init._cache_size() - before == 3  # [16, 16], [16, 8], [16, 32], each in both layers
+    for proj in (model.layers[0].mlp.up_proj, model.layers[1].self_attn.k_proj):
+        a, b = np.asarray(proj.lora_A[...]), np.asarray(proj.lora_B[...])
+        assert 0.8 / 16**0.5 < np.abs(a).max() <= 1 / 16**0.5 and 0.8 / 5**0.5 < np.abs(b).max() <= 1 / 5**0.5
+    with pytest.raises(ValueError, match="unknown LoRA init 'kaiming'"):
+        peft.apply(make_model(), peft.LoraConfig(init="kaiming"), rngs=nnx.Rngs(1))

@@ -30,6 +30,8 @@ def test_bad_entries_fail_before_compute():
         load_run_config(base, ["args.methods=['clear:lorra']"])
     with pytest.raises(ConfigError, match="CleaR routes PEFT"):
         load_run_config(base, ["args.methods=['clear:full']"])
+    with pytest.raises(ConfigError, match="backbone_layers must be >= 1"):
+        load_run_config(base, ["args.backbone_layers=0"])
 
 
 def pairwise_auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -45,7 +47,9 @@ def test_pairwise_auroc_reference_on_a_case_worked_by_hand():
 
 @pytest.mark.slow
 def test_keywords_config_smoke_reports_the_auroc_of_its_last_clean_probabilities(tmp_path):
-    overrides = ["args.num_examples=80", "args.epochs=3", "args.backbone_steps=4", "args.max_len=12",
+    # one backbone layer: every stage (pre-training, per-layer routing, the GMM passes) at half the compile
+    overrides = ["args.num_examples=80", "args.epochs=3", "args.backbone_steps=4", "args.backbone_layers=1",
+                 "args.max_len=12",
                  "args.methods=['clear:bitfit']", "args.clear.warmup_epochs=1",
                  "args.noise_rates=[0.4]", "train.batch_size=16"]
     run, results = run_experiment(ROOT / "configs" / "robust" / "keywords_clear.yaml", overrides,
