@@ -490,9 +490,11 @@ def make_learner(name: str, network: Network, *, loss: str, output_dim: int, con
     elif options:
         raise TypeError("pass either config= or keyword options, not both")
     try:
-        return _cached_learner(builder, network, config, loss, output_dim)
+        hash((network, config))
     except TypeError:  # a config with an unhashable field: build it, uncached
         return builder(network, config, loss=loss, output_dim=output_dim)
+    # outside the try: a TypeError raised by the builder itself surfaces once, not after a second build
+    return _cached_learner(builder, network, config, loss, output_dim)
 
 
 @functools.lru_cache(maxsize=64)
