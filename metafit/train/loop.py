@@ -36,7 +36,7 @@ from metafit.train.callbacks import Callback, StatefulData, StepInfo, call_due, 
 from metafit.train.checkpoint import Checkpointer
 from metafit.train.config import TrainConfig
 from metafit.train.metrics import MetricsWriter, Progress
-from metafit.train.optim import make_optimizer
+from metafit.train.optim import make_optimizer, traceable_hyperparameters
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
@@ -239,6 +239,7 @@ def fit(
     else:
         batches_of = lambda step, n: _host_batches(data, step, n, mesh)
     run_chunk = _compiled_chunk(loss_fn, grad_fn, config, sampler, mesh)
+    hyperparameters = _traced_hyperparameters(config)
     progress_bar = Progress(config.steps, name, start=start, enabled=progress)
     clock = _Clock()
     pending = []
@@ -246,7 +247,7 @@ def fit(
     try:
         while step < end:
             n = _chunk_length(step, config, callbacks, stop_at)
-            state, metrics = run_chunk(state, frozen, batches_of(step, n), key, n)
+            state, metrics = run_chunk(state, frozen, batches_of(step, n), key, n, hyperparameters)
             clock.chunk_dispatched(state, n)
             pending.append(metrics)
             step += n
@@ -417,17 +418,29 @@ def _host_batches(data, step: int, n: int, mesh: Mesh | None):
 
 
 def _step_config(config: TrainConfig) -> TrainConfig:
-    """``config`` with the fields the compiled step never reads set to fixed values.
+    """``config`` with the fields the compiled step never reads as constants set to fixed values.
 
     The step reads the optimiser fields, ``precision`` and ``grad_accum``; logging, evaluation and
     checkpoint cadences only steer the host loop, and ``steps`` only shapes a decaying or warm-up
-    schedule. Two stages differing only there (a short and a long run, another ``log_every``)
-    then share one compiled step.
+    schedule. The learning rate and weight decay of optax's optimisers arrive as arguments
+    (:func:`_traced_hyperparameters`). Two stages differing only there (a short and a long run,
+    another ``log_every``, a learning-rate sweep) then share one compiled step, in this process and
+    in JAX's persistent compilation cache.
     """
     loop_only = dict(eval_every=0, log_every=1, ckpt_every=0, keep_checkpoints=1, steps_per_dispatch=1)
     if config.schedule == "constant" and config.warmup_steps == 0:
         loop_only["steps"] = 1
+    if traceable_hyperparameters(config):
+        loop_only.update(lr=1.0, weight_decay=0.0)  # placeholders: the step reads the values passed to it
     return dataclasses.replace(config, **loop_only)
+
+
+def _traced_hyperparameters(config: TrainConfig) -> dict[str, jax.Array]:
+    """The step's ``lr`` and ``weight_decay`` arguments.
+
+    Weakly typed, like the Python floats they replace, so bfloat16 updates stay bfloat16.
+    """
+    return {"lr": jnp.asarray(config.lr), "weight_decay": jnp.asarray(config.weight_decay)}
 
 
 def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
@@ -446,7 +459,7 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
 @functools.lru_cache(maxsize=64)
 def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     """:func:`_compiled_chunk` for a config already reduced by :func:`_step_config`."""
-    optimizer = make_optimizer(config)
+    traced = traceable_hyperparameters(config)
     compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
 
     def cast(tree):
@@ -488,7 +501,7 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         scale = 1.0 / config.grad_accum
         return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), jax.tree.map(lambda g: g * scale, grads)
 
-    def one_step(state: TrainState, frozen, batch, key):
+    def one_step(state: TrainState, frozen, batch, key, hyper):
         step_key = jax.random.fold_in(key, state.step)
         if sampler is not None:
             sample_fn, takes_data = sampler
@@ -498,6 +511,7 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         (loss, metrics), grads = accumulated_grads(state.trainable, frozen, batch, jax.random.fold_in(step_key, 1))
         grad_norm = optax.global_norm(grads)
+        optimizer = make_optimizer(config, **hyper) if traced else make_optimizer(config)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
         # The parameters too: a finite loss and gradient can still give non-finite parameters (an
@@ -518,10 +532,10 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         scalars = {"loss": loss, "grad_norm": grad_norm, **{k: jnp.mean(v) for k, v in metrics.items()}}
         return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), scalars)
 
-    def chunk(state, frozen, batches, key, n):
+    def chunk(state, frozen, batches, key, n, hyper):
         if sampler is not None:  # ``batches`` is the sampler's data (or None), the same at every step
-            return jax.lax.scan(lambda s, _: one_step(s, frozen, batches, key), state, None, length=n)
-        return jax.lax.scan(lambda s, b: one_step(s, frozen, b, key), state, batches)
+            return jax.lax.scan(lambda s, _: one_step(s, frozen, batches, key, hyper), state, None, length=n)
+        return jax.lax.scan(lambda s, b: one_step(s, frozen, b, key, hyper), state, batches)
 
     return jax.jit(chunk, static_argnums=4, donate_argnums=0)
 

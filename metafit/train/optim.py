@@ -40,6 +40,15 @@ def _is_optax_optimizer(name: str) -> bool:
         return False
 
 
+def traceable_hyperparameters(cfg: TrainConfig) -> bool:
+    """Whether the trainer may pass ``lr`` / ``weight_decay`` as traced values: optax's own optimisers only.
+
+    They read both through arithmetic alone; an optimiser registered in :data:`OPTIMIZERS` may branch
+    on a value in Python, so its values stay compile-time constants.
+    """
+    return cfg.optimizer not in OPTIMIZERS
+
+
 def _factory(name: str) -> Callable[..., optax.GradientTransformation]:
     if name in OPTIMIZERS:
         return OPTIMIZERS.get(name)
@@ -108,28 +117,36 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.optimizer_args: optax.{cfg.optimizer}({kwargs}) failed: {err}") from None
 
 
-def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to ``cfg.lr`` then constant, cosine or linear decay to zero."""
+def make_schedule(cfg: TrainConfig, lr: Any = None) -> optax.Schedule:
+    """Linear warm-up to the peak ``lr`` (default ``cfg.lr``) then constant, cosine or linear decay to zero."""
+    peak = cfg.lr if lr is None else lr
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     after = {
-        "constant": optax.constant_schedule(cfg.lr),
-        "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
-        "linear": optax.linear_schedule(cfg.lr, 0.0, decay_steps),
+        "constant": optax.constant_schedule(peak),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
     }[cfg.schedule]
     if cfg.warmup_steps == 0:
         return after
-    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, *, lr: Any = None, weight_decay: Any = None) -> optax.GradientTransformation:
     """The optimiser named by ``cfg.optimizer`` with schedule and optional clipping.
+
+    ``lr`` / ``weight_decay``, when given, replace ``cfg.lr`` / ``cfg.weight_decay`` (the trainer passes
+    traced scalars, so runs differing only in them share one compiled step); the optimiser's state
+    structure does not depend on either.
 
     Example:
         >>> tx = make_optimizer(TrainConfig(optimizer="adamw", lr=3e-4, clip_norm=1.0))
         >>> tx = make_optimizer(TrainConfig(optimizer="lion", optimizer_args={"b1": 0.95}, weight_decay=0.1))
     """
-    tx = _factory(cfg.optimizer)(make_schedule(cfg), **optimizer_kwargs(cfg))
+    kwargs = optimizer_kwargs(cfg)
+    if weight_decay is not None and "weight_decay" in kwargs and "weight_decay" not in cfg.optimizer_args:
+        kwargs["weight_decay"] = weight_decay
+    tx = _factory(cfg.optimizer)(make_schedule(cfg, lr), **kwargs)
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx

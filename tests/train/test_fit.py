@@ -222,8 +222,56 @@ def test_configs_differing_only_in_loop_cadences_share_one_compiled_step():
     assert _compiled_chunk(loss, None, long, None, None) is compiled and compiled._cache_size() == 1
     # the same first 10 steps (means of 10 vs two means of 5: equal up to float32 round-off)
     np.testing.assert_allclose(second.history[0]["loss"], np.mean([h["loss"] for h in first.history]), rtol=1e-6)
-    # what the step reads keeps programs apart: the learning rate, a schedule's length
-    assert _compiled_chunk(loss, None, dataclasses.replace(short, lr=0.1), None, None) is not compiled
+    # what the step reads as a constant keeps programs apart: a schedule's length, the optimiser
+    assert _compiled_chunk(loss, None, dataclasses.replace(short, optimizer="sgd"), None, None) is not compiled
     cosine = dataclasses.replace(short, schedule="cosine")
     assert (_compiled_chunk(loss, None, cosine, None, None)
             is not _compiled_chunk(loss, None, dataclasses.replace(cosine, steps=20), None, None))
+
+
+def test_learning_rate_and_weight_decay_sweeps_share_one_step_and_equal_a_plain_optax_loop():
+    """lr and weight decay reach the compiled step as arguments: a sweep compiles once, values unchanged."""
+    import optax
+
+    from metafit.train.loop import _compiled_chunk
+
+    loss = lambda params, batch, key: squared_loss(params, batch, key)
+    base = TrainConfig(steps=6, lr=0.05, optimizer="adamw", schedule="cosine", warmup_steps=2, log_every=3,
+                       steps_per_dispatch=3)
+    settings = [(0.05, 0.0), (0.2, 0.0), (0.01, 0.3)]
+    for lr, wd in settings:
+        cfg = dataclasses.replace(base, lr=lr, weight_decay=wd)
+        result = fit(loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+        # the same run written directly with optax, every value a Python constant
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, 2), optax.cosine_decay_schedule(lr, 4)], [2])
+        tx = optax.adamw(schedule, weight_decay=wd)
+        w = jnp.zeros(3)
+        state = tx.init(w)
+        for step in range(6):
+            grad = jax.grad(lambda v: squared_loss({"w": v}, batch_at(step), None)[0])(w)
+            updates, state = tx.update(grad, state, w)
+            w = optax.apply_updates(w, updates)
+        np.testing.assert_allclose(result.params["w"], w, rtol=2e-6, atol=1e-7)
+    compiled = _compiled_chunk(loss, None, base, None, None)
+    assert compiled._cache_size() == 1
+    assert all(_compiled_chunk(loss, None, dataclasses.replace(base, lr=lr, weight_decay=wd), None, None)
+               is compiled for lr, wd in settings)
+
+
+def test_a_registered_optimizer_keeps_its_learning_rate_a_constant():
+    """A user's optimiser may branch on its arguments in Python: its values are not traced."""
+    import optax
+
+    from metafit.train import OPTIMIZERS
+
+    def stepped_sgd(learning_rate, **kwargs):
+        if learning_rate(0) > 0.1:  # Python control flow on the value: a traced rate here would raise
+            raise ValueError("too large")
+        return optax.sgd(learning_rate)
+
+    if "stepped_sgd_test" not in OPTIMIZERS:  # the registry lives as long as the process
+        OPTIMIZERS.register("stepped_sgd_test", stepped_sgd)
+    cfg = TrainConfig(steps=1, lr=0.1, optimizer="stepped_sgd_test", log_every=1)
+    result = fit(squared_loss, params0(), batch_at, cfg, key=jax.random.key(0), progress=False)
+    x, y = batch_at(0)
+    np.testing.assert_allclose(result.params["w"], -0.1 * 2 * x.T @ (x @ np.zeros(3) - y) / len(y), rtol=1e-5)
