@@ -1,7 +1,8 @@
 """Transfer of fine-tuning configurations on metafit's meta-dataset: leave-one-task-out and an end-to-end tune.
 
     python paper_repro/transfer_ft/run.py loto --seeds 10 --budget 2     # resumable: one file per (task, seed)
-    python paper_repro/transfer_ft/run.py tune --budget 2                 # metafit tune: bo, default, random
+    python paper_repro/transfer_ft/run.py tune --budget 2 --seeds 3       # metafit tune: bo, transfer, default, random
+    python paper_repro/transfer_ft/run.py tune --job smollm2 --budget 4 --seeds 1 --methods bo,default,random
     python paper_repro/transfer_ft/run.py table                           # rebuild table.md and regret.png
 
 Leave-one-task-out is tabular: every method chooses among the configurations the meta-dataset holds.
@@ -18,8 +19,9 @@ import numpy as np
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 LOTO = RESULTS / "loto"
-TUNE_CONFIG = "configs/hpo/tune_upper_count.yaml"
-TUNE_METHODS = ("bo", "default", "random")
+# job name -> its LoRA SFT config; the small-LM job is the one the table reports by default.
+TUNE_JOBS = {"small": "configs/hpo/tune_upper_count.yaml", "smollm2": "configs/hpo/tune_smollm2.yaml"}
+TUNE_METHODS = ("bo", "transfer", "default", "random")
 
 
 def loto(seeds: int, budget: float, steps: int, budget_s: float | None) -> None:
@@ -30,18 +32,25 @@ def loto(seeds: int, budget: float, steps: int, budget_s: float | None) -> None:
                                  budget_s=budget_s)
 
 
-def tune(budget: float) -> None:
+def tune_result(job: str, method: str, seed: int) -> Path:
+    return RESULTS / f"tune_{job}_{method}_s{seed}.json"
+
+
+def tune(job: str, budget: float, seeds: int, methods=TUNE_METHODS) -> None:
+    """Each method's tune of ``job`` per seed; a finished (job, method, seed) is skipped, an unfinished one resumes."""
     from metafit.hpo.tune import TuneRequest, tune as run_tune
 
-    for method in TUNE_METHODS:
-        out = RESULTS / f"tune_{method}.json"
-        if out.exists():
-            continue
-        work = Path("runs/transfer_ft") / f"tune_{method}"
-        results = run_tune(TuneRequest(TUNE_CONFIG, budget=budget, method=method), work)
-        out.write_text(json.dumps({k: results[k] for k in ("metrics", "methods")}, indent=1) + "\n")
-        if (work / "regret_vs_cost.png").exists():
-            shutil.copy(work / "regret_vs_cost.png", RESULTS / f"tune_{method}_regret_vs_cost.png")
+    for seed in range(seeds):
+        for method in methods:
+            out = tune_result(job, method, seed)
+            if out.exists():
+                continue
+            work = Path("runs/transfer_ft") / f"tune_{job}_{method}_s{seed}"
+            results = run_tune(TuneRequest(TUNE_JOBS[job], budget=budget, method=method, seed=seed), work)
+            out.write_text(json.dumps({"budget": budget, **{k: results[k] for k in ("metrics", "methods")}},
+                                      indent=1) + "\n")
+            if (work / "regret_vs_cost.png").exists():
+                shutil.copy(work / "regret_vs_cost.png", out.with_suffix(".png"))
 
 
 def table() -> str:
@@ -69,30 +78,50 @@ def table() -> str:
         lines.append(f"| {m} | " + " | ".join(f"{r[:, i].mean():.3f} ± {se[i]:.3f}" for i in shown) + " | " +
                      " | ".join(f"{ranks[m][i]:.2f}" for i in shown) + " |")
     text = "\n".join(lines) + "\n"
-    for method in TUNE_METHODS:
-        path = RESULTS / f"tune_{method}.json"
-        if path.exists():
-            metrics = json.loads(path.read_text())["metrics"]
-            text += (f"\ntune `{method}`: best held-out loss {metrics['best_eval_loss']:.4f} after "
-                     f"{metrics['spent_runs']:g} full-run equivalents ({metrics['spent_s']:.0f} s, "
-                     f"{metrics['trials']} trials)\n")
+    text += tune_table()
     (RESULTS / "table.md").write_text(text)
     return text
+
+
+def tune_table() -> str:
+    """Per job and method: best held-out loss of each seed's tune, their mean ± sample sd, spend."""
+    lines = []
+    for job in TUNE_JOBS:
+        rows = []
+        for method in TUNE_METHODS:
+            files = sorted(RESULTS.glob(f"tune_{job}_{method}_s*.json"), key=lambda p: int(p.stem.rsplit("_s", 1)[1]))
+            if not files:
+                continue
+            records = [json.loads(f.read_text()) for f in files]
+            best = np.array([r["metrics"]["best_eval_loss"] for r in records])
+            spread = f" ± {best.std(ddof=1):.4f}" if len(best) > 1 else ""
+            rows.append(f"| {method} | {best.mean():.4f}{spread} | {', '.join(f'{b:.4f}' for b in best)} | "
+                        f"{np.mean([r['metrics']['spent_runs'] for r in records]):g} | "
+                        f"{np.mean([r['metrics']['trials'] for r in records]):.1f} | "
+                        f"{np.mean([r['metrics']['spent_s'] for r in records]):.0f} |")
+        if rows:
+            lines += ["", f"`metafit tune` on `{TUNE_JOBS[job]}` (budget {records[0]['budget']:g} full-run equivalents, "
+                      f"{len(files)} seed(s); mean ± sample sd over seeds):", "",
+                      "| method | best held-out loss | per seed | full runs spent | trials | trial seconds |",
+                      "|---|---|---|---|---|---|", *rows]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("loto", "tune", "table"))
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=None, help="loto: 10, tune: 3 unless given")
+    parser.add_argument("--job", choices=sorted(TUNE_JOBS), default="small", help="tune: which job")
+    parser.add_argument("--methods", default=",".join(TUNE_METHODS), help="tune: comma-separated methods")
     parser.add_argument("--budget", type=float, default=2.0)
     parser.add_argument("--surrogate-steps", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=None, help="loto: start no (task, seed) after this")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "loto":
-        loto(args.seeds, args.budget, args.surrogate_steps, args.budget_s)
+        loto(args.seeds or 10, args.budget, args.surrogate_steps, args.budget_s)
     elif args.what == "tune":
-        tune(args.budget)
+        tune(args.job, args.budget, args.seeds or 3, tuple(args.methods.split(",")))
     print(table())
 
 
