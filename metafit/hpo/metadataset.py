@@ -24,8 +24,8 @@ from metafit.hpo.space import SearchSpace, space_from_dict
 from metafit.hpo.tasks import META_FEATURES, SUITE, TaskSpec, check_meta_features, task_rows
 
 PACKAGED = Path(__file__).parent / "data" / "small_lm_v1.json"
-GENERATE_COMMAND = "python -m metafit.hpo.metadataset --out runs/hpo_metadataset --configs 24 && " \
-                   "python -m metafit.hpo.metadataset --pack runs/hpo_metadataset"
+GENERATE_COMMAND = "python -m metafit.hpo.metadataset --out runs/hpo_metadataset_v2 --configs 30 && " \
+                   "python -m metafit.hpo.metadataset --pack runs/hpo_metadataset_v2 --configs 30"
 
 
 class MetaDatasetError(ValueError):
@@ -110,15 +110,20 @@ def generate(out_dir: str | Path, *, space: SearchSpace = SearchSpace(), tasks: 
     return ran
 
 
-def pack(out_dir: str | Path, path: str | Path = PACKAGED, command: str = GENERATE_COMMAND) -> dict:
-    """Joins the run files of ``out_dir`` into one meta-dataset file (only configs finished on every task)."""
+def pack(out_dir: str | Path, path: str | Path = PACKAGED, command: str = GENERATE_COMMAND,
+         max_configs: int | None = None) -> dict:
+    """Joins the run files of ``out_dir`` into one meta-dataset file.
+
+    Only the leading configs finished on every task are packed (at most ``max_configs``), so a pack of a
+    generation still running is the same file whenever it is made once those configs are done.
+    """
     out = Path(out_dir)
     head = json.loads((out / "space.json").read_text())
     tasks = sorted(p.stem for p in (out / "tasks").glob("*.json"))
     suite = [t.name for t in SUITE]
     order = sorted(tasks, key=lambda t: (suite.index(t) if t in suite else len(suite), t))
     runs = {t: {int(p.stem): json.loads(p.read_text()) for p in (out / t).glob("*.json")} for t in order}
-    n = min(len(r) for r in runs.values())
+    n = min(min(len(r) for r in runs.values()), max_configs or len(head["configs"]))
     while n and not all(n - 1 in runs[t] for t in order):
         n -= 1
     fidelities = head["space"]["fidelities"]
@@ -196,12 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m metafit.hpo.metadataset", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="run files folder (generation resumes there)")
-    parser.add_argument("--configs", type=int, default=24)
+    parser.add_argument("--configs", type=int, default=30, help="configurations to run (with --pack: to pack at most)")
     parser.add_argument("--budget-s", type=float, default=None)
     parser.add_argument("--pack", type=Path, help="join the run files of this folder into the packaged file")
     args = parser.parse_args(argv)
     if args.pack:
-        data = pack(args.pack)
+        data = pack(args.pack, max_configs=args.configs)
         print(f"packed {len(data['runs'])} runs ({len(data['tasks'])} tasks x {len(data['configs'])} configs) -> {PACKAGED}")
         return 0
     _persistent_compilation_cache(args.out / "jax_cache")
