@@ -27,7 +27,8 @@ fisher             Matena & Raffel 2022: θ = Σ w_m F_m θ_m / Σ w_m F_m (diag
 
 All task-arithmetic presets end with ``θ = θ_base + scale · δ``. Tensors are merged
 in float32 and cast back to the dtype of the base (first model when there is no base).
-Non-floating leaves (step counters, RNG state) are copied from the base.
+Non-floating leaves (step counters, RNG state) are copied from the base, and so is every tensor
+that no model changed (:func:`merge_tensor`).
 
 Each tensor is merged by one jitted program (compiled once per method, shape and
 sharding), so merges run on sharded parameters as they are (the output keeps GSPMD's
@@ -393,7 +394,7 @@ def merge(method: str | MergeMethod, base: PyTree | None, finetuned: Sequence[Py
     for i, (name, leaf) in enumerate(zip(names, ref_leaves)):
         size = int(np.prod(jnp.shape(leaf)))
         prepared = device_params(method.prepare(size, resolved) if method.prepare else resolved)
-        out.append(merge_tensor_jit(
+        out.append(merge_tensor(
             method, None if base_leaves is None else base_leaves[i], [m[i] for m in model_leaves], prepared,
             tensor_key(key, name), {n: [t[i] for t in trees] for n, trees in input_leaves.items()},
         ))
@@ -403,6 +404,35 @@ def merge(method: str | MergeMethod, base: PyTree | None, finetuned: Sequence[Py
 # One compiled program per (method, shape, dtype, sharding): a model's few distinct tensor shapes
 # compile once and are reused by later merges, streamed or in memory, whatever the hyperparameters.
 merge_tensor_jit = jax.jit(merge_one, static_argnums=(0,))
+
+
+def merge_tensor(method: MergeMethod, base: Array | None, models: Sequence[Array], params: Mapping[str, Any],
+                 key: Array | None, tensors: Mapping[str, Sequence[Array]] | None = None) -> Array:
+    """:func:`merge_one`, compiled; a tensor that no model changed is copied, compiling nothing.
+
+    When every model's tensor equals the reference's (the base's; the first model's for base-free
+    methods), every method's merge is that tensor: each task vector is exactly 0 (``x − y = 0``
+    exactly when ``x == y``), so the task-arithmetic presets give ``θ_base + scale · 0`` and
+    model_stock's ratio is 0 (``θ_base``); linear, slerp and fisher average one tensor with weights
+    summing to 1 (the kernel up to float rounding, the copy exactly). Embeddings and norms that no
+    expert trained are most of an LM's tensors, and each shape would otherwise compile its own program.
+    """
+    reference = base if method.needs_base else models[0]
+    if _unchanged(reference, models):
+        return jax.device_put(reference, may_alias=False)  # a copy, like the kernel's output: never the input
+    return merge_tensor_jit(method, base, models, params, key, tensors)
+
+
+def _unchanged(reference: Any, models: Sequence[Any]) -> bool:
+    """Every model's tensor equals ``reference`` in value (host arrays compared on the host).
+
+    A NaN equals nothing, so a tensor holding one is merged by the kernel, as before.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in (reference, *models)):
+        return False  # values unknown while tracing: the kernel merges
+    on_host = all(isinstance(x, np.ndarray) for x in (reference, *models))
+    equal = np.array_equal if on_host else jnp.array_equal
+    return all(m is reference or bool(equal(reference, m)) for m in models)
 
 
 # ----------------------------------------------------------------------------- public presets

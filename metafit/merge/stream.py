@@ -2,11 +2,11 @@
 
 For each tensor name (in the base's file order) the base and the models' tensors are
 read from disk, merged by the jitted per-tensor rule of the method (the same
-:func:`metafit.merge.methods.merge_one` that pytree merges use, with the same
-per-tensor keys), and appended to the output file. Peak memory is about
-``(M + 3) ×`` the largest tensor, whatever the model size. Dispatch is asynchronous:
-tensor ``i + 1`` is read and dispatched before tensor ``i`` is written, so reading,
-merging and writing overlap.
+:func:`metafit.merge.methods.merge_tensor` that pytree merges use, with the same
+per-tensor keys; a tensor no model changed is copied), and appended to the output
+file. Peak memory is about ``(M + 3) ×`` the largest tensor, whatever the model size.
+Dispatch is asynchronous: tensor ``i + 1`` is read and dispatched before tensor ``i`` is
+written, so reading, merging and writing overlap.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from metafit.merge import io
-from metafit.merge.methods import MergeError, MergeMethod, device_params, get_method, merge_tensor_jit, resolve_params, tensor_key
+from metafit.merge.methods import MergeError, MergeMethod, device_params, get_method, merge_tensor, resolve_params, tensor_key
 
 
 def check_folders(reference: io.SafetensorsFolder, others: Sequence[io.SafetensorsFolder], what: str = "model") -> None:
@@ -127,7 +127,7 @@ def merge_folders(
             else:
                 size = int(np.prod(reference.shape(name), dtype=np.int64))
                 prepared = device_params(method.prepare(size, resolved) if method.prepare else resolved)
-                result = merge_tensor_jit(
+                result = merge_tensor(
                     method,
                     base_view.read(name) if method.needs_base else None,
                     [view.read(name) for view in model_views],

@@ -22,6 +22,7 @@ complete, so a run killed mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,21 @@ import numpy as np
 from metafit.tree import key_name
 
 
-def _orbax():
-    """Orbax, imported on first use: it costs a start-up of ~0.6 s CPU that runs without checkpoints
-    (``fit`` without a workdir, multi-device workers, ``metafit --help``) need not pay."""
-    import orbax.checkpoint as ocp
+class _ImportedOnFirstUse:
+    """A module imported on its first attribute access.
 
-    return ocp
+    Orbax costs a start-up of ~0.6 s CPU that runs without checkpoints (``fit`` without a workdir,
+    multi-device workers, ``metafit --help``) need not pay.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+ocp = _ImportedOnFirstUse("orbax.checkpoint")
 
 
 class CheckpointWarning(UserWarning):
@@ -58,7 +68,6 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
-        ocp = _orbax()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -67,7 +76,6 @@ class Checkpointer:
 
     def save(self, step: int, state: Any) -> None:
         payload = {"step": np.asarray(step), "state": named_tree(state)}
-        ocp = _orbax()
         args = ocp.args.Composite(state=ocp.args.StandardSave(payload),
                                   structure=ocp.args.JsonSave(describe(state)))
         self._manager.save(step, args=args, force=True)
@@ -117,7 +125,6 @@ class Checkpointer:
         """
         if (self.directory / str(step) / "default").is_dir():
             return self._restore_flat(step, like)
-        ocp = _orbax()
         saved = self._manager.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
         self._check_structure(step, saved["structure"], describe(like))
         target = {"step": np.asarray(0), "state": named_tree(jax.tree.map(_abstract, like))}
@@ -130,7 +137,6 @@ class Checkpointer:
         """A checkpoint of the earlier flat layout (``leaves/00000``, no names): by leaf order."""
         leaves, treedef = jax.tree.flatten(like)
         target = {"leaves": {f"{i:05d}": _abstract(leaf) for i, leaf in enumerate(leaves)}, "step": np.asarray(0)}
-        ocp = _orbax()
         try:
             with ocp.StandardCheckpointer() as reader:  # the manager here is multi-item; that layout is not
                 restored = {"default": reader.restore(self.directory / str(step) / "default", target)}
@@ -199,7 +205,6 @@ def load_checkpoint(path: str | Path, step: int | None = None) -> dict[str, Any]
         path, step = path.parent, int(path.name)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {path}")
-    ocp = _orbax()
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         steps = sorted(manager.all_steps())

@@ -322,23 +322,26 @@ def _initial_state(trainable_params: Any, config: TrainConfig, mesh: Mesh | None
 
 
 def _placed_like(restored: Any, fresh: Any) -> Any:
-    """``restored`` placed as ``fresh`` (the state a new run starts from) is: committed where it is.
+    """``restored`` placed as ``fresh`` (the state a new run starts from) is.
 
     Orbax restores arrays committed to their device, and ``jax.jit`` compiles a program anew when
     an argument's committedness changes: a run resumed in the process that compiled the step (a
-    paused stage, a retried run) would otherwise compile the same step twice.
+    paused stage, a retried run) would otherwise compile the same step twice. ``_initial_state``
+    leaves ``fresh`` all committed to one device or all uncommitted, so its step counter says which.
     """
-    def place(new, old):
-        if not isinstance(new, jax.Array) or not isinstance(old, jax.Array) or new.committed == old.committed:
-            return new
-        if old.committed:
-            return jax.device_put(new, old.sharding)
-        if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):  # no host copy of a key: via its data
-            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(new))),
-                                            impl=jax.random.key_impl(new))
-        return jax.device_put(np.asarray(new))  # an uncommitted copy
+    if fresh.step.committed:
+        return jax.device_put(restored, fresh.step.sharding)
+    return jax.tree.map(_uncommitted, restored)  # device_put without a device keeps an array committed
 
-    return jax.tree.map(place, restored, fresh)
+
+def _uncommitted(leaf: Any) -> Any:
+    """An uncommitted copy of a committed array (via the host), anything else as it is."""
+    if not isinstance(leaf, jax.Array) or not leaf.committed:
+        return leaf
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # no host copy of a key: via its data
+        return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(leaf))),
+                                        impl=jax.random.key_impl(leaf))
+    return jax.device_put(np.asarray(leaf))
 
 
 class _Clock:

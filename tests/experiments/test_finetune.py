@@ -35,7 +35,7 @@ def test_instructions_are_deterministic_and_masks_cover_responses_only(tiny_mode
 
 # One set of shape and optimiser settings for both runs below (one bucket, the same LoRA targets, steps and
 # schedule), so the second run reuses the first one's compiled train step, evaluation and generation.
-SFT_OVERRIDES = ["train.steps=30", "train.eval_every=15", "train.ckpt_every=15", "train.batch_size=8",
+SFT_OVERRIDES = ["train.steps=16", "train.eval_every=8", "train.ckpt_every=8", "train.batch_size=8",
                  "args.n_eval=8", "train.lr=3e-2", "args.buckets=[128]",
                  "args.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import metafit.merge as mm
-from metafit.merge import parts
+from metafit.merge import methods, parts
 from metafit.merge.methods import MERGE_METHODS, merge_tensor_jit
 from metafit.registry import UnknownNameError
 
@@ -184,12 +184,44 @@ def test_every_method_preserves_structure_and_dtypes_and_copies_integers(name):
 
 
 @pytest.mark.parametrize("name", MERGE_METHODS.names())
-def test_merging_identical_models_returns_the_model(name):
+def test_merging_identical_models_returns_the_model(name, monkeypatch):
     method = MERGE_METHODS.get(name)
     model = tree(0)
     extra = {"fisher": [jax.tree.map(jnp.ones_like, model)] * 2} if method.tensor_inputs else {}
-    merged = mm.merge(name, model if method.needs_base else None, [model, model], key=jax.random.key(0), **extra)
-    close(merged, model, atol=1e-6)
+    merge_identical = lambda: mm.merge(name, model if method.needs_base else None, [model, model],  # noqa: E731
+                                       key=jax.random.key(0), **extra)
+    jax.tree.map(assert_bit_identical, merge_identical(), model)  # copied
+    # the compiled merge itself returns the model too: why copying unchanged tensors is right for every method
+    monkeypatch.setattr(methods, "_unchanged", lambda reference, models: False)
+    close(merge_identical(), model, atol=1e-6)
+
+
+def assert_bit_identical(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS.names())
+def test_tensors_no_model_changed_are_copied_without_compiling_a_merge(name, monkeypatch):
+    """The fine-tunes change dense/kernel only: it alone goes through the compiled merge, the rest come back
+    bit-identical to the base."""
+    method = MERGE_METHODS.get(name)
+    base = tree(0)
+    models = [{**base, "dense": {**base["dense"], "kernel": model["dense"]["kernel"]}} for model in finetunes(base, 2)]
+    merged_shapes = []
+
+    def recorded(method, base, models, *rest, compiled=methods.merge_tensor_jit):
+        merged_shapes.append(models[0].shape)
+        return compiled(method, base, models, *rest)
+
+    monkeypatch.setattr(methods, "merge_tensor_jit", recorded)
+    extra = {"fisher": [jax.tree.map(jnp.ones_like, m) for m in models]} if method.tensor_inputs else {}
+    merged = mm.merge(name, base if method.needs_base else None, models, key=jax.random.key(0), **extra)
+    assert merged_shapes == [(6, 5)]
+    assert not np.array_equal(merged["dense"]["kernel"], base["dense"]["kernel"])
+    for got, want in ((merged["dense"]["bias"], base["dense"]["bias"]), (merged["emb"], base["emb"]),
+                      (merged["count"], base["count"])):
+        assert_bit_identical(got, want)
 
 
 def test_new_hyperparameter_values_do_not_recompile():
