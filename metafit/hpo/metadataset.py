@@ -123,9 +123,7 @@ def pack(out_dir: str | Path, path: str | Path = PACKAGED, command: str = GENERA
     suite = [t.name for t in SUITE]
     order = sorted(tasks, key=lambda t: (suite.index(t) if t in suite else len(suite), t))
     runs = {t: {int(p.stem): json.loads(p.read_text()) for p in (out / t).glob("*.json")} for t in order}
-    n = min(min(len(r) for r in runs.values()), max_configs or len(head["configs"]))
-    while n and not all(n - 1 in runs[t] for t in order):
-        n -= 1
+    n = _leading_finished(runs, len(head["configs"]) if max_configs is None else min(max_configs, len(head["configs"])))
     fidelities = head["space"]["fidelities"]
     data = {
         "space_version": head["space"]["version"], "space": head["space"], "model": head["model"], "command": command,
@@ -140,6 +138,18 @@ def pack(out_dir: str | Path, path: str | Path = PACKAGED, command: str = GENERA
     }
     Path(path).write_text(json.dumps(data, allow_nan=False, default=_null_nan) + "\n")
     return data
+
+
+def _leading_finished(runs: dict[str, dict[int, Any]], limit: int) -> int:
+    """How many configs ``0, 1, ...`` (at most ``limit``) have a run file on every task.
+
+    Counted from 0, so a config missing anywhere (not yet run, or deleted to rerun) ends the pack
+    rather than leaving a hole, and run files past ``limit`` (an earlier, longer generation's) are ignored.
+    """
+    n = 0
+    while runs and n < limit and all(n in done for done in runs.values()):
+        n += 1
+    return n
 
 
 def load(path: str | Path = PACKAGED, space: SearchSpace | None = None) -> MetaDataset:

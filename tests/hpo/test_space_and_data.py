@@ -84,3 +84,33 @@ def test_pack_joins_run_files_and_keeps_configs_finished_everywhere(tmp_path):
     assert len(meta.configs) == 2  # config 2 is missing on task b
     assert meta.complete.sum() == 3 and np.isnan(meta.loss[list(meta.tasks).index("b"), 1]).all()
     assert meta.loss[0, 0].tolist() == [1.0, 0.5, pytest.approx(1 / 3, abs=1e-5), 0.25]
+
+
+def _generation(tmp_path, n_configs: int, done: dict[str, list[int]]):
+    """A generation folder: ``n_configs`` configs in space.json, run files of the configs ``done[task]``."""
+    from metafit.config import to_dict
+
+    out = tmp_path / "gen"
+    (out / "tasks").mkdir(parents=True)
+    configs = metadataset.config_list(TINY_SPACE, n_configs)
+    (out / "space.json").write_text(json.dumps({"space": to_dict(TINY_SPACE), "configs": configs, "model": "m"}))
+    feats = {f: 1.0 for f in metadataset.META_FEATURES}
+    for task, finished in done.items():
+        (out / "tasks" / f"{task}.json").write_text(json.dumps(feats))
+        (out / task).mkdir()
+        for c in finished:  # any config index: a stale file of an earlier, longer generation too
+            curve = {str(s): 1.0 / s for s in TINY_SPACE.fidelity_steps(configs[min(c, n_configs - 1)])}
+            (out / task / f"{c:04d}.json").write_text(json.dumps({"status": "ok", "curve": curve, "seconds": 2.0}))
+    return out
+
+
+@pytest.mark.parametrize("n_configs, done, max_configs, packed", [
+    (4, {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}, 2, 2),      # at most max_configs
+    (4, {"a": [0, 2, 3], "b": [0, 1, 2, 3]}, None, 1),      # config 1 missing on a (deleted to rerun): a hole ends it
+    (2, {"a": [0, 1, 2], "b": [0, 1, 2]}, 30, 2),           # a stale run file past space.json's configs is not packed
+])
+def test_pack_takes_the_leading_configs_finished_on_every_task(tmp_path, n_configs, done, max_configs, packed):
+    out = _generation(tmp_path, n_configs, done)
+    data = metadataset.pack(out, tmp_path / "packed.json", command="test", max_configs=max_configs)
+    assert len(data["configs"]) == packed
+    assert sorted((r["task"], r["config"]) for r in data["runs"]) == [(t, c) for t in "ab" for c in range(packed)]
