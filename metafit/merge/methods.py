@@ -430,9 +430,20 @@ def _unchanged(reference: Any, models: Sequence[Any]) -> bool:
     """
     if any(isinstance(x, jax.core.Tracer) for x in (reference, *models)):
         return False  # values unknown while tracing: the kernel merges
-    on_host = all(isinstance(x, np.ndarray) for x in (reference, *models))
-    equal = np.array_equal if on_host else jnp.array_equal
-    return all(m is reference or bool(equal(reference, m)) for m in models)
+    others = [m for m in models if m is not reference]
+    if not others:
+        return True
+    if all(isinstance(x, np.ndarray) for x in (reference, *others)):
+        return all(np.array_equal(reference, m) for m in others)
+    if any(jnp.shape(m) != jnp.shape(reference) for m in others):
+        return False
+    return bool(_all_equal(reference, others))
+
+
+@jax.jit
+def _all_equal(reference: Array, models: Sequence[Array]) -> Array:
+    """One program and one wait for all models (eager ``array_equal`` dispatched and synced per model)."""
+    return jnp.all(jnp.stack([jnp.all(reference == m) for m in models]))
 
 
 # ----------------------------------------------------------------------------- public presets

@@ -443,7 +443,8 @@ def _traced_hyperparameters(config: TrainConfig) -> dict[str, jax.Array]:
 
     Weakly typed, like the Python floats they replace, so bfloat16 updates stay bfloat16.
     """
-    return {"lr": jnp.asarray(config.lr), "weight_decay": jnp.asarray(config.weight_decay)}
+    # float(): a YAML ``lr: 1`` (an int) would otherwise be an int32 argument, another program
+    return {"lr": jnp.asarray(float(config.lr)), "weight_decay": jnp.asarray(float(config.weight_decay))}
 
 
 def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
