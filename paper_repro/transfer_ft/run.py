@@ -66,15 +66,18 @@ def table() -> str:
                 title=f"leave-one-task-out, {len(tasks)} tasks x {len(seeds)} seeds")
     shown = [i for i, b in enumerate(budgets) if b in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
     lines = [f"Leave-one-task-out on the packaged meta-dataset ({len(tasks)} held-out tasks x {len(seeds)} seeds = "
-             f"{len(names)} runs per method). Mean normalised regret (0 = the task's best recorded loss; "
-             "standard error over runs) and mean rank (1 = best) at each budget.", "",
+             f"{len(names)} runs per method). Mean normalised regret (0 = the task's best recorded loss) ± standard "
+             f"error over the {len(tasks)} tasks (seeds averaged first: zero_shot and default do not depend on the "
+             "seed, so the tasks are the independent units), and mean rank over runs (1 = best), at each budget.", "",
              "| method | " + " | ".join(f"regret @ {budgets[i]:g}" for i in shown) + " | " +
              " | ".join(f"rank @ {budgets[i]:g}" for i in shown) + " |",
              "|---|" + "---|" * (2 * len(shown))]
     order = sorted(regret, key=lambda m: ranks[m][-1])
+    task_of = np.array([n.rsplit("_s", 1)[0] for n in names])
     for m in order:
         r = regret[m]
-        se = r.std(0, ddof=1) / np.sqrt(len(r)) if len(r) > 1 else np.zeros(r.shape[1])
+        per_task = np.stack([r[task_of == t].mean(0) for t in tasks])
+        se = per_task.std(0, ddof=1) / np.sqrt(len(tasks)) if len(tasks) > 1 else np.zeros(r.shape[1])
         lines.append(f"| {m} | " + " | ".join(f"{r[:, i].mean():.3f} ± {se[i]:.3f}" for i in shown) + " | " +
                      " | ".join(f"{ranks[m][i]:.2f}" for i in shown) + " |")
     text = "\n".join(lines) + "\n"
@@ -87,12 +90,14 @@ def tune_table() -> str:
     """Per job and method: best held-out loss of each seed's tune, their mean ± sample sd, spend."""
     lines = []
     for job in TUNE_JOBS:
-        rows = []
+        rows, seeds, budgets = [], set(), set()
         for method in TUNE_METHODS:
             files = sorted(RESULTS.glob(f"tune_{job}_{method}_s*.json"), key=lambda p: int(p.stem.rsplit("_s", 1)[1]))
             if not files:
                 continue
             records = [json.loads(f.read_text()) for f in files]
+            seeds |= {f.stem.rsplit("_s", 1)[1] for f in files}
+            budgets |= {r["budget"] for r in records}
             best = np.array([r["metrics"]["best_eval_loss"] for r in records])
             spread = f" ± {best.std(ddof=1):.4f}" if len(best) > 1 else ""
             rows.append(f"| {method} | {best.mean():.4f}{spread} | {', '.join(f'{b:.4f}' for b in best)} | "
@@ -100,8 +105,9 @@ def tune_table() -> str:
                         f"{np.mean([r['metrics']['trials'] for r in records]):.1f} | "
                         f"{np.mean([r['metrics']['spent_s'] for r in records]):.0f} |")
         if rows:
-            lines += ["", f"`metafit tune` on `{TUNE_JOBS[job]}` (budget {records[0]['budget']:g} full-run equivalents, "
-                      f"{len(files)} seed(s); mean ± sample sd over seeds):", "",
+            lines += ["", f"`metafit tune` on `{TUNE_JOBS[job]}` (budget {' / '.join(f'{b:g}' for b in sorted(budgets))} "
+                      f"full-run equivalents, seeds {', '.join(sorted(seeds, key=int))}; mean ± sample sd over seeds; "
+                      "`default` stops after its one run):", "",
                       "| method | best held-out loss | per seed | full runs spent | trials | trial seconds |",
                       "|---|---|---|---|---|---|", *rows]
     return "\n".join(lines) + "\n" if lines else ""
