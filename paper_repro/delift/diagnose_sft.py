@@ -1,10 +1,12 @@
 """Does LoRA SFT on the pool teach metafit-small-lm the unseen families? (the check before the DELIFT grid)
 
-Initial / Full / Random-30 % on the instruction use case's seed-0 sets (the grid's pool: 100 pairs, the
+Initial / Full / Random-30 % on the instruction use case's seed-0 sets (the grid's pool: 100 pairs by default, the
 configs' uneven mix; its 36 held-out pairs), for a few SFT settings; prints the training loss every
 quarter of the run, exact match overall and per family, and the first answers::
 
     PYTHONPATH=. python paper_repro/delift/diagnose_sft.py '[[60, 0.01, ["q_proj", "v_proj"], ["initial", "full"]]]'
+    # another model and pool size (the smollm2 scale): settings, then model, n_pool, n_eval
+    PYTHONPATH=. python paper_repro/delift/diagnose_sft.py '[[30, 0.001, ["q_proj", "v_proj"], ["full"]]]' smollm2-135m-instruct 60 36
 
 Each setting is ``[steps, lr, lora targets, arms]``; batch 16, AdamW, cosine, warm-up steps // 10, clipping
 at 1, LoRA rank 8 / alpha 16, as the configs. The random subset here is a numpy permutation (seed 0), not
@@ -53,12 +55,13 @@ def train_and_score(model, tokenizer, train, evaluate, steps, lr, targets, seed=
     return float(np.mean(hits)), {k: round(float(np.mean(v)), 2) for k, v in per_family.items()}, answers[:6]
 
 
-def main(settings):
-    pool = make_unseen(100, seed=0, tasks=TASKS, mix=MIX)
-    evaluate = make_unseen(36, seed=0, tasks=TASKS, offset=2_000_000)  # study.use_case_sets' evaluation set
+def main(settings, model_name="metafit-small-lm", n_pool=100, n_eval=36):
+    pool = make_unseen(n_pool, seed=0, tasks=TASKS, mix=MIX)
+    evaluate = make_unseen(n_eval, seed=0, tasks=TASKS, offset=2_000_000)  # study.use_case_sets' evaluation set
     print("pool", dict(collections.Counter(p.task for p in pool)), "distinct prompts", len({p.prompt for p in pool}))
-    model, tokenizer = load("metafit-small-lm")
-    subsets = {"initial": [], "full": pool, "random": [pool[i] for i in np.random.default_rng(0).permutation(100)[:30]]}
+    model, tokenizer = load(model_name)
+    random = np.random.default_rng(0).permutation(n_pool)[:round(0.3 * n_pool)]
+    subsets = {"initial": [], "full": pool, "random": [pool[i] for i in random]}
     for steps, lr, targets, arms in settings:
         for arm in arms:
             start = time.time()
@@ -67,4 +70,4 @@ def main(settings):
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    main(json.loads(sys.argv[1]), *sys.argv[2:3], *map(int, sys.argv[3:5]))

@@ -53,3 +53,28 @@ def test_pair_files(tmp_path):
         study.use_case_sets("other", n_pool=4, n_side=2, n_eval=2, seed=0)
     sets = study.use_case_sets("task", n_pool=12, n_side=4, n_eval=4, seed=0)
     assert {p.task for p in sets.side} == {"reverse", "sort"} == {p.task for p in sets.eval}
+
+
+def test_gradient_features_are_per_example_and_compile_once_for_any_weights(tiny):
+    from flax import nnx
+
+    from metafit import peft
+    from metafit.data.instructions import make_instructions
+
+    model, tokenizer = tiny
+    data = make_instructions(6, seed=0)
+    features = lambda m, pairs: baselines.gradient_features(  # noqa: E731
+        m, tokenizer, pairs, lora=peft.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj")), dim=8,
+        key=jax.random.key(0), buckets=(128, 256), batch_size=4)
+    compiled = baselines._sketch._cache_size()
+    together = features(model, data)
+    assert together.shape == (6, 8)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, rtol=1e-5)
+    # the same pairs in other batches (other neighbours and padding rows): gradients are per example
+    np.testing.assert_allclose(features(model, data[2:]), together[2:], atol=1e-5)
+    other = nnx.clone(model)
+    nnx.update(other, jax.tree.map(lambda a: a * 1.5, nnx.state(other)))
+    assert not np.allclose(features(other, data), together, atol=1e-3)
+    # weights and projection are arguments of one program, not constants folded into one per call
+    # (SmolLM2 with LoRA on every linear layer: 3 GB of constants and a crashed grid job)
+    assert baselines._sketch._cache_size() - compiled == 1

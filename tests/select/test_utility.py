@@ -7,31 +7,7 @@ from flax import nnx
 
 from metafit import select
 from metafit.data.instructions import make_instructions
-from metafit.models import LlamaConfig, LlamaForCausalLM
 from metafit.select import utility
-
-
-class CharTokenizer:
-    """One token per character: enough to test the kernel's arithmetic."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """A 1-layer Llama with the model's own init (N(0, 0.02) weights, norms at 1), drawn in numpy on
-    an abstract model: eager initialisation would compile one program per parameter shape."""
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):
-        value = np.ones(leaf.shape) if "norm" in jax.tree_util.keystr(path) else rng.normal(size=leaf.shape) * 0.02
-        return jnp.asarray(value, leaf.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract)), CharTokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from metafit import cli
 
 REPO = Path(__file__).resolve().parents[2]
 PAPERS = [("amfs", "cpu"), ("clear", "gpu"), ("clear", "cpu"), ("prompt", "cpu"), ("atm", "cpu"), ("compatible", "cpu"),
-          ("posttrain", "cpu"), ("context", "cpu"), ("delift", "small"), ("mt_server", "cpu")]
+          ("posttrain", "cpu"), ("context", "cpu"), ("delift", "small"), ("delift", "smollm2"),
+          ("mt_server", "cpu")]
 
 
 def test_every_grid_has_committed_results_checked_here():
