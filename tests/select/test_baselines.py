@@ -5,6 +5,7 @@ import pytest
 
 from metafit.data.instructions import Instruction
 from metafit.select import baselines, metrics, study
+from tiny_select import tiny  # noqa: F401  (a module-scoped fixture)
 
 
 def test_metrics_against_hand_computed_values():

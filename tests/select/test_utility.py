@@ -8,6 +8,7 @@ from flax import nnx
 from metafit import select
 from metafit.data.instructions import make_instructions
 from metafit.select import utility
+from tiny_select import tiny  # noqa: F401  (a module-scoped fixture)
 
 
 @pytest.fixture(scope="module")

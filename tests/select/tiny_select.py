@@ -1,4 +1,8 @@
-"""Shared fixtures of the selection tests: a tiny Llama and a character tokenizer."""
+"""A tiny Llama fixture and a character tokenizer shared by the selection tests.
+
+Imported by them, not a ``conftest.py``: a second module named ``conftest`` would shadow
+tests/conftest.py for the other folders' ``from conftest import ...``.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
