@@ -123,7 +123,8 @@ def pack(out_dir: str | Path, path: str | Path = PACKAGED, command: str = GENERA
     suite = [t.name for t in SUITE]
     order = sorted(tasks, key=lambda t: (suite.index(t) if t in suite else len(suite), t))
     runs = {t: {int(p.stem): json.loads(p.read_text()) for p in (out / t).glob("*.json")} for t in order}
-    n = _leading_finished(runs, len(head["configs"]) if max_configs is None else min(max_configs, len(head["configs"])))
+    limit = len(head["configs"]) if max_configs is None else min(max_configs, len(head["configs"]))
+    n = _leading_finished(runs, limit)
     fidelities = head["space"]["fidelities"]
     data = {
         "space_version": head["space"]["version"], "space": head["space"], "model": head["model"], "command": command,

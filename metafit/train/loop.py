@@ -439,10 +439,12 @@ def _step_config(config: TrainConfig) -> TrainConfig:
 
 
 def _traced_hyperparameters(config: TrainConfig) -> dict[str, jax.Array]:
-    """The step's ``lr`` and ``weight_decay`` arguments.
+    """The step's ``lr`` and ``weight_decay`` arguments (none for an optimiser that keeps them constant).
 
     Weakly typed, like the Python floats they replace, so bfloat16 updates stay bfloat16.
     """
+    if not traceable_hyperparameters(config):
+        return {}
     # float(): a YAML ``lr: 1`` (an int) would otherwise be an int32 argument, another program
     return {"lr": jnp.asarray(float(config.lr)), "weight_decay": jnp.asarray(float(config.weight_decay))}
 
@@ -463,7 +465,6 @@ def _compiled_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
 @functools.lru_cache(maxsize=64)
 def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     """:func:`_compiled_chunk` for a config already reduced by :func:`_step_config`."""
-    traced = traceable_hyperparameters(config)
     compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
 
     def cast(tree):
@@ -515,7 +516,7 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         (loss, metrics), grads = accumulated_grads(state.trainable, frozen, batch, jax.random.fold_in(step_key, 1))
         grad_norm = optax.global_norm(grads)
-        optimizer = make_optimizer(config, **hyper) if traced else make_optimizer(config)
+        optimizer = make_optimizer(config, **hyper)  # hyper is empty where the config keeps them constant
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
         # The parameters too: a finite loss and gradient can still give non-finite parameters (an
