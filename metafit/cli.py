@@ -6,7 +6,7 @@ Commands:
   metafit list                      registered experiments and methods, by family
   metafit show RUN_DIR              the results table of a finished run
   metafit merge RECIPE --out DIR    merge models as a YAML recipe says
-  metafit repro PAPER [--scale S] [--jobs N] [--table-only]   run a paper's grid, rebuild its table
+  metafit repro PAPER [--scale S] [--jobs N] [--table-only | --run-missing]   run a paper's grid, rebuild its table
   metafit serve CONFIG [--host H] [--port N] [--api-key K]    an OpenAI-compatible server (base + adapters)
   metafit tune CONFIG --budget N --workdir DIR [--method bo]  search fine-tuning settings of a LoRA SFT job
   metafit --version
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--scale", default=None, help="a scale of the grid, e.g. cpu or gpu (default: the grid's)")
     repro.add_argument("--jobs", type=int, default=1, help="jobs at once (more than 1: one subprocess per job)")
     repro.add_argument("--table-only", action="store_true", help="run nothing; rebuild the tables from the results")
+    repro.add_argument("--run-missing", action="store_true",
+                       help="run the jobs without a result also on a fresh clone (committed results, no run folders "
+                            "here), where repro otherwise only rebuilds the tables")
     repro.add_argument("--executor", choices=("inprocess", "subprocess", "ray", "slurm"), default=None,
                        help="where jobs run (default: inprocess for --jobs 1, else subprocess); ray and slurm need "
                             "pip install 'metafit[cluster]'")
@@ -267,10 +270,13 @@ def _repro(args: argparse.Namespace) -> int:
 
     report = run_sweep(find_grid(args.paper), args.scale, jobs=args.jobs, executor=args.executor,
                        budget_s=args.budget_s, only=args.only, table_only=args.table_only, runs_dir=args.runs_dir,
-                       ray_address=args.ray_address)
+                       ray_address=args.ray_address, run_missing=args.run_missing)
     for name, text in report.tables.items():
         print(f"--- {name}\n{text}")
-    if not args.table_only:
+    if report.left_missing:
+        print(f"ran nothing (committed results, no run folders here): {len(report.left_missing)} jobs have no "
+              f"result; add --run-missing to run them")
+    elif report.ran:
         print(f"this run: {len(report.done)} jobs done, {len(report.failed)} failed, {len(report.skipped)} already "
               f"done before, {len(report.not_started)} not started (budget spent)")
     print(f"tables from {report.results_done} finished and {report.results_failed} failed jobs; "

@@ -9,6 +9,7 @@ a grid are relative to the folder that holds ``experiments/``)::
     default_scale: cpu
     scales:                                   # variables of each scale
       cpu: {seeds: [0, 1, 2], steps: 2000}
+      gpu: {seeds: [0, 1, 2], steps: 70000, device: gpu}   # device gpu/tpu: never run where JAX lacks one
     blocks:
       - name: "sinusoid_k{shots}_{learner}_s{seed}"
         config: "configs/meta/sinusoid_{learner}.yaml"
@@ -57,7 +58,9 @@ The **store** ``<results>/sweep.json`` holds one record per job::
      "data": <the builder's collect(run_dir, results)>}
     {"status": "failed", ..., "error": "ValueError: ..."}
 
-It is committed with the tables, so a fresh clone rebuilds every table without runs. A job
+It is committed with the tables, so a fresh clone rebuilds every table without runs: where a store
+exists and this machine holds no run folder of the grid, a sweep only rebuilds the tables and names the
+jobs without a result (``run_missing=True``, ``metafit repro ... --run-missing``, runs them). A job
 that failed stays a failure (its error in the store and the table) until it succeeds; a done
 record is never replaced by a failure; jobs never started (budget spent) are simply absent.
 Files are written only when their bytes change, and never from fewer done results than the
@@ -368,6 +371,8 @@ class SweepReport:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)    # already done in the store
     not_started: list[str] = dataclasses.field(default_factory=list)  # budget spent
+    left_missing: list[str] = dataclasses.field(default_factory=list)  # no done result; not run (fresh clone)
+    ran: bool = False  # False: the tables were only rebuilt (table_only, or a fresh clone)
     written: list[str] = dataclasses.field(default_factory=list)
     tables: dict[str, str] = dataclasses.field(default_factory=dict)  # built Markdown files by name
     results_done: int = 0    # finished jobs of the grid the tables were built from
@@ -386,6 +391,7 @@ def run_sweep(
     runs_dir: str | Path | None = None,
     ray_address: str | None = None,
     slurm_options: Mapping[str, Any] | None = None,
+    run_missing: bool = False,
     log: Callable[[str], None] = print,
 ) -> SweepReport:
     """Runs a grid's missing jobs, updates its store, and rebuilds its tables.
@@ -399,13 +405,18 @@ def run_sweep(
       only: job-name glob patterns to run (the table still uses every stored result).
       table_only: run nothing; rebuild the tables from the store (a missing store is an error).
       runs_dir: run folders (default ``<root>/runs/repro/<paper>/<scale>``).
+      run_missing: run the jobs without a result even where committed results exist and this machine
+        holds no run folder of the grid (a fresh clone). Without it, such a sweep only rebuilds the tables
+        from the committed results: a clone must not start hours of compute (or a GPU grid on a CPU)
+        just to show a table. ``only`` patterns also count as asking to run.
 
     Returns:
       A :class:`SweepReport`.
 
     Raises:
       SweepError: the tables would be built from fewer done jobs than the committed store holds,
-        or ``table_only`` without a store.
+        ``table_only`` without a store, or jobs to run at a scale whose ``device`` (gpu, tpu) this
+        machine's JAX does not have.
     """
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     scale = scale or grid.default_scale
@@ -423,8 +434,16 @@ def run_sweep(
                          f"run `metafit repro {grid.paper} --scale {scale}` first")
     records = dict(committed["jobs"])
     report = SweepReport()
+    runs = Path(runs_dir) if runs_dir else grid.root / "runs" / "repro" / grid.paper / scale
+    if not table_only and _fresh_clone(records, runs) and not (run_missing or only):
+        table_only = True
+        report.left_missing = [job.name for job in all_jobs if records.get(job.name, {}).get("status") != "done"]
+        log(f"{grid.paper} ({scale}): committed results of {done_count(records)} jobs and no run folders here "
+            f"({runs}): rebuilding the tables only"
+            + (f"; {len(report.left_missing)} jobs have no result, `metafit repro {grid.paper} --scale {scale} "
+               f"--run-missing` runs them" if report.left_missing else ""))
     if not table_only:
-        runs = Path(runs_dir) if runs_dir else grid.root / "runs" / "repro" / grid.paper / scale
+        report.ran = True
         todo = []
         for job in all_jobs:
             if records.get(job.name, {}).get("status") == "done":
@@ -432,6 +451,8 @@ def run_sweep(
             elif not only or any(fnmatch.fnmatch(job.name, p) for p in only):
                 todo.append(job)
         todo = _with_missing_inputs(todo, all_jobs, grid.root, runs, report, log)
+        if todo:
+            _check_device(grid, scale)
         log(f"{grid.paper} ({scale}): {len(all_jobs)} jobs, {len(report.skipped)} already done, "
             f"{len(todo)} to run -> {runs}")
 
@@ -468,6 +489,25 @@ def run_sweep(
                  status=lambda name: records.get(name, {}).get("status"))
     _build(grid, scale, builder, records, committed, all_jobs, out, report)
     return report
+
+
+def _fresh_clone(records: Mapping[str, Any], runs: Path) -> bool:
+    """Committed results and no run folder of this grid here: what a clone of the repository looks like."""
+    return bool(records) and not runs.is_dir()
+
+
+def _check_device(grid: Grid, scale: str) -> None:
+    """Refuses to run a scale meant for an accelerator (its ``device`` variable) where JAX has none."""
+    wanted = str(grid.variables(scale).get("device", "")).lower()
+    if wanted not in ("gpu", "tpu"):
+        return
+    import jax
+
+    have = jax.default_backend()
+    if have != wanted and not (wanted == "gpu" and have in ("cuda", "rocm")):
+        raise SweepError(f"scale '{scale}' of '{grid.paper}' runs on a {wanted} and this machine's JAX backend is "
+                         f"'{have}': run it where a {wanted} is, or choose another scale "
+                         f"({', '.join(s for s in grid.scales if s != scale)}); `--table-only` rebuilds its tables")
 
 
 def _with_missing_inputs(todo: list[Job], all_jobs: list[Job], root: Path, runs: Path, report: SweepReport,

@@ -82,6 +82,34 @@ def test_table_only_changes_nothing_and_fewer_results_are_refused(fake_project):
     assert not (out / STORE).exists() and (out / "table.md").read_bytes() == before["table.md"]
 
 
+def test_a_fresh_clone_rebuilds_and_runs_missing_jobs_only_when_asked(fake_project):
+    root = fake_project.parent.parent
+    run_sweep(fake_project, only=["x1_*", "x2_s0"], log=lambda _: None)
+    out = root / "paper_repro/fake/results/tiny"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import shutil
+
+    shutil.rmtree(root / "runs")  # a clone: the committed store, no run folders
+    logged = []
+    report = run_sweep(fake_project, log=logged.append)
+    assert not report.ran and report.left_missing == ["x2_s1", "broken"] and not (root / "runs").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and report.results_done == 3
+    assert "`metafit repro fake --scale tiny --run-missing` runs them" in logged[0]
+
+    asked = run_sweep(fake_project, run_missing=True, log=lambda _: None)
+    assert asked.ran and asked.done == ["x2_s1"] and list(asked.failed) == ["broken"]
+    assert asked.skipped == ["x1_s0", "x2_s0", "x1_s1"] and _calls(root) == {"x2_s1": 1}  # the done jobs did not rerun
+
+
+def test_a_gpu_scale_does_not_run_where_jax_has_no_gpu(fake_project):
+    grid = fake_project.read_text().replace("tiny: {seeds: [0, 1], xs: [1, 2]}",
+                                            "tiny: {seeds: [0, 1], xs: [1, 2]}\n  big: {seeds: [0], xs: [3], device: gpu}")
+    fake_project.write_text(grid)
+    with pytest.raises(SweepError, match="scale 'big' of 'fake' runs on a gpu.*backend is 'cpu'.*tiny"):
+        run_sweep(fake_project, "big", log=lambda _: None)
+    assert not (fake_project.parent.parent / "runs/repro/fake/big").exists()
+
+
 def test_budget_leaves_jobs_not_started(fake_project):
     report = run_sweep(fake_project, budget_s=0, log=lambda _: None)
     assert len(report.not_started) == 5 and not report.done and not report.failed
