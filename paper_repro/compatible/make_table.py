@@ -5,8 +5,8 @@
 
 Jobs: ``compatible_s{seed}`` (the current config: early and late routing, the base-MLP router
 control, own-task exact match of every expert snapshot), ``compatible_lite_s{seed}`` (the same
-with per-layer routing only; its rows count where they exist, and a row shows ``(n = k)`` when
-fewer runs than the table's have it) and ``compatible`` (the first, one-seed run, kept as committed). :func:`collect` keeps a run's ``results.json`` and ``cka.json``;
+with per-layer routing only; it stands in for its seed only while that seed has no full run, and a
+row shows ``(n = k)`` when fewer runs than the table's have it) and ``compatible`` (the first, one-seed run, kept as committed). :func:`collect` keeps a run's ``results.json`` and ``cka.json``;
 :func:`build` writes the tables (mean ± sample sd over seeds, :mod:`metafit.stats`), the verdict
 numbers, ``compatible.png``, ``results.json`` and ``cka.json``.
 """
@@ -38,8 +38,7 @@ def collect(run_dir: Path, results: dict) -> dict:
 
 def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
     """``table.md``, ``compatible.png``, ``results.json`` and ``cka.json`` from the finished runs."""
-    seeds = {n: r["data"] for n, r in records.items()
-             if r["status"] == "done" and n.startswith(("compatible_s", "compatible_lite_s"))}
+    seeds = _one_run_per_seed(records)
     first = records.get("compatible", {}).get("data") if records.get("compatible", {}).get("status") == "done" else None
     failed = {name: r["error"] for name, r in records.items() if r["status"] == "failed"}
     lines: list[str] = []
@@ -69,6 +68,16 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
 
 def _values(runs: list[dict], name: str, column: str = "target_loss") -> list[float]:
     return [r[name][column] for r in runs if name in r and column in r[name]]
+
+
+def _one_run_per_seed(records: dict) -> dict[str, dict]:
+    """The finished seed runs, one per seed: the full config's, else the lite one (the same seed twice would
+    count one seed as two samples in every mean and sd)."""
+    done = {n: r["data"] for n, r in records.items() if r["status"] == "done"}
+    full = {n: d for n, d in done.items() if n.startswith("compatible_s")}
+    lite = {n: d for n, d in done.items() if n.startswith("compatible_lite_s")
+            and n.replace("compatible_lite_s", "compatible_s") not in full}
+    return {**full, **lite}
 
 
 def seed_tables(seeds: dict[str, dict]) -> tuple[list[str], dict, dict]:
