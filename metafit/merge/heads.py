@@ -13,7 +13,6 @@ heads and take the encoder parameters θ.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Callable
 
@@ -34,7 +33,9 @@ def relu_encoder(graphdef: nnx.GraphDef) -> Encode:
 
 def task_features(encode: Encode, params, x: np.ndarray) -> np.ndarray:
     """Host features ``[T, n, d]`` of every task's inputs ``x [T, n, d_in]`` (what the probes are fitted on)."""
-    return np.asarray(jax.vmap(functools.partial(encode, params))(jnp.asarray(x)))
+    # jitted: eagerly, each op of the encoder compiled a program of its own
+    features = jax.jit(jax.vmap(encode, in_axes=(None, 0)))
+    return np.asarray(features(params, jnp.asarray(x)))
 
 
 def fit_probe_heads(features: np.ndarray, labels: np.ndarray, *, c: float,

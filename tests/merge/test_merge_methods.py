@@ -1,4 +1,4 @@
-"""Closed-form and reference checks of the merge parts and presets."""
+"""Closed-form and reference checks of the merge parts and presets; sharded merges."""
 import os
 import subprocess
 import sys
@@ -17,11 +17,13 @@ from metafit.registry import UnknownNameError
 
 
 def tree(seed, shift=0.0):
+    """Nested dicts, float32 and bfloat16, 2-D and 1-D, an integer: every merge compiles two programs,
+    (6, 5) float32 (kernel and emb; also the models of test_merge_recipe) and (5,) bfloat16."""
     rng = np.random.default_rng(seed)
     return {
         "dense": {"kernel": jnp.asarray(rng.standard_normal((6, 5)) + shift, jnp.float32),
-                  "bias": jnp.asarray(rng.standard_normal(5) + shift, jnp.float32)},
-        "emb": jnp.asarray(rng.standard_normal((4, 3)) + shift, jnp.bfloat16),
+                  "bias": jnp.asarray(rng.standard_normal(5) + shift, jnp.bfloat16)},
+        "emb": jnp.asarray(rng.standard_normal((6, 5)) + shift, jnp.float32),
         "count": jnp.asarray(seed, jnp.int32),
     }
 
@@ -44,6 +46,44 @@ def close(a, b, atol=1e-6):
                                                          atol=atol, rtol=0), a, b)
 
 
+# ----------------------------------------------------------------------------- sharding
+# First in the file: this subprocess (a JAX start, nine merge programs) is the file's longest test, and xdist
+# (loadfile) hands a worker its next file once at most two tests of its current file are left.
+
+SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import metafit.merge as mm
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    # two tensors of one shape (the single-device merges compile once per method), laid out differently:
+    # "a" split over both mesh axes, "b" over "data" only and replicated over "model"
+    base = {name: jnp.asarray(rng.standard_normal((64, 48)), jnp.float32) for name in "ab"}
+    fts = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1, base) for _ in range(2)]
+    key = jax.random.key(0)
+    single = [mm.ties(base, fts, 0.3, 0.8), mm.merge("dare_ties", base, fts, drop_rate=0.5, key=key),
+              mm.breadcrumbs(base, fts, 0.2, 0.05)]
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    spec = {"a": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("data", None))}
+    put = lambda t: jax.tree.map(jax.device_put, t, spec)
+    sbase, sfts = put(base), [put(f) for f in fts]
+    sharded = [mm.ties(sbase, sfts, 0.3, 0.8), mm.merge("dare_ties", sbase, sfts, drop_rate=0.5, key=key),
+               mm.breadcrumbs(sbase, sfts, 0.2, 0.05)]
+    assert len(sharded[0]["a"].sharding.device_set) == 8 and len(sharded[0]["b"].sharding.device_set) == 8
+    for s, m in zip(single, sharded):
+        for x, y in zip(jax.tree.leaves(s), jax.tree.leaves(m)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    print("SHARDED-OK")
+""")
+
+
+def test_merge_on_8_fake_devices_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=120)
+    assert "SHARDED-OK" in out.stdout, out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- parts
 
 @pytest.mark.parametrize("n", [7, 64, 1000])
@@ -60,7 +100,7 @@ def test_magnitude_mask_keeps_exactly_k_largest_even_with_ties(n):
 
 def test_breadcrumbs_window_drops_outliers_and_small_entries():
     x = jnp.arange(1.0, 11.0)  # magnitudes 1..10
-    kept = parts.sparsify_breadcrumbs(x, 3, 2)  # drop top 2 (10, 9), keep next 3 (8, 7, 6)
+    kept = jax.jit(parts.sparsify_breadcrumbs)(x, 3, 2)  # drop top 2 (10, 9), keep next 3 (8, 7, 6); one program
     np.testing.assert_array_equal(np.nonzero(np.asarray(kept))[0], [5, 6, 7])
 
 
@@ -74,7 +114,7 @@ def test_ties_of_identical_finetunes_at_scale_one_returns_the_finetune():
 
 def test_ties_density_one_without_conflicts_is_task_arithmetic():
     base = tree(0)
-    del base["emb"]  # bf16 rounding can zero a small delta, and a zero entry agrees with no sign
+    del base["dense"]["bias"]  # bf16 rounding can zero a small delta, and a zero entry agrees with no sign
     fts = finetunes(base, 2, same_sign=True)
     close(mm.ties(base, fts, density=1.0, scale=0.9), mm.task_arithmetic(base, fts, 0.9 / len(fts)), atol=1e-5)
 
@@ -253,39 +293,3 @@ def test_bad_inputs_fail_with_a_named_cause():
         mm.merge("dare_ties", base, fts)
     with pytest.raises(UnknownNameError, match="did you mean 'ties'"):
         mm.merge("tiez", base, fts)
-
-
-# ----------------------------------------------------------------------------- sharding
-
-SHARDED = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    import metafit.merge as mm
-    assert jax.device_count() == 8
-    rng = np.random.default_rng(0)
-    # two tensors of one shape (the single-device merges compile once per method), laid out differently:
-    # "a" split over both mesh axes, "b" over "data" only and replicated over "model"
-    base = {name: jnp.asarray(rng.standard_normal((64, 48)), jnp.float32) for name in "ab"}
-    fts = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1, base) for _ in range(3)]
-    key = jax.random.key(0)
-    single = [mm.ties(base, fts, 0.3, 0.8), mm.merge("dare_ties", base, fts, drop_rate=0.5, key=key),
-              mm.breadcrumbs(base, fts, 0.2, 0.05)]
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    spec = {"a": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("data", None))}
-    put = lambda t: jax.tree.map(jax.device_put, t, spec)
-    sbase, sfts = put(base), [put(f) for f in fts]
-    sharded = [mm.ties(sbase, sfts, 0.3, 0.8), mm.merge("dare_ties", sbase, sfts, drop_rate=0.5, key=key),
-               mm.breadcrumbs(sbase, sfts, 0.2, 0.05)]
-    assert len(sharded[0]["a"].sharding.device_set) == 8 and len(sharded[0]["b"].sharding.device_set) == 8
-    for s, m in zip(single, sharded):
-        for x, y in zip(jax.tree.leaves(s), jax.tree.leaves(m)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    print("SHARDED-OK")
-""")
-
-
-def test_merge_on_8_fake_devices_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=120)
-    assert "SHARDED-OK" in out.stdout, out.stderr[-3000:]

@@ -13,7 +13,9 @@ from metafit.merge import io
 from metafit.merge.recipe import run_recipe
 from metafit.merge.stream import merge_folders
 
-SHAPES = {"embed.weight": (16, 8), "layers.0.mlp.weight": (8, 12), "layers.0.norm.weight": (8,), "step": ()}
+# The float32 shapes of test_merge_methods.tree (embed and mlp one shape, so one program per method serves
+# both, each with its own per-layer parameters) and a 1-D norm: few merge programs to compile.
+SHAPES = {"embed.weight": (6, 5), "layers.0.mlp.weight": (6, 5), "layers.0.norm.weight": (5,), "step": ()}
 
 
 def write_model(folder: Path, seed: int, shapes=SHAPES, dtype=np.float32) -> dict:
@@ -28,6 +30,30 @@ def write_model(folder: Path, seed: int, shapes=SHAPES, dtype=np.float32) -> dic
     return tensors
 
 
+# The slow tests come first: xdist (loadfile) hands a worker its next file once at most two of its current
+# file's tests are left, so a slow test at the end keeps a worker busy after it took more work.
+
+def test_recipe_output_loads_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    # square attention and MLP matrices: three tensor shapes in all, so the merge compiles three programs
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    models = [transformers.LlamaForCausalLM(config) for _ in range(3)]
+    for i, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"m{i}")
+    path = recipe(tmp_path, "method: ties\nbase: m0\nmodels: [m1, m2]\nparameters: {density: 0.5, scale: 1.0}\n")
+    run_recipe(path, tmp_path / "merged", progress=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    states = [{k: v.numpy() for k, v in m.state_dict().items()} for m in models]
+    expected = mm.ties(states[0], states[1:], density=0.5, scale=1.0)
+    for name, value in merged.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), np.asarray(expected[name]), atol=1e-6, err_msg=name)
+    logits = merged(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
 def test_writer_reader_roundtrip_with_bfloat16(tmp_path):
     tensors = write_model(tmp_path / "m", 0, dtype=ml_dtypes.bfloat16)
     view = io.SafetensorsFolder(tmp_path / "m")
@@ -40,9 +66,9 @@ def test_writer_reader_roundtrip_with_bfloat16(tmp_path):
                                            ("dare_ties", {"drop_rate": 0.5})])
 def test_streaming_merge_equals_in_memory_merge(tmp_path, method, params):
     base = write_model(tmp_path / "base", 0)
-    models = [write_model(tmp_path / f"m{i}", i + 1) for i in range(3)]
+    models = [write_model(tmp_path / f"m{i}", i + 1) for i in range(2)]  # two: the recipes' programs
     key = jax.random.key(3)
-    merge_folders(method, tmp_path / "base", [tmp_path / f"m{i}" for i in range(3)], tmp_path / "out.safetensors",
+    merge_folders(method, tmp_path / "base", [tmp_path / f"m{i}" for i in range(2)], tmp_path / "out.safetensors",
                   params=params, key=key)
     streamed = io.SafetensorsFolder(tmp_path / "out.safetensors")
     in_memory = mm.merge(method, base, models, key=key, **params)
@@ -99,31 +125,10 @@ dtype: bfloat16
 def test_bad_recipes_fail_before_merging(tmp_path, text, error, match):
     write_model(tmp_path / "base", 0)
     write_model(tmp_path / "m0", 1)
-    write_model(tmp_path / "other", 2, shapes={**SHAPES, "layers.0.mlp.weight": (8, 13)})
+    write_model(tmp_path / "other", 2, shapes={**SHAPES, "layers.0.mlp.weight": (6, 6)})
     with pytest.raises(error, match=match):
         run_recipe(recipe(tmp_path, text), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / io.WEIGHTS_NAME).exists()
-
-
-def test_recipe_output_loads_in_transformers(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    # square attention and MLP matrices: three tensor shapes in all, so the merge compiles three programs
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    models = [transformers.LlamaForCausalLM(config) for _ in range(3)]
-    for i, model in enumerate(models):
-        model.save_pretrained(tmp_path / f"m{i}")
-    path = recipe(tmp_path, "method: ties\nbase: m0\nmodels: [m1, m2]\nparameters: {density: 0.5, scale: 1.0}\n")
-    run_recipe(path, tmp_path / "merged", progress=False)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    states = [{k: v.numpy() for k, v in m.state_dict().items()} for m in models]
-    expected = mm.ties(states[0], states[1:], density=0.5, scale=1.0)
-    for name, value in merged.state_dict().items():
-        np.testing.assert_allclose(value.numpy(), np.asarray(expected[name]), atol=1e-6, err_msg=name)
-    logits = merged(torch.tensor([[1, 2, 3]])).logits
-    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
 
 
 def test_failed_or_self_overwriting_merges_keep_what_was_written(tmp_path):

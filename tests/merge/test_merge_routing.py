@@ -1,7 +1,7 @@
-"""Routing closed forms and smoke runs of the merge experiments with tiny overrides.
+"""Routing closed forms and a smoke run of the compatible-specialization experiment with tiny overrides.
 
 The function-level tests use the architecture, batch shapes and router trainer config of the
-``merge_compatible`` smoke run below, so the jitted losses, the router steps and the residual
+``merge_compatible`` smoke run (first in the file), so the jitted losses, the router steps and the residual
 streams compile once for the whole module (``routing`` caches them per architecture).
 """
 import dataclasses
@@ -44,40 +44,36 @@ def tiny_gpt(seed):
     return GPT2LMHeadModel(cfg, rngs=nnx.Rngs(seed))
 
 
-def test_forward_matches_the_model_and_returns_every_residual_stream():
-    """The routed forward with the model's own MLPs is the model. Its closed forms under interpolation
-    (alpha = 1 is expert A) and zero-initialised routing (the uniform mixture) are checked through the
-    jitted losses shared with the smoke run, in the test below."""
-    a = tiny_gpt(0)
-    ids = jnp.arange(2 * SEQ_LEN).reshape(2, SEQ_LEN) % len(CHARS)
+# The slow tests come first: xdist (loadfile) hands a worker its next file once at most two of its current
+# file's tests are left, so a slow test at the end keeps a worker busy after it took more work.
 
-    @jax.jit  # one compiled program instead of hundreds of eager dispatches
-    def outputs():
-        logits, hiddens = routing.forward(a, ids)
-        return logits, a(ids), hiddens
+@pytest.mark.slow
+def test_compatible_experiment_smoke(tmp_path):
+    from metafit.experiments import run_experiment
 
-    logits, direct, hiddens = outputs()
-    np.testing.assert_allclose(logits, direct, atol=1e-5)
-    assert len(hiddens) == 2 and hiddens[0].shape == (2, SEQ_LEN, 16)
+    overrides = COMPATIBLE_SMOKE
+    _, results = run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides, workdir=tmp_path / "comp")
+    rows = results["methods"]
+    # alpha weighs the add expert: alpha = 1 is the add expert's own loss, alpha = 0 the map expert's,
+    # for both stages and both kinds of interpolation.
+    for stage, step in (("early", 2), ("late", 4)):
+        add, map_ = rows[f"expert add ({stage})"]["target_loss"], rows[f"expert map ({stage})"]["target_loss"]
+        for kind in ("weight", "activation"):
+            assert rows[f"{kind} interp {stage} (step {step}) alpha=1"]["target_loss"] == pytest.approx(add, rel=1e-5)
+            assert rows[f"{kind} interp {stage} (step {step}) alpha=0"]["target_loss"] == pytest.approx(map_, rel=1e-5)
+    # Early and late multi-layer routing and the base-MLP control (n >= 2 only: at n = 1 it is the base).
+    assert {"multi-layer routing n=2 early (step 2)", "multi-layer routing n=2 late (step 4)",
+            "multi-layer routing n=2 control: base MLPs"} <= set(rows)
+    assert "per-layer routing early (step 2)" not in rows and "per-layer routing late (step 4)" in rows
+    assert results["expert_em_by_step"]["steps"] == [2, 4] and len(results["expert_em_by_step"]["add"]) == 2
+    assert rows["expert add (late)"]["add_em"] == results["expert_em_by_step"]["add"][-1]
+    assert rows["expert map (late)"]["map_em"] == results["expert_em_by_step"]["map"][-1]
+    with pytest.raises(ValueError, match="routing window"):
+        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.windows=[3]"], workdir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="base model exactly"):
+        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.control_windows=[1]"],
+                       workdir=tmp_path / "bad1")
 
-
-def test_answer_exact_match_counts_strings_with_every_answer_token_right():
-    ids = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
-    batch = {"input_ids": ids, "loss_mask": np.array([[0, 0, 1, 1]] * 3, np.float32)}
-    logits = np.eye(17, dtype=np.float32)[np.roll(ids, -1, axis=1)] * 5.0  # position t predicts token t + 1
-    wrong_answer, wrong_prompt = logits.copy(), logits.copy()
-    wrong_answer[1, 2] = np.eye(17)[9] * 5.0  # row 1 predicts 9 instead of its last answer token
-    wrong_prompt[2, 0] = np.eye(17)[9] * 5.0  # row 2 errs outside the answer: not counted
-    exact_match = jax.jit(routing.answer_exact_match)  # one compiled program for the three calls
-    assert float(exact_match(logits, batch)) == 1.0
-    assert float(exact_match(wrong_answer, batch)) == pytest.approx(2 / 3)
-    assert float(exact_match(wrong_prompt, batch)) == 1.0
-
-
-def test_windows_and_top_k_gates():
-    assert routing.window(0, 2, 4) == [0, 1] and routing.window(3, 2, 4) == [2, 3] and routing.window(1, 4, 4) == [0, 1, 2, 3]
-    gates = routing.top_k_gates(jnp.array([1.0, 3.0, 2.0, 0.0]), 2)
-    np.testing.assert_allclose(gates, [0, np.e / (np.e + 1), 1 / (np.e + 1), 0], atol=1e-6)
 
 
 def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers(smoke_cfg, router_config):
@@ -141,41 +137,37 @@ def test_mlp_mask_router_training_and_losses_of_the_experiment_helpers(smoke_cfg
     np.testing.assert_allclose(layer_cka(ha, ha), 1.0, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_atm_experiment_smoke(tmp_path):
-    from metafit.experiments import run_experiment
+def test_forward_matches_the_model_and_returns_every_residual_stream():
+    """The routed forward with the model's own MLPs is the model. Its closed forms under interpolation
+    (alpha = 1 is expert A) and zero-initialised routing (the uniform mixture) are checked through the
+    jitted losses shared with the smoke run, in the router test above."""
+    a = tiny_gpt(0)
+    ids = jnp.arange(2 * SEQ_LEN).reshape(2, SEQ_LEN) % len(CHARS)
 
-    overrides = ["args.num_tasks=2", "args.budgets=[1]", "args.hidden=[8]", "args.pretrain_epochs=1",
-                 "args.ph_rounds=1", "args.scales=[0.5,1.0]", "args.atm_sum=false", "train.batch_size=250"]
-    _, results = run_experiment(CONFIGS / "atm_digits.yaml", overrides, workdir=tmp_path / "atm")
-    rows = results["methods"]
-    assert rows["PA-ATM"]["K=1"] == pytest.approx(rows["TA (1/T)"]["K=1"])  # ATM = TA at K = 1
-    assert all(0 <= v <= 100 for row in rows.values() for v in row.values())
+    @jax.jit  # one compiled program instead of hundreds of eager dispatches
+    def outputs():
+        logits, hiddens = routing.forward(a, ids)
+        return logits, a(ids), hiddens
+
+    logits, direct, hiddens = outputs()
+    np.testing.assert_allclose(logits, direct, atol=1e-5)
+    assert len(hiddens) == 2 and hiddens[0].shape == (2, SEQ_LEN, 16)
 
 
-@pytest.mark.slow
-def test_compatible_experiment_smoke(tmp_path):
-    from metafit.experiments import run_experiment
+def test_answer_exact_match_counts_strings_with_every_answer_token_right():
+    ids = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+    batch = {"input_ids": ids, "loss_mask": np.array([[0, 0, 1, 1]] * 3, np.float32)}
+    logits = np.eye(17, dtype=np.float32)[np.roll(ids, -1, axis=1)] * 5.0  # position t predicts token t + 1
+    wrong_answer, wrong_prompt = logits.copy(), logits.copy()
+    wrong_answer[1, 2] = np.eye(17)[9] * 5.0  # row 1 predicts 9 instead of its last answer token
+    wrong_prompt[2, 0] = np.eye(17)[9] * 5.0  # row 2 errs outside the answer: not counted
+    exact_match = jax.jit(routing.answer_exact_match)  # one compiled program for the three calls
+    assert float(exact_match(logits, batch)) == 1.0
+    assert float(exact_match(wrong_answer, batch)) == pytest.approx(2 / 3)
+    assert float(exact_match(wrong_prompt, batch)) == 1.0
 
-    overrides = COMPATIBLE_SMOKE
-    _, results = run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides, workdir=tmp_path / "comp")
-    rows = results["methods"]
-    # alpha weighs the add expert: alpha = 1 is the add expert's own loss, alpha = 0 the map expert's,
-    # for both stages and both kinds of interpolation.
-    for stage, step in (("early", 2), ("late", 4)):
-        add, map_ = rows[f"expert add ({stage})"]["target_loss"], rows[f"expert map ({stage})"]["target_loss"]
-        for kind in ("weight", "activation"):
-            assert rows[f"{kind} interp {stage} (step {step}) alpha=1"]["target_loss"] == pytest.approx(add, rel=1e-5)
-            assert rows[f"{kind} interp {stage} (step {step}) alpha=0"]["target_loss"] == pytest.approx(map_, rel=1e-5)
-    # Early and late multi-layer routing and the base-MLP control (n >= 2 only: at n = 1 it is the base).
-    assert {"multi-layer routing n=2 early (step 2)", "multi-layer routing n=2 late (step 4)",
-            "multi-layer routing n=2 control: base MLPs"} <= set(rows)
-    assert "per-layer routing early (step 2)" not in rows and "per-layer routing late (step 4)" in rows
-    assert results["expert_em_by_step"]["steps"] == [2, 4] and len(results["expert_em_by_step"]["add"]) == 2
-    assert rows["expert add (late)"]["add_em"] == results["expert_em_by_step"]["add"][-1]
-    assert rows["expert map (late)"]["map_em"] == results["expert_em_by_step"]["map"][-1]
-    with pytest.raises(ValueError, match="routing window"):
-        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.windows=[3]"], workdir=tmp_path / "bad")
-    with pytest.raises(ValueError, match="base model exactly"):
-        run_experiment(CONFIGS / "compatible_char_gpt.yaml", overrides + ["args.control_windows=[1]"],
-                       workdir=tmp_path / "bad1")
+
+def test_windows_and_top_k_gates():
+    assert routing.window(0, 2, 4) == [0, 1] and routing.window(3, 2, 4) == [2, 3] and routing.window(1, 4, 4) == [0, 1, 2, 3]
+    gates = jax.jit(routing.top_k_gates, static_argnums=1)(jnp.array([1.0, 3.0, 2.0, 0.0]), 2)  # one program
+    np.testing.assert_allclose(gates, [0, np.e / (np.e + 1), 1 / (np.e + 1), 0], atol=1e-6)

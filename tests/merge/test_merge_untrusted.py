@@ -16,7 +16,7 @@ from metafit.models import MalformedWeightsError
 sys.path.insert(0, str(Path(__file__).parent))
 from test_merge_recipe import recipe, write_model  # noqa: E402
 
-SHAPES = {"a.weight": (4, 3), "b.weight": (3,)}
+SHAPES = {"a.weight": (6, 5), "b.weight": (5,)}  # test_merge_recipe's shapes: its merge programs
 TIES = "method: ties\nbase: base\nmodels: [m0, m1]\n"
 
 

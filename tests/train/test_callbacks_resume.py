@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from metafit.train import (Callback, CheckpointMismatchError, MetricsWriter, NonFiniteLossError, StatefulData,
-                           TrainConfig, fit,
-                           param_snapshots, unstack)
+                           StepInfo, TrainConfig, callbacks, fit, param_snapshots, unstack)
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 3)).astype(np.float32)
@@ -127,6 +126,21 @@ def test_param_snapshots_keep_copies_at_each_period():
         direct = fit(squared_loss, params0(), CountingData(), TrainConfig(steps=steps, lr=0.05, log_every=10),
                      key=jax.random.key(0), progress=False)
         np.testing.assert_array_equal(np.asarray(snap["w"]), np.asarray(direct.params["w"]))
+
+
+def test_param_snapshots_keep_the_last_count_and_compile_once_whatever_the_leaf_shapes():
+    """Three leaf shapes and dtypes, four takes into two slots: the last two kept, oldest first, by one
+    compiled take and one compiled unstack (eagerly, each op would compile once per leaf shape)."""
+    tree = lambda v: {"a": jnp.full((2, 3), v), "b": {"c": jnp.full(4, v, jnp.bfloat16), "d": jnp.full((), v)}}
+    snaps = param_snapshots(tree(0.0), every=1, count=2)
+    takes, unstacks = callbacks._take_snapshot._cache_size(), callbacks._unstack._cache_size()
+    state = snaps.init
+    for value in (1.0, 2.0, 3.0, 4.0):
+        state, _ = snaps.fn(StepInfo(0, tree(value), None, {}, False, "train"), state)
+    kept = unstack(state)
+    assert [float(k["a"][0, 0]) for k in kept] == [3.0, 4.0] and [float(k["b"]["c"][0]) for k in kept] == [3.0, 4.0]
+    assert kept[0]["b"]["c"].dtype == jnp.bfloat16 and kept[1]["b"]["d"].shape == ()
+    assert callbacks._take_snapshot._cache_size() - takes <= 1 and callbacks._unstack._cache_size() - unstacks <= 1
 
 
 def test_checkpoint_of_another_structure_is_an_error_naming_the_leaf(tmp_path):
