@@ -19,7 +19,12 @@ from metafit.meta import (
 )
 
 # three tasks, gradients split over two leaves: g1 = (1, 0 | 0), g2 = (1, 1 | 0), g3 = (-1, 0 | 0)
-GRADS = {"a": jnp.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]), "b": jnp.zeros((3, 1))}
+GRADS = {"a": np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], np.float32), "b": np.zeros((3, 1), np.float32)}
+# the weightings jitted, as the meta-gradient runs them: eagerly each of their operations compiles a program
+task_gram, gradient_agreement, gradient_agreement_clipped = map(
+    jax.jit, (task_gram, gradient_agreement, gradient_agreement_clipped))
+softmax_cosine = jax.jit(softmax_cosine, static_argnames="temperature")
+ZERO = {"a": np.zeros((2, 3), np.float32)}  # every task's gradient is zero
 
 
 def test_task_gram_sums_inner_products_over_leaves():
@@ -29,15 +34,15 @@ def test_task_gram_sums_inner_products_over_leaves():
 def test_gradient_agreement_matches_hand_computation():
     # row sums of the Gram matrix: 1, 2, -1; normaliser |1| + |2| + |-1| = 4
     np.testing.assert_allclose(gradient_agreement(GRADS), [0.25, 0.5, -0.25], rtol=1e-6)
-    identical = {"a": jnp.ones((4, 3))}
+    identical = {"a": np.ones((4, 3), np.float32)}
     np.testing.assert_allclose(gradient_agreement(identical), [0.25] * 4, rtol=1e-6)  # agreement = uniform
-    np.testing.assert_allclose(gradient_agreement({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+    np.testing.assert_allclose(gradient_agreement(ZERO), [0.5, 0.5])  # no NaN at zero
 
 
 def test_clipped_gradient_agreement_drops_the_opposing_task_and_renormalises():
     # agreements 1, 2, -1 -> clipped 1, 2, 0 -> divided by 3
     np.testing.assert_allclose(gradient_agreement_clipped(GRADS), [1 / 3, 2 / 3, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(gradient_agreement_clipped({"a": jnp.zeros((2, 3))}), [0.5, 0.5])  # no NaN at zero
+    np.testing.assert_allclose(gradient_agreement_clipped(ZERO), [0.5, 0.5])  # no NaN at zero
     for weights in (gradient_agreement_clipped(GRADS), softmax_cosine(GRADS)):
         assert float(weights.min()) >= 0 and float(weights.sum()) == pytest.approx(1.0)
 

@@ -47,20 +47,28 @@ def test_generation_config_eos_list_and_max_new_tokens_match_transformers(folder
     assert got[len(ids) + at] == stop and (got[len(ids) + at + 1:] == 0).all()
 
 
-def test_generation_config_sampling_defaults(folder, tmp_path):
+def test_generation_config_sampling_defaults_and_stream_yields_their_tokens(folder, tmp_path):
+    """Sampling settings come from generation_config.json; streaming them (a batch of two) yields generate's tokens.
+
+    One test for both: the sampled generation and stream programs compile once, for this model.
+    Greedy streaming of one prompt is checked in the stop-string test below.
+    """
     import shutil
     shutil.copytree(folder, tmp_path / "gc")
     set_generation_config(tmp_path / "gc", do_sample=True, temperature=0.7, top_p=0.9)
     model, tokenizer = mm.load(tmp_path / "gc")
     generation = model.config.generation
     assert (generation.do_sample, generation.temperature, generation.top_p, generation.top_k) == (True, 0.7, 0.9, 50)
-    ids = _prompt(tokenizer)
+    ids = np.stack([_prompt(tokenizer, "abcdef"), _prompt(tokenizer, "uvwxyz")])
     with pytest.raises(ValueError, match="do_sample=true"):
         mm.generate(model, ids, max_new_tokens=3)
     key = jax.random.key(4)
-    by_default = mm.generate(model, ids, max_new_tokens=NEW, key=key)
-    explicit = mm.generate(model, ids, max_new_tokens=NEW, key=key, temperature=0.7, top_p=0.9, top_k=50)
-    np.testing.assert_array_equal(np.asarray(by_default), np.asarray(explicit))
+    by_default = np.asarray(mm.generate(model, ids, max_new_tokens=NEW, key=key, stop_tokens=()))
+    explicit = mm.generate(model, ids, max_new_tokens=NEW, key=key, temperature=0.7, top_p=0.9, top_k=50,
+                           stop_tokens=())
+    np.testing.assert_array_equal(by_default, np.asarray(explicit))
+    streamed = np.stack(list(stream(model, ids, max_new_tokens=NEW, key=key, stop_tokens=())), axis=1)
+    np.testing.assert_array_equal(streamed, by_default[:, ids.shape[1]:])
     mm.save(model, tmp_path / "resaved")  # written back, read back
     assert mm.load(tmp_path / "resaved", tokenizer=False)[0].config.generation == generation
 
@@ -71,16 +79,6 @@ def test_bad_generation_config_names_the_field(folder, tmp_path):
     set_generation_config(tmp_path / "gc", temperature=-1)
     with pytest.raises(mm.MalformedWeightsError, match="temperature"):
         mm.load(tmp_path / "gc")
-
-
-def test_stream_yields_the_tokens_of_generate(loaded):
-    """Sampled, a batch of two; greedy streaming of one prompt is checked in the stop-string test below."""
-    model, tokenizer = loaded
-    ids = np.stack([_prompt(tokenizer, "abcdef"), _prompt(tokenizer, "uvwxyz")])
-    kwargs = dict(max_new_tokens=NEW, temperature=0.9, key=jax.random.key(1), stop_tokens=())
-    want = np.asarray(mm.generate(model, ids, **kwargs))[:, ids.shape[1]:]
-    got = np.stack(list(stream(model, ids, **kwargs)), axis=1)
-    np.testing.assert_array_equal(got, want)
 
 
 def test_stop_string_cuts_before_it_and_streams_the_same_text(loaded):

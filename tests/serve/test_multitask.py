@@ -145,7 +145,7 @@ def tiny_setup(tmp_path_factory):
     return root, config
 
 
-@pytest.mark.slow  # three real runs (2 single-task + three-stage) on a tiny Llama: compile-bound
+@pytest.mark.slow  # two real runs (single-task + three-stage) on a tiny Llama: compile-bound
 def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_setup):
     from conftest import run_cli
 
@@ -153,10 +153,14 @@ def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_set
     missing = run_cli("run", str(config), "--workdir", str(root / "early"))
     assert missing.returncode != 0 and "configs/serve/multitask_single.yaml --set args.task=pick" in missing.stderr
     assert not (root / "early").exists()  # refused before the run folder was created
-    for task in SIZES:
-        out = run_cli("run", str(config), "--set", "args.arm=single", "--set", f"args.task={task}",
-                      "--workdir", str(root / "single" / task))
-        assert out.returncode == 0, out.stderr[-2000:]
+    # arm single runs once; the other task's single-task result is a file with a known value, which
+    # stage 1 must read as it is (a second single run would check nothing new)
+    out = run_cli("run", str(config), "--set", "args.arm=single", "--set", "args.task=pick",
+                  "--workdir", str(root / "single" / "pick"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (root / "single" / "pick_flipped").mkdir(parents=True)
+    (root / "single" / "pick_flipped" / "results.json").write_text(
+        json.dumps({"methods": {"single": {"pick_flipped_em": 0.375}}}))
     out = run_cli("run", str(config), "--workdir", str(root / "three"))
     assert out.returncode == 0, out.stderr[-2000:]
     run = root / "three"
@@ -165,6 +169,8 @@ def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_set
     singles = {t: json.loads((root / "single" / t / "results.json").read_text())["methods"]["single"][f"{t}_em"]
                for t in SIZES}
     assert {t: d["single"] for t, d in filtering["decisions"].items()} == singles
+    assert singles["pick_flipped"] == 0.375 and set(json.loads((root / "single" / "pick" / "results.json").read_text())[
+        "methods"]["single"]) == {"pick_em", "pick_loss", "mean_em", "mean_loss"}  # the single arm scores its task only
     results = json.loads((run / "results.json").read_text())
     assert set(results["methods"]) == {"probe", "three_stage"}
     assert {f"{t}_em" for t in SIZES} <= set(results["methods"]["three_stage"])

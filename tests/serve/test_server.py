@@ -19,13 +19,19 @@ from metafit.serve.engine import Request, compiled_programs
 from metafit.serve.server import BackgroundServer, build_state
 from serve_tiny import tiny_folder
 
-openai = pytest.importorskip("openai")
 KEY = "test-key"
 NEW = 8
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def openai():
+    """The official client, imported when the first test here runs: at module level every xdist
+    worker would import it while collecting (0.8 s of CPU each), also those that never run these tests."""
+    return pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, openai):
     root = tmp_path_factory.mktemp("serve")
     folder = tiny_folder(root / "base", num_hidden_layers=1)
     references = {}
@@ -96,7 +102,7 @@ def test_models_lists_adapters_and_the_untrained_one(served):
     assert any("metafit run train-later.yaml" in w for w in served["warnings"])
 
 
-def test_bad_requests_get_openai_errors_never_5xx(served):
+def test_bad_requests_get_openai_errors_never_5xx(served, openai):
     client = served["client"]
     cases = [
         (dict(model="nope", prompt="x"), 404, "does not exist"),
@@ -139,7 +145,7 @@ def test_full_queue_answers_429_with_retry_after(served):
     assert response.json()["error"]["code"] == "queue_full"
 
 
-def test_adapter_load_and_unload_while_serving_without_recompiling(served):
+def test_adapter_load_and_unload_while_serving_without_recompiling(served, openai):
     client, root = served["client"], served["root"]
     compiled = compiled_programs()
     loaded = _post(served, "/admin/adapters", {"name": "c", "path": str(root / "c")})
@@ -159,7 +165,7 @@ def test_adapter_load_and_unload_while_serving_without_recompiling(served):
     assert "metafit_serve_queue_depth" in metrics and "metafit_serve_batch_size_bucket" in metrics
 
 
-def test_concurrent_mixed_requests_are_batched_and_each_matches_alone(served):
+def test_concurrent_mixed_requests_are_batched_and_each_matches_alone(served, openai):
     tokenizer = served["tokenizer"]  # the queue holds 2: the client retries 429s after their Retry-After
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=KEY, max_retries=8, timeout=60)
     jobs = [("tiny", "first!"), ("tiny:a", "second"), ("tiny", "third!"), ("tiny:a", "fourth")]
