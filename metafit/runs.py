@@ -163,15 +163,23 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+def figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` that saves through the Agg canvas, made without pyplot.
+
+    pyplot would need ``matplotlib.use("Agg")`` on a machine without a display, which switches the
+    backend of the whole process (a notebook's inline plots included) and keeps every figure open
+    until closed; a bare ``Figure`` touches no global state and is freed with its last reference.
+    """
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def plot_curves(path: str | Path, series: Mapping[str, tuple[Any, Any]], *, xlabel: str, ylabel: str,
                 title: str = "", logy: bool = False, points: Mapping[str, tuple[Any, Any]] | None = None) -> Path:
     """Saves a PNG line plot of named ``(x, y)`` series, and of named ``points`` as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure((6, 4))
+    ax = fig.subplots()
     for label, (x, y) in series.items():
         ax.plot(x, y, label=label)
     for label, (x, y) in (points or {}).items():
@@ -184,7 +192,6 @@ def plot_curves(path: str | Path, series: Mapping[str, tuple[Any, Any]], *, xlab
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 

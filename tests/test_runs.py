@@ -97,3 +97,25 @@ def test_show_prints_results_inert_and_refuses_malformed_files(tmp_path):
         (run / "results.json").write_text(text)
         out = subprocess.run([sys.executable, "-m", "metafit", "show", str(run)], capture_output=True, text=True)
         assert out.returncode == 2 and "is not a metafit results file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plots_leave_the_users_matplotlib_backend_and_figures_alone(tmp_path, monkeypatch):
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    from metafit.bayes.report import plot_axis
+    from metafit.context.evaluate import nih_heatmap
+    from metafit.runs import plot_curves
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a library plot switched the process-wide matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)  # what a notebook's inline backend relies on
+    plot_curves(tmp_path / "c.png", {"a": ([0, 1], [1, 0])}, xlabel="x", ylabel="y")
+    rows = [{"method": m, "x": x, "neg_transfer_rate": 0.5, "lpd": -1.0, "lpd_sd": 0.1} for m in "ab" for x in (1, 2)]
+    plot_axis(rows, "x", tmp_path / "b.png")
+    nih_heatmap(tmp_path / "h.png", np.ones((2, 3)), [128, 256], [0.0, 0.5, 1.0], "arm")
+    assert Image.open(tmp_path / "c.png").size == (720, 480)  # 6 x 4 inches at 120 dpi
+    assert Image.open(tmp_path / "b.png").size == (1200, 480)
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()

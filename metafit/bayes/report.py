@@ -24,12 +24,10 @@ def plot_axis(rows: list[dict], axis: str, path: Path, lpd_floor: float = -8.0) 
     The lpd panel is clipped below at ``lpd_floor`` (pooling's lpd can reach -100 and would
     flatten every other curve); the tables hold the unclipped numbers.
     """
-    import matplotlib
+    from metafit.runs import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_rate, ax_lpd) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = figure((10, 4))
+    ax_rate, ax_lpd = fig.subplots(1, 2)
     values = sorted({r[axis] for r in rows})
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -52,5 +50,4 @@ def plot_axis(rows: list[dict], axis: str, path: Path, lpd_floor: float = -8.0) 
     ax_lpd.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -86,12 +86,10 @@ def nih_recall_grid(tests: Sequence[NIHTest], answers: Sequence[str]) -> tuple[n
 
 def nih_heatmap(path, grid: np.ndarray, lengths: Sequence[int], depths: Sequence[float], title: str) -> None:
     """Writes a PNG heatmap of recall (rows: depth, columns: context length), as in the paper's figures."""
-    import matplotlib
+    from metafit.runs import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.0 + 0.45 * len(lengths), 2.5 + 0.35 * len(depths)))
+    fig = figure((3.0 + 0.45 * len(lengths), 2.5 + 0.35 * len(depths)))
+    ax = fig.subplots()
     image = ax.imshow(grid.T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], rotation=90)
     ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
@@ -101,7 +99,6 @@ def nih_heatmap(path, grid: np.ndarray, lengths: Sequence[int], depths: Sequence
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence[ContextItem]], path, *,

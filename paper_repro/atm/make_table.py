@@ -149,14 +149,12 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
 
 
 def _plot(digits: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from metafit.runs import figure
 
     mean, sd = digits["mean"], digits["sd"]
     budgets = [int(k[2:]) for k in mean["PA-ATM"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure((11, 4))
+    left, right = fig.subplots(1, 2)
     for name, row in mean.items():
         if all(f"K={k}" in row for k in budgets):
             m = np.array([row[f"K={k}"] for k in budgets])
@@ -176,5 +174,4 @@ def _plot(digits: dict) -> bytes:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
     return png.getvalue()

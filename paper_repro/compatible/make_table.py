@@ -156,12 +156,10 @@ def seed_tables(seeds: dict[str, dict]) -> tuple[list[str], dict, dict]:
 
 
 def _plot(interp: dict, ckas: dict) -> bytes:
-    import matplotlib
+    from metafit.runs import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure((11, 4))
+    left, right = fig.subplots(1, 2)
     for name, curve in interp.items():
         alphas = sorted(curve)
         left.plot(alphas, [curve[a] for a in alphas], marker="o", label=name)
@@ -178,5 +176,4 @@ def _plot(interp: dict, ckas: dict) -> bytes:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
     return png.getvalue()
