@@ -46,7 +46,23 @@ def traceable_hyperparameters(cfg: TrainConfig) -> bool:
     They read both through arithmetic alone; an optimiser registered in :data:`OPTIMIZERS` may branch
     on a value in Python, so its values stay compile-time constants.
     """
-    return cfg.optimizer not in OPTIMIZERS
+    if cfg.optimizer in OPTIMIZERS:
+        return False
+    try:
+        # rprop's state starts from its learning rate: a placeholder traced in its place would be kept
+        return _takes_schedule(_factory(cfg.optimizer))
+    except ValueError:
+        return False
+
+
+def _takes_schedule(factory: Callable[..., optax.GradientTransformation]) -> bool:
+    """Whether the optimiser's ``learning_rate`` may be a schedule (a callable of the step).
+
+    optax.rprop, sm3 and optimistic_adam take a scalar only: rprop keeps it in its state as each
+    parameter's first step size.
+    """
+    annotation = inspect.signature(factory).parameters["learning_rate"].annotation
+    return annotation is inspect.Parameter.empty or "Callable" in str(annotation) or "Schedule" in str(annotation)
 
 
 def _factory(name: str) -> Callable[..., optax.GradientTransformation]:
@@ -111,8 +127,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
       ValueError: naming the ``train.`` key and what to do.
     """
     kwargs = optimizer_kwargs(cfg)
+    if not _takes_schedule(_factory(cfg.optimizer)) and (cfg.schedule != "constant" or cfg.warmup_steps):
+        raise ValueError(f"train.schedule={cfg.schedule}, train.warmup_steps={cfg.warmup_steps}: optax.{cfg.optimizer} "
+                         "takes a constant learning rate only; set train.schedule=constant and train.warmup_steps=0")
     try:
-        _factory(cfg.optimizer)(make_schedule(cfg), **kwargs)
+        _factory(cfg.optimizer)(_learning_rate(cfg), **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"train.optimizer_args: optax.{cfg.optimizer}({kwargs}) failed: {err}") from None
 
@@ -132,6 +151,13 @@ def make_schedule(cfg: TrainConfig, lr: Any = None) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
+def _learning_rate(cfg: TrainConfig, lr: Any = None) -> Any:
+    """The optimiser's ``learning_rate``: the schedule, or the constant peak for a scalar-only optimiser."""
+    if _takes_schedule(_factory(cfg.optimizer)):
+        return make_schedule(cfg, lr)
+    return cfg.lr if lr is None else lr
+
+
 def make_optimizer(cfg: TrainConfig, *, lr: Any = None, weight_decay: Any = None) -> optax.GradientTransformation:
     """The optimiser named by ``cfg.optimizer`` with schedule and optional clipping.
 
@@ -146,7 +172,7 @@ def make_optimizer(cfg: TrainConfig, *, lr: Any = None, weight_decay: Any = None
     kwargs = optimizer_kwargs(cfg)
     if weight_decay is not None and "weight_decay" in kwargs and "weight_decay" not in cfg.optimizer_args:
         kwargs["weight_decay"] = weight_decay
-    tx = _factory(cfg.optimizer)(make_schedule(cfg, lr), **kwargs)
+    tx = _factory(cfg.optimizer)(_learning_rate(cfg, lr), **kwargs)
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx
