@@ -78,6 +78,9 @@ class MergeMethod:
       needs_key: the rule is random (needs ``key=``).
       tensor_inputs: per-model tensors the rule needs beside the weights (``fisher``).
       prepare: host-side ``(size, params) -> params`` turning fractions into counts.
+      copies_unchanged: the rule's merge of tensors that all equal the reference is the reference
+        (true of every preset, :func:`merge_tensor`), so such tensors are copied without compiling.
+        False by default: a user's rule is always run.
     """
 
     name: str
@@ -90,6 +93,7 @@ class MergeMethod:
     needs_key: bool = False
     tensor_inputs: tuple[str, ...] = ()
     prepare: Callable[[int, Mapping[str, Any]], dict[str, Any]] | None = None
+    copies_unchanged: bool = False
 
     @property
     def param_names(self) -> list[str]:
@@ -219,7 +223,7 @@ _PRESETS = [
                 tensor_inputs=("fisher",)),
 ]
 for _method in _PRESETS:
-    MERGE_METHODS.register(_method.name, _method)
+    MERGE_METHODS.register(_method.name, dataclasses.replace(_method, copies_unchanged=True))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -417,10 +421,20 @@ def merge_tensor(method: MergeMethod, base: Array | None, models: Sequence[Array
     summing to 1 (the kernel up to float rounding, the copy exactly). Embeddings and norms that no
     expert trained are most of an LM's tensors, and each shape would otherwise compile its own program.
     """
+    copied = unchanged_tensor(method, base, models)
+    return copied if copied is not None else merge_tensor_jit(method, base, models, params, key, tensors)
+
+
+def unchanged_tensor(method: MergeMethod, base: Array | None, models: Sequence[Array]) -> Array | None:
+    """A copy of the reference tensor when no model changed it (the merge of every method), else ``None``.
+
+    The copy is the input itself, not a merge result: a streaming merge writes it as read, ±inf
+    included (a causal-mask buffer stored as -inf), where the kernel would give ``inf - inf = NaN``.
+    """
     reference = base if method.needs_base else models[0]
-    if _unchanged(reference, models):
+    if method.copies_unchanged and _unchanged(reference, models):
         return jax.device_put(reference, may_alias=False)  # a copy, like the kernel's output: never the input
-    return merge_tensor_jit(method, base, models, params, key, tensors)
+    return None
 
 
 def _unchanged(reference: Any, models: Sequence[Any]) -> bool:

@@ -20,7 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from metafit.merge import io
-from metafit.merge.methods import MergeError, MergeMethod, device_params, get_method, merge_tensor, resolve_params, tensor_key
+from metafit.merge.methods import (MergeError, MergeMethod, device_params, get_method, merge_tensor_jit, resolve_params,
+                                   tensor_key, unchanged_tensor)
 
 
 def check_folders(reference: io.SafetensorsFolder, others: Sequence[io.SafetensorsFolder], what: str = "model") -> None:
@@ -125,17 +126,15 @@ def merge_folders(
                 result = reference.read(name)
                 merged = False
             else:
-                size = int(np.prod(reference.shape(name), dtype=np.int64))
-                prepared = device_params(method.prepare(size, resolved) if method.prepare else resolved)
-                result = merge_tensor(
-                    method,
-                    base_view.read(name) if method.needs_base else None,
-                    [view.read(name) for view in model_views],
-                    prepared,
-                    tensor_key(key, name),
-                    {n: [v.read(name) for v in views] for n, views in tensor_views.items()},
-                )
-                merged = True
+                base_tensor = base_view.read(name) if method.needs_base else None
+                model_tensors = [view.read(name) for view in model_views]
+                result = unchanged_tensor(method, base_tensor, model_tensors)
+                merged = result is None  # a copy is the input as read: only a merge result must be finite
+                if merged:
+                    size = int(np.prod(reference.shape(name), dtype=np.int64))
+                    prepared = device_params(method.prepare(size, resolved) if method.prepare else resolved)
+                    result = merge_tensor_jit(method, base_tensor, model_tensors, prepared, tensor_key(key, name),
+                                              {n: [v.read(name) for v in views] for n, views in tensor_views.items()})
             if pending is not None:
                 writer.write(pending[0], _finite(*pending, out_dtypes[pending[0]]))
             pending = (name, result, merged)

@@ -293,3 +293,15 @@ def test_bad_inputs_fail_with_a_named_cause():
         mm.merge("dare_ties", base, fts)
     with pytest.raises(UnknownNameError, match="did you mean 'ties'"):
         mm.merge("tiez", base, fts)
+
+
+def test_a_users_rule_runs_on_unchanged_tensors_and_presets_copy_them():
+    # the copy shortcut holds for every preset (task vectors are 0, weighted means of one tensor);
+    # a user's rule may not return its reference for equal inputs, so it is always run
+    from metafit.merge.methods import MERGE_METHODS, MergeMethod, merge_tensor
+
+    doubled = MergeMethod("doubled_for_test", lambda base, models, params, key: 2.0 * models[0],
+                          needs_base=False, per_model=(), shared=())
+    x = jnp.arange(4.0)
+    np.testing.assert_array_equal(merge_tensor(doubled, None, [x, x], {}, None), 2.0 * x)
+    assert all(MERGE_METHODS.get(name).copies_unchanged for name in MERGE_METHODS.names())

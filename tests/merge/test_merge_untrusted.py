@@ -110,6 +110,31 @@ def test_overflowing_merge_is_refused_and_nothing_is_written(models):
     assert not (models / "new").exists()
 
 
+def test_a_non_finite_tensor_no_model_changed_is_copied_and_one_changed_is_refused(tmp_path):
+    import numpy as np
+
+    # a causal-mask buffer stored as -inf: the kernel would merge it to NaN (inf - inf); a copy keeps it
+    mask = np.array([0.0, -np.inf, -np.inf, 0.0, -np.inf], np.float32)
+    for i, name in enumerate(["base", "m0", "m1"]):
+        tensors = {"a.weight": np.random.default_rng(i).standard_normal((6, 5)).astype(np.float32), "b.weight": mask}
+        (tmp_path / name).mkdir()
+        with io.SafetensorsWriter(tmp_path / name / io.WEIGHTS_NAME, [(n, t.dtype, t.shape) for n, t in tensors.items()]) as w:
+            for n, t in tensors.items():
+                w.write(n, t)
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
+    run_recipe(recipe(tmp_path, TIES), tmp_path / "out", progress=False)
+    merged = io.SafetensorsFolder(tmp_path / "out")
+    assert np.array_equal(merged.read("b.weight"), mask) and np.isfinite(merged.read("a.weight")).all()
+
+    with io.SafetensorsWriter(tmp_path / "m1" / io.WEIGHTS_NAME, [("a.weight", np.float32, (6, 5)),
+                                                                  ("b.weight", np.float32, (5,))]) as w:
+        w.write("a.weight", np.zeros((6, 5), np.float32))
+        w.write("b.weight", np.where(np.isinf(mask), -1e30, 0.0).astype(np.float32))  # this model changed it
+    with pytest.raises(MergeError, match="merged tensor 'b.weight' has .* non-finite"):
+        run_recipe(recipe(tmp_path, TIES), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
