@@ -1,4 +1,7 @@
 """Prefix tuning's hook against a closed form, and gating of the prefix mass."""
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,20 +28,25 @@ def numpy_prefix_attention(q, k, v, pk, pv, gate):
     return np.einsum("bhqk,bkhd->bqhd", weights, values)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def prefixed_attention(graphdef, state, q, k, v, allowed):
+    """Attention over the prefix hook's keys: one program per gate shape (eagerly, one per operation)."""
+    k2, v2, allowed2, bias2 = nnx.merge(graphdef, state)(k, v, allowed, None)
+    return reference_attention(q, k2, v2, allowed2, bias2), k2, allowed2, bias2
+
+
 @pytest.mark.parametrize("gate", [1.0, 0.3, 0.0, [1.0, 0.0], [0.2, 0.7]])
 def test_kv_prefix_matches_closed_form(gate):
     rng = np.random.default_rng(0)
     b, s, h, kv, d, p = 2, 4, 4, 2, 8, 3
-    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
-               [(b, s, h, d), (b, s, kv, d), (b, s, kv, d)])
+    q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in [(b, s, h, d), (b, s, kv, d), (b, s, kv, d)])
     prefix = peft.KVPrefix(p, kv, d, init_scale=1.0, rngs=nnx.Rngs(5))
     prefix.gate.set_value(jnp.asarray(gate, jnp.float32))
-    allowed = jnp.tril(jnp.ones((s, s), bool))[None, None]
-    k2, v2, allowed2, bias2 = prefix(k, v, allowed, None)
+    allowed = np.tril(np.ones((s, s), bool))[None, None]
+    out, k2, allowed2, bias2 = prefixed_attention(*nnx.split(prefix), q, k, v, allowed)
     assert k2.shape == (b, p + s, kv, d) and allowed2.shape[-1] == bias2.shape[-1] == p + s
-    out = reference_attention(q, k2, v2, allowed2, bias2)
-    expected = numpy_prefix_attention(np.asarray(q), np.asarray(k), np.asarray(v),
-                                      np.asarray(prefix.prefix_k[...]), np.asarray(prefix.prefix_v[...]), gate)
+    expected = numpy_prefix_attention(q, k, v, np.asarray(prefix.prefix_k[...]), np.asarray(prefix.prefix_v[...]),
+                                      gate)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
