@@ -146,9 +146,12 @@ def all_methods_model():
     return perturb_adapters(model)
 
 def forward(model, x):
-    """``model(x)`` through one cached jit per model structure (eager NNX compiles every op separately)."""
+    """``model(x)`` through one cached jit per model structure (eager NNX compiles every op separately).
+
+    As a numpy array: tests index and compare it, and on a JAX array each ``out[0]`` compiles a slice.
+    """
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, x)
+    return np.asarray(_forward(graphdef, state, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)

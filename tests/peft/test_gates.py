@@ -102,7 +102,7 @@ def test_each_module_output_is_linear_in_its_gate():
 
 def test_set_gates_in_jit_without_recompiling():
     x = make_input()
-    model = adapted("lora")
+    model = all_methods_model()  # its per-sample-gated forward is compiled once for the test above
     graphdef, params, rest = peft.split(model)
     n = peft.count_gated_modules(model)
 

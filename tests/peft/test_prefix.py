@@ -52,12 +52,18 @@ def test_kv_prefix_matches_closed_form(gate):
 
 def test_kv_prefix_heads_first_layout_and_existing_bias():
     b, s, kv, d, p = 2, 3, 2, 4, 2
-    k = jnp.asarray(np.random.default_rng(1).normal(size=(b, s, kv, d)), jnp.float32)
+    k = np.random.default_rng(1).normal(size=(b, s, kv, d)).astype(np.float32)
     prefix = peft.KVPrefix(p, kv, d, rngs=nnx.Rngs(0))
-    bias = jnp.full((b, 1, s, s), 0.5)
-    k_bshd, _, _, bias_bshd = prefix(k, k, None, bias)
-    k_bhsd, _, allowed, bias_bhsd = prefix(k.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), None, bias,
-                                          seq_axis=2, head_axis=1)
+    bias = np.full((b, 1, s, s), 0.5, np.float32)
+
+    @jax.jit  # both layouts in one program (eagerly, one per operation)
+    def both_layouts(state, k, bias):
+        hook = nnx.merge(nnx.graphdef(prefix), state)
+        k_t = k.transpose(0, 2, 1, 3)
+        return hook(k, k, None, bias), hook(k_t, k_t, None, bias, seq_axis=2, head_axis=1)
+
+    (k_bshd, _, _, bias_bshd), (k_bhsd, _, allowed, bias_bhsd) = jax.tree.map(
+        np.asarray, both_layouts(nnx.state(prefix), k, bias))
     np.testing.assert_array_equal(k_bhsd, k_bshd.transpose(0, 2, 1, 3))
     np.testing.assert_array_equal(bias_bhsd, bias_bshd)
     np.testing.assert_array_equal(bias_bshd[..., p:], bias)
@@ -68,8 +74,9 @@ def test_kv_prefix_heads_first_layout_and_existing_bias():
 def test_prefix_apply_requires_the_hook():
     from peft_tiny import TinyMLP
 
+    mlp = nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0)))  # shapes only: the error comes before any weight
     with pytest.raises(ValueError, match="kv_prefix"):
-        peft.apply(TinyMLP(rngs=nnx.Rngs(0)), peft.PrefixConfig(), rngs=nnx.Rngs(0))
+        peft.apply(mlp, peft.PrefixConfig(), rngs=nnx.Rngs(0))
 
 
 def test_prefix_on_tiny_model_changes_output_and_sizes_from_attention():
