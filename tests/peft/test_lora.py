@@ -196,3 +196,18 @@ def test_lora_init_compiles_one_program_per_shape_and_draws_the_documented_range
         assert 0.8 / 16**0.5 < np.abs(a).max() <= 1 / 16**0.5 and 0.8 / 5**0.5 < np.abs(b).max() <= 1 / 5**0.5
     with pytest.raises(ValueError, match="unknown LoRA init 'kaiming'"):
         peft.apply(make_model(), peft.LoraConfig(init="kaiming"), rngs=nnx.Rngs(1))
+
+
+def test_merge_and_dora_init_compile_one_program_per_kernel_shape(caplog):
+    """DoRA's initial magnitude and merge_lora run one jitted program per kernel shape and nothing else
+    (as eager operations they compiled 3-6 single-operation programs per shape)."""
+    warm_up = make_model()  # compiles what a first call compiles once (key splitting, scalar gates)
+    peft.merge_lora(peft.apply(warm_up, peft.LoraConfig(rank=1, use_dora=True), rngs=nnx.Rngs(1)))
+    model = make_model()
+    config = peft.LoraConfig(rank=7, targets=("q_proj", "v_proj", "down_proj"), use_dora=True)  # a rank no other test uses
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        peft.apply(model, config, rngs=nnx.Rngs(1))
+        peft.merge_lora(model)
+    compiled = sorted(m.split()[4] for m in caplog.messages if m.startswith("Finished XLA compilation of"))
+    # q [16, 16], v [16, 8], down [32, 16]: each shape's initial A, B, its initial m and its merged kernel
+    assert compiled == ["jit(_dora_magnitude)"] * 3 + ["jit(_lora_init)"] * 3 + ["jit(_merged_kernel)"] * 3, compiled
