@@ -157,3 +157,23 @@ def forward(model, x):
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)
+
+
+def target_of(x):
+    """A fixed random regression target for ``TinyModel``'s output on ``x``."""
+    return host_normal(9, (*x.shape[:-1], 3), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def adapter_loss_and_grads(graphdef, params, rest, gates, x, target):
+    """``sum((model(x) - target)^2)``, the output and the gradient for the adapter weights, gates set inside jit.
+
+    The gating and the training tests share it, so the all-methods model's gradient compiles once.
+    """
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        peft.set_gates(m, gates)
+        out = m(x)
+        return jnp.sum((out - target) ** 2), out
+
+    return jax.value_and_grad(loss, has_aux=True)(params)

@@ -1,6 +1,4 @@
 """Per-sample gating: gate 0 = base model with zero adapter gradients, gate 1 = plain PEFT, inside jit."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,8 @@ from flax import nnx
 
 import metafit.peft as peft
 
-from peft_tiny import METHODS, all_methods_model, forward, host_normal, make_input, make_model, perturb_adapters
+from peft_tiny import (METHODS, adapter_loss_and_grads, all_methods_model, forward, host_normal, make_input, make_model,
+                       perturb_adapters, target_of)
 
 def adapted(name, seed=0):
     model = make_model(seed)
@@ -18,19 +17,7 @@ def adapted(name, seed=0):
 
 
 def loss_and_grads(model, gates, x):
-    graphdef, params, rest = peft.split(model)
-    return _loss_and_grads(graphdef, params, rest, gates, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_and_grads(graphdef, params, rest, gates, x):
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        peft.set_gates(m, gates)
-        out = m(x)
-        return jnp.sum(out**2), out
-
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return adapter_loss_and_grads(*peft.split(model), gates, x, target_of(x))
 
 
 def test_gate_zero_is_base_with_zero_gradient_and_gate_one_is_plain():
