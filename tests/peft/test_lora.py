@@ -205,6 +205,7 @@ def test_merge_and_dora_init_compile_one_program_per_kernel_shape(caplog):
     peft.merge_lora(peft.apply(warm_up, peft.LoraConfig(rank=1, use_dora=True), rngs=nnx.Rngs(1)))
     model = make_model()
     config = peft.LoraConfig(rank=7, targets=("q_proj", "v_proj", "down_proj"), use_dora=True)  # a rank no other test uses
+    caplog.clear()  # only what the lines below compile (with JAX_LOG_COMPILES set, the warm-up logs too)
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
         peft.apply(model, config, rngs=nnx.Rngs(1))
         peft.merge_lora(model)
