@@ -100,9 +100,11 @@ def filled(shape: tuple[int, ...], dtype: Any, value: float) -> jax.Array:
     """A constant array put on the device from the host.
 
     Eager ``jnp.zeros``/``jnp.ones`` compile one XLA program per shape; a PEFT method applied
-    to a model with many differently shaped targets would compile a dozen tiny programs.
+    to a model with many differently shaped targets would compile a dozen tiny programs. So does
+    ``jnp.asarray`` of a numpy array (JAX >= 0.10 lifts it with an eager ``lax.stage``);
+    ``jax.device_put`` only copies.
     """
-    return jnp.asarray(np.full(shape, value, dtype))
+    return jax.device_put(np.full(shape, value, dtype))
 
 
 def new_gate() -> Gate:

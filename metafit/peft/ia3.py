@@ -12,6 +12,9 @@ Reference:
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,13 +46,20 @@ class IA3Linear(PeftWrapper):
         gate = self.gate.get_value()
         if gate.ndim != 0:
             raise ValueError(f"cannot merge IA3 with a per-sample gate of shape {gate.shape}")
-        scale = 1 + gate * (self.ia3_l.get_value() - 1)
-        kernel = kernel_of(self.base_layer).get_value()
-        if self.feedforward:
-            replace_value(self.base_layer, "kernel", kernel * scale[:, None])
-        else:
-            replace_value(self.base_layer, "kernel", kernel * scale[None, :])
-            bias = bias_of(self.base_layer)
-            if bias is not None:
-                replace_value(self.base_layer, "bias", bias.get_value() * scale)
+        bias = bias_of(self.base_layer)
+        bias = None if self.feedforward or bias is None else bias.get_value()  # an input rescaling leaves it
+        kernel, bias = _merged_weights(kernel_of(self.base_layer).get_value(), bias, self.ia3_l.get_value(), gate,
+                                       feedforward=self.feedforward)
+        replace_value(self.base_layer, "kernel", kernel)
+        if bias is not None:
+            replace_value(self.base_layer, "bias", bias)
         return self.base_layer
+
+
+@functools.partial(jax.jit, static_argnames="feedforward")
+def _merged_weights(kernel, bias, l, gate, *, feedforward: bool):
+    """Kernel (and bias of an output rescaling) times ``1 + g (l - 1)``: one program per shape, not per operation."""
+    scale = 1 + gate * (l - 1)
+    if feedforward:
+        return kernel * scale[:, None], None
+    return kernel * scale[None, :], None if bias is None else bias * scale

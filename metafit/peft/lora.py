@@ -118,6 +118,27 @@ def _column_norm(weight: jnp.ndarray) -> jnp.ndarray:
     return jnp.linalg.norm(weight, axis=0)
 
 
+# DoRA's initial magnitude and merging run once per wrapped layer, outside any jit: as eager
+# operations each would compile one XLA program per operation and kernel shape (3-6 per shape);
+# jitted, one per shape. ``scaling`` and ``gate`` are traced, so every alpha and gate shares it.
+
+
+@jax.jit
+def _dora_magnitude(kernel, a, b, scaling):
+    """``||W + s A B||_col``: DoRA's initial m, which makes DoRA = base at init when B = 0."""
+    return _column_norm(kernel + scaling * a @ b)
+
+
+@jax.jit
+def _merged_kernel(kernel, a, b, scaling, gate, magnitude):
+    """``W + g * delta_W`` of LoRA (``magnitude=None``) or DoRA."""
+    delta = scaling * (a @ b)
+    if magnitude is not None:
+        adapted = kernel + delta
+        delta = magnitude / _column_norm(adapted) * adapted - kernel
+    return kernel + gate * delta
+
+
 class LoRALinear(PeftWrapper):
     """Gated LoRA / DoRA wrapper; ``base_layer`` is left untouched (its weights stay frozen).
 
@@ -160,7 +181,7 @@ class LoRALinear(PeftWrapper):
         elif weights is not None:
             self.lora_magnitude_vector = DoRAMagnitude(weights["lora_magnitude_vector"])
         else:
-            self.lora_magnitude_vector = DoRAMagnitude(_column_norm(kernel + self.scaling * a @ b))
+            self.lora_magnitude_vector = DoRAMagnitude(_dora_magnitude(kernel, a, b, self.scaling))
         self.gate = new_gate()
 
     def _initial_weights(self, init, d_in, d_out, dtype, rngs):
@@ -204,11 +225,8 @@ class LoRALinear(PeftWrapper):
                 f"cannot merge a LoRA whose gate has shape {gate.shape} (per-sample gates); "
                 "call metafit.peft.reset_gates(model) or set a scalar gate first"
             )
-        kernel = kernel_of(self.base_layer).get_value()
-        delta = self.lora_weight()
-        if self.use_dora:
-            adapted = kernel + delta
-            scale = self.lora_magnitude_vector.get_value() / _column_norm(adapted)
-            delta = scale * adapted - kernel
-        replace_value(self.base_layer, "kernel", kernel + gate * delta)
+        magnitude = self.lora_magnitude_vector.get_value() if self.use_dora else None
+        replace_value(self.base_layer, "kernel", _merged_kernel(
+            kernel_of(self.base_layer).get_value(), self.lora_A.get_value(), self.lora_B.get_value(), self.scaling,
+            gate, magnitude))
         return self.base_layer

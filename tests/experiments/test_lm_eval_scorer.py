@@ -1,6 +1,5 @@
 """InstructionScorer: one compiled response-token loss per architecture, equal to the trainer's loss."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tiny_lm import shared_tiny_llama
@@ -19,8 +18,9 @@ def test_scorers_of_one_architecture_share_one_compiled_loss_equal_to_the_traini
     second = InstructionScorer(graphdef, tok, sets, buckets=[64], max_new_tokens=2)  # e.g. validation, then test
     assert second.loss is first.loss  # a rerun or a second scorer compiles nothing new
 
-    batch = jax.tree.map(jnp.asarray, encode_sft(tok, sets["add"], [64]))
-    expected = next_token_loss(graphdef)(params, batch, None)[0]
+    batch = jax.device_put(encode_sft(tok, sets["add"], [64]))
+    # jitted, as metafit.train.fit runs it (eagerly, each of the forward's ~90 operations compiles on its own)
+    expected = jax.jit(next_token_loss(graphdef))(params, batch, None)[0]
     np.testing.assert_allclose(float(first.loss(params, first.batches["add"])), float(expected), rtol=1e-6)
     compiled = first.loss._cache_size()  # other tests of this worker may have scored other shapes
     second.loss(params, second.batches["upper"])

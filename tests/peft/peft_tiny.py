@@ -92,17 +92,18 @@ def _numpy_normal(seed, shape, scale):
     return np.random.default_rng(seed).normal(0.0, scale, shape).astype(np.float32)
 
 
-def _host_normal(seed, shape, scale):
+def host_normal(seed, shape, scale):
     # Host-side random numbers: eager jax.random would compile one XLA program per shape, and so
-    # would casting float64 -> float32 on the device (cast in numpy, then transfer).
-    return jnp.asarray(_numpy_normal(seed, shape, scale))
+    # would casting float64 -> float32 on the device (cast in numpy, then transfer), or
+    # jnp.asarray(numpy array) (an eager lax.stage since JAX 0.10): device_put only copies.
+    return jax.device_put(_numpy_normal(seed, shape, scale))
 
 
 def random_model(build, seed=0, scale=0.3):
     """``build(rngs)`` made abstractly, then filled with host N(0, scale^2) values (no XLA compiles)."""
     model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     leaves, treedef = jax.tree.flatten(nnx.state(model))
-    values = [_host_normal(seed * 1000 + i, x.shape, scale) for i, x in enumerate(leaves)]
+    values = [host_normal(seed * 1000 + i, x.shape, scale) for i, x in enumerate(leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, values))
     return model
 
@@ -118,7 +119,7 @@ def make_model(seed=0):
 
 
 def make_input(seed=1, batch=3, seq=5):
-    return _host_normal(seed, (batch, seq, DIM), 1.0)
+    return host_normal(seed, (batch, seq, DIM), 1.0)
 
 
 def perturb_adapters(model, seed=2, scale=0.3):
@@ -126,7 +127,7 @@ def perturb_adapters(model, seed=2, scale=0.3):
     state = nnx.state(model, nnx.LoRAParam)
     leaves, treedef = jax.tree.flatten(state)
     # added in numpy: an eager jnp add compiles one program per shape
-    noisy = [jnp.asarray(np.asarray(x) + _numpy_normal(seed * 1000 + i, x.shape, scale).astype(x.dtype))
+    noisy = [jax.device_put(np.asarray(x) + _numpy_normal(seed * 1000 + i, x.shape, scale).astype(x.dtype))
              for i, x in enumerate(leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, noisy))
     return model
@@ -145,11 +146,34 @@ def all_methods_model():
     return perturb_adapters(model)
 
 def forward(model, x):
-    """``model(x)`` through one cached jit per model structure (eager NNX compiles every op separately)."""
+    """``model(x)`` through one cached jit per model structure (eager NNX compiles every op separately).
+
+    As a numpy array: tests index and compare it, and on a JAX array each ``out[0]`` compiles a slice.
+    """
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, x)
+    return np.asarray(_forward(graphdef, state, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)
+
+
+def target_of(x):
+    """A fixed random regression target for ``TinyModel``'s output on ``x``."""
+    return host_normal(9, (*x.shape[:-1], 3), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def adapter_loss_and_grads(graphdef, params, rest, gates, x, target):
+    """``sum((model(x) - target)^2)``, the output and the gradient for the adapter weights, gates set inside jit.
+
+    The gating and the training tests share it, so the all-methods model's gradient compiles once.
+    """
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        peft.set_gates(m, gates)
+        out = m(x)
+        return jnp.sum((out - target) ** 2), out
+
+    return jax.value_and_grad(loss, has_aux=True)(params)

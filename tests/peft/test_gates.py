@@ -1,6 +1,4 @@
 """Per-sample gating: gate 0 = base model with zero adapter gradients, gate 1 = plain PEFT, inside jit."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,8 @@ from flax import nnx
 
 import metafit.peft as peft
 
-from peft_tiny import METHODS, all_methods_model, forward, make_input, make_model, perturb_adapters
+from peft_tiny import (METHODS, adapter_loss_and_grads, all_methods_model, forward, host_normal, make_input, make_model,
+                       perturb_adapters, target_of)
 
 def adapted(name, seed=0):
     model = make_model(seed)
@@ -18,19 +17,7 @@ def adapted(name, seed=0):
 
 
 def loss_and_grads(model, gates, x):
-    graphdef, params, rest = peft.split(model)
-    return _loss_and_grads(graphdef, params, rest, gates, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_and_grads(graphdef, params, rest, gates, x):
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        peft.set_gates(m, gates)
-        out = m(x)
-        return jnp.sum(out**2), out
-
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return adapter_loss_and_grads(*peft.split(model), gates, x, target_of(x))
 
 
 def test_gate_zero_is_base_with_zero_gradient_and_gate_one_is_plain():
@@ -71,24 +58,38 @@ def test_per_sample_gates_route_each_sample():
 def test_each_module_output_is_linear_in_its_gate():
     """y(g) = y(0) + g * (y(1) - y(0)) for every module-wrapping method (e.g. CleaR's expectation routing)."""
     model = all_methods_model()
-    for path, wrapper in peft.core.peft_modules(model):
-        if isinstance(wrapper, peft.KVPrefix) or path[1] != 0:
-            continue  # prefixes gate attention weights instead (test_prefix.py); layer 1 repeats layer 0
-        name = peft.core.path_str(path)
+
+    def wrappers(model):  # prefixes gate attention weights instead (test_prefix.py); layer 1 repeats layer 0
+        return {peft.core.path_str(path): wrapper for path, wrapper in peft.core.peft_modules(model)
+                if not isinstance(wrapper, peft.KVPrefix) and path[1] == 0}
+
+    inputs = {}
+    for i, (name, wrapper) in enumerate(wrappers(model).items()):
         base = wrapper.base_layer
-        x = jax.random.normal(jax.random.key(4), (2, getattr(base, "in_features", None) or base.num_features))
+        inputs[name] = host_normal(4 + i, (2, getattr(base, "in_features", None) or base.num_features), 1.0)
+    assert len(inputs) == 7  # q (LoRA), k and v (IA3), o and down (adapter), up (DoRA), norm (BitFit)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def outputs_at(state, gate):  # every wrapper at one gate value: one program, not one per operation
+        model = nnx.merge(graphdef, state)
         outputs = {}
-        for g in (0.0, 0.25, 1.0):
-            peft.set_gates(model, {name: g})
-            outputs[g] = wrapper(x)
-        np.testing.assert_allclose(outputs[0.25], outputs[0.0] + 0.25 * (outputs[1.0] - outputs[0.0]),
-                                   rtol=1e-5, atol=1e-5, err_msg=name)
-        assert not np.allclose(outputs[0.0], outputs[1.0]), name
+        for name, wrapper in wrappers(model).items():
+            peft.set_gates(model, {name: gate})
+            outputs[name] = wrapper(inputs[name])
+        return outputs
+
+    outputs = {g: outputs_at(state, g) for g in (0.0, 0.25, 1.0)}
+    assert outputs_at._cache_size() == 1
+    for name in inputs:
+        y0, y25, y1 = (outputs[g][name] for g in (0.0, 0.25, 1.0))
+        np.testing.assert_allclose(y25, y0 + 0.25 * (y1 - y0), rtol=1e-5, atol=1e-5, err_msg=name)
+        assert not np.allclose(y0, y1), name
 
 
 def test_set_gates_in_jit_without_recompiling():
     x = make_input()
-    model = adapted("lora")
+    model = all_methods_model()  # its per-sample-gated forward is compiled once for the test above
     graphdef, params, rest = peft.split(model)
     n = peft.count_gated_modules(model)
 

@@ -29,10 +29,11 @@ def test_lora_matches_formula():
     peft.apply(model, peft.LoraConfig(rank=3, alpha=6.0, targets=("layers.0.self_attn.q_proj",), init="random"),
                rngs=nnx.Rngs(1))
     wrapper = model.layers[0].self_attn.q_proj
-    x = make_input()
-    lin = wrapper.base_layer
-    expected = x @ lin.kernel[...] + lin.bias[...] + 2.0 * (x @ wrapper.lora_A[...]) @ wrapper.lora_B[...]
-    np.testing.assert_allclose(wrapper(x), expected, rtol=1e-5, atol=1e-5)
+    x = np.asarray(make_input())
+    kernel, bias, a, b = (np.asarray(v[...]) for v in (wrapper.base_layer.kernel, wrapper.base_layer.bias,
+                                                         wrapper.lora_A, wrapper.lora_B))
+    expected = x @ kernel + bias + 2.0 * (x @ a) @ b  # in numpy: no XLA program per operation
+    np.testing.assert_allclose(forward(wrapper, x), expected, rtol=1e-5, atol=1e-5)
     assert wrapper.lora_A.shape == (16, 3) and wrapper.lora_B.shape == (3, 16)
 
 
@@ -49,16 +50,21 @@ def test_dora_matches_formula():
                rngs=nnx.Rngs(1))
     perturb_adapters(model)
     wrapper = model.layers[1].mlp.down_proj
-    x = jax.random.normal(jax.random.key(3), (4, 32))
-    adapted = wrapper.base_layer.kernel[...] + wrapper.lora_weight()
-    kernel = wrapper.lora_magnitude_vector[...] * adapted / jnp.linalg.norm(adapted, axis=0)
-    np.testing.assert_allclose(wrapper(x), x @ kernel + wrapper.base_layer.bias[...], rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(3).normal(size=(4, 32)).astype(np.float32)
+    base, a, b, m = (np.asarray(v[...]) for v in (wrapper.base_layer.kernel, wrapper.lora_A, wrapper.lora_B,
+                                                  wrapper.lora_magnitude_vector))
+    adapted = base + wrapper.scaling * a @ b  # in numpy: no XLA program per operation
+    kernel = m * adapted / np.linalg.norm(adapted, axis=0)
+    np.testing.assert_allclose(forward(wrapper, x), x @ kernel + np.asarray(wrapper.base_layer.bias[...]),
+                               rtol=1e-5, atol=1e-5)
 
 
+# LoRA and DoRA as in METHODS (perturbed off init below): their forwards are compiled once for
+# test_identity_at_init and reused here
 @pytest.mark.parametrize("config", [
-    peft.LoraConfig(rank=4, init="random"),
+    METHODS["lora"],
     peft.LoraConfig(rank=4, init="random", use_rslora=True, targets=("*_proj",)),
-    peft.LoraConfig(rank=4, init="random", use_dora=True, targets=("q_proj", "down_proj")),
+    METHODS["dora"],
 ], ids=["lora", "rslora-all", "dora"])
 def test_merge_lora_equals_unmerged(config):
     model, x = make_model(), make_input()
@@ -73,7 +79,8 @@ def test_merge_lora_equals_unmerged(config):
 
 def test_merge_uses_scalar_gate_and_refuses_per_sample():
     model, x = make_model(), make_input()
-    peft.apply(model, peft.LoraConfig(rank=2, init="random"), rngs=nnx.Rngs(1))
+    peft.apply(model, METHODS["lora"], rngs=nnx.Rngs(1))
+    perturb_adapters(model)
     peft.set_gates(model, 0.5)
     half = forward(model, x)
     peft.set_gates(model, jnp.ones((1, 3)))
@@ -107,10 +114,8 @@ def test_remove_peft_restores_base_exactly():
 
 
 def test_target_selection_by_glob_regex_type_and_exclude():
-    def paths(config):
-        model = make_model()
-        peft.apply(model, config, rngs=nnx.Rngs(0))
-        return peft.gated_paths(model)
+    def paths(config):  # on shapes only: selection needs no weights, and nothing is compiled
+        return peft.gated_paths(nnx.eval_shape(lambda: peft.apply(make_model(), config, rngs=nnx.Rngs(0))))
 
     assert paths(peft.LoraConfig(targets=("q_proj",))) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
     assert paths(peft.LoraConfig(targets=("layers.1.*",), exclude=("*mlp*",))) == [
@@ -155,6 +160,12 @@ def test_peft_config_from_yaml_dict():
     assert cfg.lora.rank == 4 and cfg.lora.targets == ("q_proj", "k_proj")
 
 
+def forward_traced_now(model, x):
+    """``model(x)`` in a jit traced by this call (one program, where eager NNX compiles every operation)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+
+
 def test_lora_dropout_train_vs_eval():
     model, x = make_model(), make_input()
     peft.apply(model, peft.LoraConfig(rank=2, dropout=0.5, init="random"), rngs=nnx.Rngs(params=1, dropout=2))
@@ -164,11 +175,11 @@ def test_lora_dropout_train_vs_eval():
     model.train()
     np.testing.assert_array_equal(forward(model, x), a)  # dropout applies in training steps only
     # what metafit.train.fit enters while it traces the loss; the flag is read at trace time, so these
-    # forwards run eagerly (forward's jit cache holds the trace made outside the context)
+    # forwards are traced inside the context (forward's jit cache holds the traces made outside it)
     with peft.dropout_enabled():
-        assert not np.allclose(model(x), a)
+        assert not np.allclose(forward_traced_now(model, x), a)
         model.eval()
-        np.testing.assert_allclose(model(x), a, rtol=1e-5, atol=1e-6)  # eval() still wins in a training step
+        np.testing.assert_allclose(forward_traced_now(model, x), a, rtol=1e-5, atol=1e-6)  # eval() still wins
 
 
 def test_lora_init_compiles_one_program_per_shape_and_draws_the_documented_ranges():
@@ -185,3 +196,19 @@ def test_lora_init_compiles_one_program_per_shape_and_draws_the_documented_range
         assert 0.8 / 16**0.5 < np.abs(a).max() <= 1 / 16**0.5 and 0.8 / 5**0.5 < np.abs(b).max() <= 1 / 5**0.5
     with pytest.raises(ValueError, match="unknown LoRA init 'kaiming'"):
         peft.apply(make_model(), peft.LoraConfig(init="kaiming"), rngs=nnx.Rngs(1))
+
+
+def test_merge_and_dora_init_compile_one_program_per_kernel_shape(caplog):
+    """DoRA's initial magnitude and merge_lora run one jitted program per kernel shape and nothing else
+    (as eager operations they compiled 3-6 single-operation programs per shape)."""
+    warm_up = make_model()  # compiles what a first call compiles once (key splitting, scalar gates)
+    peft.merge_lora(peft.apply(warm_up, peft.LoraConfig(rank=1, use_dora=True), rngs=nnx.Rngs(1)))
+    model = make_model()
+    config = peft.LoraConfig(rank=7, targets=("q_proj", "v_proj", "down_proj"), use_dora=True)  # a rank no other test uses
+    caplog.clear()  # only what the lines below compile (with JAX_LOG_COMPILES set, the warm-up logs too)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        peft.apply(model, config, rngs=nnx.Rngs(1))
+        peft.merge_lora(model)
+    compiled = sorted(m.split()[4] for m in caplog.messages if m.startswith("Finished XLA compilation of"))
+    # q [16, 16], v [16, 8], down [32, 16]: each shape's initial A, B, its initial m and its merged kernel
+    assert compiled == ["jit(_dora_magnitude)"] * 3 + ["jit(_lora_init)"] * 3 + ["jit(_merged_kernel)"] * 3, compiled

@@ -24,10 +24,13 @@ def test_prefix_on_llama_gate_zero_is_base_and_generation_with_cache_matches_wit
     peft.apply(model, peft.PrefixConfig(num_prefix=3, init_scale=1.0), rngs=nnx.Rngs(0))
     assert peft.gated_paths(model) == [f"model.layers.{i}.self_attn.kv_prefix" for i in range(2)]
     assert model.model.layers[0].self_attn.kv_prefix.prefix_k.shape == (3, 2, 4)
+    # per-sample gates throughout (one compiled forward): [1, 1] is the plain prefix, [0, 1] gates sample 0 off
+    peft.set_gates(model, jnp.array([[1.0, 1.0]]))
     assert not np.allclose(forward(model, IDS), base, atol=1e-4)
     peft.set_gates(model, jnp.array([[0.0, 1.0]]))
     gated = forward(model, IDS)
     np.testing.assert_allclose(gated[0], base[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(gated[1], base[1], atol=1e-4)
     peft.reset_gates(model)
     # the KV cache holds the model's own keys only; the prefix is prepended at every step
     cached = generate(model, IDS, max_new_tokens=3, stop_tokens=())
@@ -43,6 +46,7 @@ def test_houlsby_adapters_on_bert_follow_clear_placement():
     peft.apply(model, peft.AdapterConfig(bottleneck=16, activation="gelu"), rngs=nnx.Rngs(0))
     assert peft.gated_paths(model) == [
         f"bert.encoder.layer.{i}.{p}.dense" for i in range(2) for p in ("attention.output", "output")]
+    peft.set_gates(model, jnp.array([[1.0, 1.0]]))  # per-sample gates throughout: one compiled forward
     np.testing.assert_allclose(forward(model, IDS), base, rtol=1e-6, atol=1e-6)  # W_up = 0 at init
     perturb_adapters(model)
     peft.set_gates(model, jnp.array([[1.0, 0.0]]))

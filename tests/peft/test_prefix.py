@@ -1,4 +1,7 @@
 """Prefix tuning's hook against a closed form, and gating of the prefix mass."""
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,31 +28,42 @@ def numpy_prefix_attention(q, k, v, pk, pv, gate):
     return np.einsum("bhqk,bkhd->bqhd", weights, values)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def prefixed_attention(graphdef, state, q, k, v, allowed):
+    """Attention over the prefix hook's keys: one program per gate shape (eagerly, one per operation)."""
+    k2, v2, allowed2, bias2 = nnx.merge(graphdef, state)(k, v, allowed, None)
+    return reference_attention(q, k2, v2, allowed2, bias2), k2, allowed2, bias2
+
+
 @pytest.mark.parametrize("gate", [1.0, 0.3, 0.0, [1.0, 0.0], [0.2, 0.7]])
 def test_kv_prefix_matches_closed_form(gate):
     rng = np.random.default_rng(0)
     b, s, h, kv, d, p = 2, 4, 4, 2, 8, 3
-    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
-               [(b, s, h, d), (b, s, kv, d), (b, s, kv, d)])
+    q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in [(b, s, h, d), (b, s, kv, d), (b, s, kv, d)])
     prefix = peft.KVPrefix(p, kv, d, init_scale=1.0, rngs=nnx.Rngs(5))
     prefix.gate.set_value(jnp.asarray(gate, jnp.float32))
-    allowed = jnp.tril(jnp.ones((s, s), bool))[None, None]
-    k2, v2, allowed2, bias2 = prefix(k, v, allowed, None)
+    allowed = np.tril(np.ones((s, s), bool))[None, None]
+    out, k2, allowed2, bias2 = prefixed_attention(*nnx.split(prefix), q, k, v, allowed)
     assert k2.shape == (b, p + s, kv, d) and allowed2.shape[-1] == bias2.shape[-1] == p + s
-    out = reference_attention(q, k2, v2, allowed2, bias2)
-    expected = numpy_prefix_attention(np.asarray(q), np.asarray(k), np.asarray(v),
-                                      np.asarray(prefix.prefix_k[...]), np.asarray(prefix.prefix_v[...]), gate)
+    expected = numpy_prefix_attention(q, k, v, np.asarray(prefix.prefix_k[...]), np.asarray(prefix.prefix_v[...]),
+                                      gate)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_prefix_heads_first_layout_and_existing_bias():
     b, s, kv, d, p = 2, 3, 2, 4, 2
-    k = jnp.asarray(np.random.default_rng(1).normal(size=(b, s, kv, d)), jnp.float32)
+    k = np.random.default_rng(1).normal(size=(b, s, kv, d)).astype(np.float32)
     prefix = peft.KVPrefix(p, kv, d, rngs=nnx.Rngs(0))
-    bias = jnp.full((b, 1, s, s), 0.5)
-    k_bshd, _, _, bias_bshd = prefix(k, k, None, bias)
-    k_bhsd, _, allowed, bias_bhsd = prefix(k.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), None, bias,
-                                          seq_axis=2, head_axis=1)
+    bias = np.full((b, 1, s, s), 0.5, np.float32)
+
+    @jax.jit  # both layouts in one program (eagerly, one per operation)
+    def both_layouts(state, k, bias):
+        hook = nnx.merge(nnx.graphdef(prefix), state)
+        k_t = k.transpose(0, 2, 1, 3)
+        return hook(k, k, None, bias), hook(k_t, k_t, None, bias, seq_axis=2, head_axis=1)
+
+    (k_bshd, _, _, bias_bshd), (k_bhsd, _, allowed, bias_bhsd) = jax.tree.map(
+        np.asarray, both_layouts(nnx.state(prefix), k, bias))
     np.testing.assert_array_equal(k_bhsd, k_bshd.transpose(0, 2, 1, 3))
     np.testing.assert_array_equal(bias_bhsd, bias_bshd)
     np.testing.assert_array_equal(bias_bshd[..., p:], bias)
@@ -60,8 +74,9 @@ def test_kv_prefix_heads_first_layout_and_existing_bias():
 def test_prefix_apply_requires_the_hook():
     from peft_tiny import TinyMLP
 
+    mlp = nnx.eval_shape(lambda: TinyMLP(rngs=nnx.Rngs(0)))  # shapes only: the error comes before any weight
     with pytest.raises(ValueError, match="kv_prefix"):
-        peft.apply(TinyMLP(rngs=nnx.Rngs(0)), peft.PrefixConfig(), rngs=nnx.Rngs(0))
+        peft.apply(mlp, peft.PrefixConfig(), rngs=nnx.Rngs(0))
 
 
 def test_prefix_on_tiny_model_changes_output_and_sizes_from_attention():
