@@ -178,8 +178,9 @@ def build_table(rows: list[dict], scale_name: str, eval_tasks: int, failed: set 
              *weighting_table(by, rows, failed), "", spread, "",
              f"Glyph few-shot classification, query accuracy (%) on {eval_tasks} held-out tasks of the evaluation "
              "alphabets (MLP 784-64-64 backbone, 300 meta-iterations). Seconds per meta-iteration are means over "
-             "the runs and depend on the shared machine's load when each ran (seed 0 of maml, fomaml, protonet, "
-             "r2d2, i-amfs and amfs ran in an earlier, quieter round).", "",
+             "the runs and depend on the shared machine's load when each ran (load 4 to 16 over the rounds; "
+             "a job run in process after another also reuses its compiled programs): they order the "
+             "learners only roughly.", "",
              *glyph_table(by, failed), "", spread, "",
              "The same, seed 0 only (every learner has it where the cell ran; compare the NTK learners, which "
              "have fewer seeds, here).", "",
@@ -187,7 +188,7 @@ def build_table(rows: list[dict], scale_name: str, eval_tasks: int, failed: set 
              conv4_line(by), "",
              "MAML at its config's length (30,000 meta-iterations) beside the 2,000-iteration rows above restricted "
              "to the seeds the long runs have, K=10 sinusoids, the same held-out tasks; training seconds as logged "
-             "on the shared CPU (the 2,000-iteration rows ran in an earlier, quieter round).", "",
+             "on the shared CPU (the 2,000-iteration rows ran in an earlier round, at another load).", "",
              *long_table(by), "", spread]
     return "\n".join(lines) + "\n"
 def build(records: dict, scale: str, variables: dict) -> dict[str, str]:
