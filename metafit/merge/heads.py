@@ -13,6 +13,7 @@ heads and take the encoder parameters θ.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -33,9 +34,14 @@ def relu_encoder(graphdef: nnx.GraphDef) -> Encode:
 
 def task_features(encode: Encode, params, x: np.ndarray) -> np.ndarray:
     """Host features ``[T, n, d]`` of every task's inputs ``x [T, n, d_in]`` (what the probes are fitted on)."""
-    # jitted: eagerly, each op of the encoder compiled a program of its own
-    features = jax.jit(jax.vmap(encode, in_axes=(None, 0)))
-    return np.asarray(features(params, jnp.asarray(x)))
+    return np.asarray(_task_features(encode, params, jnp.asarray(x)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _task_features(encode: Encode, params, x):
+    # jitted (eagerly, each op of the encoder compiled a program of its own) and keyed on the encoder,
+    # so later calls with the same encoder and shapes reuse the program instead of a fresh jit per call
+    return jax.vmap(encode, in_axes=(None, 0))(params, x)
 
 
 def fit_probe_heads(features: np.ndarray, labels: np.ndarray, *, c: float,
