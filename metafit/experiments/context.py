@@ -78,6 +78,7 @@ def context_nih(cfg: RunConfig, run: RunDir) -> dict:
                                         template=template, alpha=alpha, **gen)
         methods[name].pop("nih_answers", None)  # kept in arms/<arm>.json
         grid = np.asarray(methods[name].pop("grid"))
+        methods[name]["nih_recall_by_length"] = {str(n): float(r) for n, r in zip(sorted(args.lengths), grid.mean(1))}
         context.nih_heatmap(run.plot_path(f"nih_{name}"), grid, sorted(args.lengths), sorted(args.depths), name)
     probes = [t.prompt for t in tests if t.length == min(args.lengths)]
     diagnosis = {}

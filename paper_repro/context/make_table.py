@@ -37,6 +37,19 @@ def nih_table(title: str, runs: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def recall_by_length_table(runs: list[tuple[str, dict]]) -> list[str]:
+    """NIH recall per context length (mean over depths), one row per arm."""
+    lengths = sorted({int(n) for _, data in runs for scores in data["methods"].values()
+                      for n in scores.get("nih_recall_by_length", {})})
+    lines = ["| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for _, data in runs:
+        for name, scores in data["methods"].items():
+            by_length = scores.get("nih_recall_by_length", {})
+            lines.append(f"| {name} | " + " | ".join(f"{by_length[str(n)]:.2f}" if str(n) in by_length else "not run"
+                                                     for n in lengths) + " |")
+    return lines
+
+
 def sft_table(per_seed: dict[int, dict]) -> list[str]:
     lines = ["| seed | arm (small LM) | NIH recall | QA contains | QA F1 | context-free contains | context-free exact |",
              "|---|---|---|---|---|---|---|"]
@@ -67,6 +80,13 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str]:
     out.append("")
     long = [(name, r["data"]) for name, r in done.items() if r["tags"].get("kind") == "nih_long"]
     out += nih_table("SmolLM2-135M-Instruct, NIH 1024 tokens", long) if long else ["NIH at 1024 tokens: not run"]
+    out.append("")
+    grid = [(name, r["data"]) for name, r in done.items() if r["tags"].get("kind") == "nih_grid"]
+    if grid:
+        out += nih_table("SmolLM2-135M-Instruct, NIH 8 lengths x 6 depths, 128-1024 tokens", grid)
+        out += ["", "NIH recall by context length (mean over the 6 depths):", ""] + recall_by_length_table(grid)
+    else:
+        out.append("NIH 8 x 6 grid (128-1024 tokens): not run")
     out.append("")
     seeds = {int(r["tags"]["seed"]): r["data"] for r in done.values() if r["tags"].get("kind") == "sft"}
     out += sft_table(seeds) if seeds else ["SFT vanilla vs indicator: not run"]
