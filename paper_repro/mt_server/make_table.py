@@ -17,7 +17,11 @@ import numpy as np
 
 PAPER = ("Qu et al. 2024 (abstract): the three-stage model performs comparably to single-task models and cuts "
          "serving overhead by up to 90.9 % (11 deployments -> 1); the paper's per-task numbers are not public.")
-SERVING = "see benchmarks/README.md Serving"
+RESULTS = Path(__file__).resolve().parent / "results"
+DEPLOYMENT_NAMES = {"eleven_processes": "11 processes, one single-task adapter each",
+                    "one_server_eleven_adapters": "one server, the 11 single-task adapters",
+                    "one_server_three_stage": "one server, the three-stage deployment",
+                    "one_server_naive": "one server, the naive-mixing model"}
 ARMS = ("single", "naive", "three_stage")
 
 
@@ -107,8 +111,7 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
                                                         ("single", "naive", "three_stage", "served", "probe")) + " | |")
     lines += ["", "\\* served: the three-stage adapter for kept tasks, the task's own single-task adapter for a task "
               "stage 1 dropped (one server holds both, see metafit.serve).", "",
-              "| serving cost | 11 single-task models | 11 adapters, one server | one multi-task model |",
-              "|---|---|---|---|", f"| parameters, memory, throughput, p99 | {SERVING} | {SERVING} | {SERVING} |", "",
+              *serving_cost_lines(), "",
               f"Paper: {PAPER}", "", "Verdict: " + _verdict(means, dropped, len(tasks))]
     if failed:
         lines += ["", "Failed jobs (error in sweep.json):", ""] + [
@@ -116,6 +119,33 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
     summary = {"seeds": seeds, "per_task": {c: columns[c] for c in columns}, "mean_over_tasks": means,
                "dropped_by_stage1": dropped}
     return {"table.md": "\n".join(lines) + "\n", "results.json": json.dumps(summary, indent=1) + "\n"}
+
+
+def serving_cost_lines(folder: Path = RESULTS) -> list[str]:
+    """The serving-cost table from ``results/serving_cost_s<seed>.json`` (paper_repro/mt_server/serving_cost.py)."""
+    files = sorted(folder.glob("serving_cost_s*.json"))
+    if not files:
+        return ["Serving cost: not measured (PYTHONPATH=. python paper_repro/mt_server/serving_cost.py --seed S)."]
+    lines = ["Serving cost (`paper_repro/mt_server/serving_cost.py`; every task's held-out prompts, all submitted at "
+             "once, greedy; each deployment in its own processes on this machine):", "",
+             "| seed | deployment | processes | adapters held | parameters held | resident memory | requests/s | "
+             "tokens/s | p50 latency | p99 latency | mean exact match served | served = grid scores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in files:
+        result = json.loads(path.read_text())
+        deployments = result["deployments"]
+        fleet = deployments["eleven_processes"]["resident_mb"]
+        for name, d in deployments.items():
+            memory = f"{d['resident_mb']:,.0f} MB" + (f" ({d['resident_mb'] / fleet - 1:+.1%})"
+                                                     if name != "eleven_processes" else "")
+            same = "yes" if not d["tasks_served_differently"] else "no: " + ", ".join(d["tasks_served_differently"])
+            lines.append(f"| {result['seed']} | {DEPLOYMENT_NAMES[name]} | {d['processes']} | {d['adapters_held']} | "
+                         f"{d['parameters'] / 1e6:.2f}M | {memory} | {d['requests_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
+                         f"{d['p50_latency_s']:.2f} s | {d['p99_latency_s']:.2f} s | {d['mean_exact_match']:.3f} | {same} |")
+    loads = sorted(x for path in files for d in json.loads(path.read_text())["deployments"].values()
+                   for x in d["load_average"])
+    lines += ["", f"Load average during these measurements {loads[0]:.1f}-{loads[-1]:.1f} (a shared 2-core CPU)."]
+    return lines
 
 
 def _verdict(means: dict[str, list[float]], dropped: list[int], n_tasks: int) -> str:
