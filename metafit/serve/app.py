@@ -465,6 +465,7 @@ def build_app(state: ServerState, *, on_shutdown=()):
             yield
         finally:
             await run_in_threadpool(state.engine.stop)  # finishes queued and running requests
+            log.info("engine stopped: every queued and running request finished")
             for hook in on_shutdown:
                 hook()
 
