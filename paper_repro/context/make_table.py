@@ -50,8 +50,8 @@ def recall_by_length_table(runs: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def sft_table(per_seed: dict[int, dict]) -> list[str]:
-    lines = ["| seed | arm (small LM) | NIH recall | QA contains | QA F1 | context-free contains | context-free exact |",
+def sft_table(per_seed: dict[int, dict], model: str = "small LM") -> list[str]:
+    lines = [f"| seed | arm ({model}) | NIH recall | QA contains | QA F1 | context-free contains | context-free exact |",
              "|---|---|---|---|---|---|---|"]
     for seed, data in sorted(per_seed.items()):
         for name, scores in data["methods"].items():
@@ -62,7 +62,7 @@ def sft_table(per_seed: dict[int, dict]) -> list[str]:
     if len(per_seed) > 1:
         arms = list(next(iter(per_seed.values()))["methods"])
         lines += ["", f"Mean ± sample standard deviation (ddof = 1) over seeds {', '.join(map(str, sorted(per_seed)))}:", "",
-                  "| arm (small LM) | " + " | ".join(SFT_KEYS) + " |", "|---" * (len(SFT_KEYS) + 1) + "|"]
+                  f"| arm ({model}) | " + " | ".join(SFT_KEYS) + " |", "|---" * (len(SFT_KEYS) + 1) + "|"]
         for arm in arms:
             cells = []
             for key in SFT_KEYS:
@@ -90,6 +90,9 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str]:
     out.append("")
     seeds = {int(r["tags"]["seed"]): r["data"] for r in done.values() if r["tags"].get("kind") == "sft"}
     out += sft_table(seeds) if seeds else ["SFT vanilla vs indicator: not run"]
+    smollm2 = {int(r["tags"]["seed"]): r["data"] for r in done.values() if r["tags"].get("kind") == "sft_smollm2"}
+    out += [""] + (sft_table(smollm2, "SmolLM2-135M-Instruct, LoRA") if smollm2 else
+                   ["SFT vanilla vs indicator on SmolLM2-135M-Instruct (LoRA): not run"])
     failed = {name: r.get("error", "") for name, r in records.items() if r.get("status") == "failed"}
     if failed:
         out += ["", "Failed jobs (error in sweep.json):", ""] + [
