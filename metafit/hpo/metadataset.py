@@ -24,8 +24,8 @@ from metafit.hpo.space import SearchSpace, space_from_dict
 from metafit.hpo.tasks import META_FEATURES, SUITE, TaskSpec, check_meta_features, task_rows
 
 PACKAGED = Path(__file__).parent / "data" / "small_lm_v1.json"
-GENERATE_COMMAND = "python -m metafit.hpo.metadataset --out runs/hpo_metadataset_v2 --configs 30 && " \
-                   "python -m metafit.hpo.metadataset --pack runs/hpo_metadataset_v2 --configs 30"
+GENERATE_COMMAND = "python -m metafit.hpo.make_metadataset --out runs/hpo_metadataset_v2 --configs 30 && " \
+                   "python -m metafit.hpo.make_metadataset --pack runs/hpo_metadataset_v2 --configs 30"
 
 
 class MetaDatasetError(ValueError):
@@ -210,7 +210,7 @@ def _persistent_compilation_cache(path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m metafit.hpo.metadataset", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m metafit.hpo.make_metadataset", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="run files folder (generation resumes there)")
     parser.add_argument("--configs", type=int, default=30, help="configurations to run (with --pack: to pack at most)")
     parser.add_argument("--budget-s", type=float, default=None)
@@ -224,6 +224,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate(args.out, n_configs=args.configs, budget_s=args.budget_s)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
