@@ -45,15 +45,23 @@ DEPLOYMENTS = ("eleven_processes", "one_server_eleven_adapters", "one_server_thr
 
 
 def _run_args(runs: str, seed: int) -> dict:
-    """The grid's data settings (task sizes, held-out count, generation budget) from a single-task run's config."""
+    """The grid's data settings (task sizes, held-out count, generation budget) from the seed's three-stage run.
+
+    Raises:
+      SystemExit: the seed's run folders are missing (named, with the command that makes them).
+    """
     from metafit.config import load_yaml
 
+    missing = [name for name in (f"three_stage_s{seed}", f"naive_s{seed}") if not (Path(runs) / name / "adapter").is_dir()]
+    if missing:
+        raise SystemExit(f"{runs} has no finished {', '.join(missing)}; train the seed's adapters first: "
+                         f"metafit repro mt_server --run-missing --only '*_s{seed}'")
     config = load_yaml(Path(runs) / f"three_stage_s{seed}" / "config.yaml")
     return dict(config["args"], seed=int(config["seed"]))
 
 
 def served_adapters(runs: str, seed: int, deployment: str, tasks: list[str]) -> dict[str, str]:
-    """``{task: adapter folder}`` of a deployment (``None`` entries never occur: every task has an adapter)."""
+    """``{task: adapter folder}`` of a deployment: every task is served by exactly one adapter."""
     single = {t: str(Path(runs) / f"single_{t}_s{seed}" / "adapter") for t in tasks}
     if deployment in ("eleven_processes", "one_server_eleven_adapters"):
         return single
