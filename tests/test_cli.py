@@ -1,4 +1,4 @@
-"""The real CLI in subprocesses: quickstart, resume after SIGKILL, and bad input."""
+"""The real CLI in subprocesses: quickstart, resume after SIGKILL, bad input, and a `metafit serve` server."""
 import json
 import os
 import signal
@@ -264,3 +264,52 @@ def test_config_resolves_a_file_with_overrides_in_process(repo, capsys):
     assert "unknown experiment 'quickstrat'; did you mean 'quickstart'?" in capsys.readouterr().err
     assert main(["config", "quickstart", "--set", "args.hidden=[8"]) == 2
     assert "does not parse as YAML" in capsys.readouterr().err
+
+
+def test_metafit_serve_in_a_real_process_answers_then_stops_gracefully_on_sigterm(tmp_path):
+    """`metafit serve CONFIG --port N` as users start it: it binds loopback, answers a completion equal to
+    metafit.models.generate's greedy text, and on SIGTERM stops its engine after the requests, then exits."""
+    import httpx
+    import numpy as np
+
+    import metafit.models as mm
+    from metafit.serve.server import free_port
+
+    sys.path.insert(0, str(REPO / "tests" / "serve"))
+    from serve_tiny import tiny_folder  # a tiny Llama folder with a chat template, written with numpy
+
+    folder = tiny_folder(tmp_path / "tiny")
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {folder}\nname: tiny\nbatch_size: 2\nprompt_buckets: [32]\nnew_token_buckets: [8]\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "metafit.cli", "serve", str(config), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120  # start-up: imports, model load, warm-up compilation
+        while True:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "metafit serve did not answer /health within 120 s"
+            time.sleep(0.2)
+        answer = httpx.post(url + "/v1/completions", timeout=60,
+                            content=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}))
+        assert answer.status_code == 200, answer.text
+        model, tokenizer = mm.load(folder)
+        ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
+        expected = tokenizer.decode(np.asarray(mm.generate(model, np.asarray([ids]), max_new_tokens=8))[0, len(ids):],
+                                    skip_special_tokens=True)
+        assert answer.json()["choices"][0]["text"] == expected
+        server.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM (143 in a shell)
+        assert server.wait(timeout=60) == -signal.SIGTERM
+        assert "engine stopped: every queued and running request finished" in server.communicate()[1]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -34,15 +34,14 @@ def test_nih_experiment_end_to_end_on_a_tiny_chat_model(tmp_path):
 
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from tiny_lm import make_tiny_llama
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from serve_tiny import tiny_folder  # a character-level tokenizer with a chat template, numpy weights
 
     from metafit.context.evaluate import nih_recall_grid
     from metafit.data import context_tasks
     from metafit.models import load
 
-    texts = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "The secret code is 4817."] * 20
-    folder = make_tiny_llama(tmp_path / "chat", texts)
+    folder = tiny_folder(tmp_path / "chat", max_position_embeddings=512)
     settings = [f"args.model={folder}", "args.lengths=[160,192]", "args.depths=[0.0,1.0]", "args.alphas=[1.0,0.5]",
                 "args.n_qa=2", "args.n_free=2", "args.batch_size=4", "args.bucket=128", "args.max_new_tokens=3"]
     run, results = run_experiment(CONFIGS / "nih_smollm2.yaml", settings, workdir=tmp_path / "run")

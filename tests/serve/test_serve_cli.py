@@ -1,4 +1,6 @@
-"""`metafit serve` command-line errors (in-process; nothing is loaded before the config is valid) and one real server process."""
+"""`metafit serve` command-line errors (in-process; nothing is loaded before the config is valid).
+
+The real server process is tested in tests/test_cli.py (one subprocess test per command)."""
 from conftest import run_cli
 
 from metafit.serve.config import load_serve_config
@@ -28,57 +30,3 @@ def test_repo_config_validates_and_cli_overrides_win(repo):
     assert len(names) == 12 and "three_stage" in names
     assert all(a.train.startswith("metafit run configs/serve/multitask_") for a in config.adapters)
 
-
-def test_metafit_serve_in_a_real_process_answers_then_stops_gracefully_on_sigterm(tmp_path):
-    """`metafit serve CONFIG --port N` as users start it: it binds loopback, answers a completion equal to
-    metafit.models.generate's greedy text, and on SIGTERM stops its engine after the requests, then exits."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-    import numpy as np
-
-    import metafit.models as mm
-    from conftest import REPO
-    from metafit.serve.server import free_port
-    from serve_tiny import tiny_folder
-
-    folder = tiny_folder(tmp_path / "tiny")
-    config = tmp_path / "serve.yaml"
-    config.write_text(f"model: {folder}\nname: tiny\nbatch_size: 2\nprompt_buckets: [32]\nnew_token_buckets: [8]\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "metafit.cli", "serve", str(config), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120  # start-up: imports, model load, warm-up compilation
-        while True:
-            assert server.poll() is None, server.communicate()[1][-2000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "metafit serve did not answer /health within 120 s"
-            time.sleep(0.2)
-        answer = httpx.post(url + "/v1/completions", timeout=60,
-                            content=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}))
-        assert answer.status_code == 200, answer.text
-        model, tokenizer = mm.load(folder)
-        ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
-        expected = tokenizer.decode(np.asarray(mm.generate(model, np.asarray([ids]), max_new_tokens=8))[0, len(ids):],
-                                    skip_special_tokens=True)
-        assert answer.json()["choices"][0]["text"] == expected
-        server.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM (143 in a shell)
-        assert server.wait(timeout=60) == -signal.SIGTERM
-        assert "engine stopped: every queued and running request finished" in server.communicate()[1]
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
