@@ -3,9 +3,11 @@ r"""The context-dependency indicator token: vocabulary, embedding row, and a los
 Indicator-conditioned SFT (Wang et al. 2024, Method 2) appends a new special token ``[IND]`` to
 user turns whose answer depends on the context (:func:`metafit.context.mark_dependent`), and at
 evaluation to queries that need the context. :func:`add_indicator` adds the token to a copy of
-the tokenizer and grows the model's vocabulary by one: the new input-embedding row starts at the
-mean of the existing rows (so its first forward is in distribution), an untied output head gets
-the mean column. With tied embeddings the one matrix serves both ends.
+the tokenizer and gives it an embedding row: when the model's vocabulary is padded beyond the
+tokenizer (many checkpoints round it up), the token takes the first spare row; otherwise the
+vocabulary grows by one. Either way the row starts at the mean of the tokenizer's rows (so its
+first forward is in distribution) and an untied output head gets the mean column. With tied
+embeddings the one matrix serves both ends.
 
 The new row must train even when the rest of the embedding is frozen (LoRA). The trainer's
 parameters are therefore ``{"model": model_state, "indicator": row}`` (:func:`indicator_params`):
@@ -34,22 +36,31 @@ def _is_input_embedding(path) -> bool:
     return "embedding" in keys and any(name in keys for name in _INPUT_EMBEDDINGS)
 
 
-def _grow(leaf: np.ndarray, vocab: int) -> np.ndarray:
-    """Appends the mean slice along the (single) axis of length ``vocab``."""
-    axis = leaf.shape.index(vocab)
+def _grow(leaf: np.ndarray, axis: int) -> np.ndarray:
+    """Appends the mean slice along ``axis`` (the vocabulary axis)."""
     return np.concatenate([leaf, leaf.mean(axis=axis, keepdims=True)], axis=axis)
+
+
+def _with_mean_slice(leaf: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """``leaf`` with slice ``index`` along ``axis`` set to the mean of the slices before it (the tokenizer's rows)."""
+    out = np.array(leaf, copy=True)
+    rows = np.take(out, np.arange(index), axis=axis)
+    np.put_along_axis(out, np.full([1 if a == axis else n for a, n in enumerate(out.shape)], index),
+                      rows.mean(axis=axis, keepdims=True), axis=axis)
+    return out
 
 
 def add_indicator(model, tokenizer, token: str = INDICATOR):
     """A copy of ``model`` and ``tokenizer`` with ``token`` added; returns ``(model, tokenizer, token_id)``.
 
-    Parameters whose shape has the vocabulary size on one axis (input embedding, untied output
-    head) gain one slice equal to the mean of the others; everything else is copied unchanged.
-    Add the token before applying LoRA.
+    Parameters with a vocabulary axis (input embedding, untied output head) give the token the
+    mean slice of the tokenizer's rows: in the first spare row when the model's vocabulary is
+    padded beyond the tokenizer, else in one new slice (the vocabulary grows by one). Everything
+    else is copied unchanged. Add the token before applying LoRA.
 
     Raises:
-      ValueError: the token is already in the vocabulary, or the model's config has no
-        ``vocab_size``.
+      ValueError: the token is already in the vocabulary, the model's config has no
+        ``vocab_size``, or the tokenizer is larger than the model's vocabulary.
     """
     if token in tokenizer.get_vocab():
         raise ValueError(f"{token!r} is already in the tokenizer's vocabulary; pick another indicator token")
@@ -60,17 +71,30 @@ def add_indicator(model, tokenizer, token: str = INDICATOR):
     tokenizer.add_tokens([token], special_tokens=True)
     token_id = int(tokenizer.convert_tokens_to_ids(token))
     vocab = config.vocab_size
-    if token_id != vocab:
-        raise ValueError(f"the tokenizer gave {token!r} id {token_id}, but the model's vocabulary has {vocab} rows: "
-                         "the tokenizer and the model disagree on the vocabulary size")
-    # the grown model's structure only (every value is copied or grown from ``model``): an eager
-    # random initialisation would compile and run one program per parameter shape for nothing
+    if token_id > vocab:
+        raise ValueError(f"the tokenizer gave {token!r} id {token_id}, but the model's vocabulary has only {vocab} "
+                         "rows: the tokenizer and the model disagree on the vocabulary size")
+    # the structure of the model with one more row (shapes only: an eager random initialisation would
+    # compile and run one program per parameter shape for nothing); the leaves whose shape changes
+    # are the ones with a vocabulary axis
     graphdef, shapes = nnx.split(nnx.eval_shape(
         lambda: type(model)(dataclasses.replace(config, vocab_size=vocab + 1), rngs=nnx.Rngs(0))))
     old = dict(jax.tree_util.tree_leaves_with_path(nnx.state(model)))
+
+    def vocab_axis(path, grown) -> int | None:
+        before = old[path].shape
+        return next((a for a, (m, n) in enumerate(zip(before, grown.shape)) if m != n), None)
+
+    if token_id == vocab:  # no spare row: grow by one slice
+        new_state = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: jnp.asarray(_grow(np.asarray(old[path]), axis)
+                                           if (axis := vocab_axis(path, leaf)) is not None else old[path], leaf.dtype),
+            shapes)
+        return nnx.merge(graphdef, new_state), tokenizer, token_id
+    graphdef, _ = nnx.split(model)
     new_state = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jnp.asarray(_grow(np.asarray(old[path]), vocab) if old[path].shape != leaf.shape
-                                       else old[path], leaf.dtype),
+        lambda path, leaf: jnp.asarray(_with_mean_slice(np.asarray(old[path]), axis, token_id)
+                                       if (axis := vocab_axis(path, leaf)) is not None else old[path], old[path].dtype),
         shapes)
     return nnx.merge(graphdef, new_state), tokenizer, token_id
 

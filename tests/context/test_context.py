@@ -242,26 +242,45 @@ def test_add_indicator_keeps_old_logits_and_trains_its_row_under_lora(chat):
     np.testing.assert_array_equal(after[:ind], embedding[:ind])  # the frozen rows did not
 
 
+class _Tok:  # the smallest tokenizer add_indicator needs, with ``size`` tokens
+    def __init__(self, size):
+        self.vocab = {f"t{i}": i for i in range(size)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def add_tokens(self, tokens, special_tokens=False):
+        self.vocab.update({t: len(self.vocab) for t in tokens})
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab[token]
+
+
 def test_add_indicator_grows_an_untied_head(llama):
-    class Tok:  # the smallest tokenizer add_indicator needs
-        def __init__(self):
-            self.vocab = {f"t{i}": i for i in range(97)}
-
-        def get_vocab(self):
-            return dict(self.vocab)
-
-        def add_tokens(self, tokens, special_tokens=False):
-            self.vocab.update({t: len(self.vocab) for t in tokens})
-
-        def convert_tokens_to_ids(self, token):
-            return self.vocab[token]
-
-    grown, _, ind = context.add_indicator(llama, Tok())
+    grown, _, ind = context.add_indicator(llama, _Tok(97))
     head = np.asarray(grown.lm_head.kernel[...])
     assert head.shape == (32, 98)
     np.testing.assert_allclose(head[:, ind], np.asarray(llama.lm_head.kernel[...]).mean(1), atol=1e-6)
     ids, mask, _ = _prompts()
     np.testing.assert_allclose(_full(grown, ids, mask).logits[..., :97], _full(llama, ids, mask).logits, atol=1e-6)
+
+
+def test_add_indicator_takes_the_first_spare_row_of_a_padded_vocabulary(llama):
+    """97 model rows, a 90-token tokenizer: [IND] gets id 90 and row 90 (the tokenizer rows' mean), no growth;
+    the other rows, the spare rows after it and every other parameter are unchanged."""
+    model_vocab = llama.config.vocab_size
+    model, _, ind = context.add_indicator(llama, _Tok(90))
+    assert ind == 90 and model.config.vocab_size == model_vocab
+    embedding, before = np.asarray(model.model.embed_tokens.embedding[...]), np.asarray(llama.model.embed_tokens.embedding[...])
+    head, head_before = np.asarray(model.lm_head.kernel[...]), np.asarray(llama.lm_head.kernel[...])
+    np.testing.assert_allclose(embedding[ind], before[:ind].mean(0), atol=1e-6)
+    np.testing.assert_allclose(head[:, ind], head_before[:, :ind].mean(1), atol=1e-6)
+    others = np.arange(model_vocab) != ind
+    np.testing.assert_array_equal(embedding[others], before[others])
+    np.testing.assert_array_equal(head[:, others], head_before[:, others])
+    np.testing.assert_array_equal(np.asarray(model.model.norm.weight[...]), np.asarray(llama.model.norm.weight[...]))
+    with pytest.raises(ValueError, match="disagree on the vocabulary size"):
+        context.add_indicator(llama, _Tok(model_vocab + 1))
 
 
 # ----------------------------------------------------------------------------------- data and answering
