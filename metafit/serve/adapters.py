@@ -14,7 +14,8 @@ A batch is routed as a list of units :math:`(\rho_j, k_j)` (row, pool chunk), so
 
 computed as two batched matmuls over the units and a sorted segment sum back onto the rows
 (Punica's SGMV / S-LoRA's MBGMV with the rank split into fixed blocks instead of one
-kernel per rank). A row therefore costs its own :math:`\lceil r/8 \rceil` units -- a rank-8 row
+kernel per rank; ``jax.lax.ragged_dot`` is not used because off TPU/GPU it lowers to a dense
+product of every row with every group). A row therefore costs its own :math:`\lceil r/8 \rceil` units -- a rank-8 row
 in a batch that also holds rank-32 rows computes rank 8, not 8 + 16 + 32 -- and a base-model row
 costs none. The unit count of a batch is padded (with zero-chunk units) to the next of a few
 fixed sizes, ``batch_size`` times 1, 1.5, 2, 3, 4, 6, ... up to ``batch_size`` times the largest
@@ -245,8 +246,10 @@ def _write_slot(pools, first_chunk, values):
 
 
 def _as_units(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """``A [in, r]``, ``B [r, out]`` zero-padded to rank ``rank`` and cut into units: ``[rank/8, in, 8]``,
-    ``[rank/8, 8, out]``."""
+    """One adapter's ``A [in, r]`` and ``B [r, out]`` as the units of a rank-``rank`` slot.
+
+    Zero-padded to rank ``rank``, then cut into ``[rank/8, in, 8]`` and ``[rank/8, 8, out]``.
+    """
     a_padded = np.zeros((a.shape[0], rank), np.float32)
     a_padded[:, :a.shape[1]] = a
     b_padded = np.zeros((rank, b.shape[1]), np.float32)
