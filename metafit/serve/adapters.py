@@ -18,10 +18,10 @@ kernel per rank; ``jax.lax.ragged_dot`` is not used because off TPU/GPU it lower
 product of every row with every group). A row therefore costs its own :math:`\lceil r/8 \rceil` units -- a rank-8 row
 in a batch that also holds rank-32 rows computes rank 8, not 8 + 16 + 32 -- and a base-model row
 costs none. The unit count of a batch is padded (with zero-chunk units) to the next of a few
-fixed sizes, ``batch_size`` times 1, 1.5, 2, 3, 4, 6, ... up to ``batch_size`` times the largest
-class's units (:attr:`AdapterBank.unit_buckets`), so the serving forward compiles once per size,
-all at start-up; the padding adds at most 0.5x the batch's own LoRA work, except that a batch
-computes at least one unit per row (rank 8 per row when most rows are base-model rows).
+fixed sizes, ``batch_size`` times 1, 2, 4, ... up to ``batch_size`` times the largest class's
+units (:attr:`AdapterBank.unit_buckets`), so the serving forward compiles once per size, all at
+start-up; the padding at most doubles the batch's own LoRA work, except that a batch computes at
+least one unit per row (rank 8 per row when most rows are base-model rows).
 
 The pool is laid out in rank-class slots (8, 16, 32, 64, 128, ...): an adapter of rank :math:`r`
 (LoRA scaling :math:`s = \alpha / r`, or :math:`\alpha/\sqrt r` for rsLoRA) takes one slot of the
@@ -96,17 +96,16 @@ def rank_class(rank: int) -> int:
 
 
 def unit_buckets(batch_size: int, max_units_per_row: int) -> tuple[int, ...]:
-    """The padded unit counts of a batch: ``batch_size`` times 1, 1.5, 2, 3, 4, 6, ... up to the most a batch holds.
+    """The padded unit counts of a batch: ``batch_size`` times 1, 2, 4, ... up to ``max_units_per_row``.
 
-    Consecutive sizes differ by at most 1.5x, so above ``batch_size`` padding adds at most half the batch's units,
-    and there are about ``2 log2(max_units_per_row) + 1`` of them (one compiled forward each).
+    One compiled forward each (``log2(max_units_per_row) + 1`` of them). Steps of 2x, not finer:
+    steps of 1.5x gave the same tokens/s on the serving benchmark (benchmarks/README.md) with
+    twice the programs to compile at start-up.
     """
-    most = batch_size * max_units_per_row
-    sizes, step = {most}, 1
-    while batch_size * step < most:
-        sizes.update({batch_size * step, min(most, -(-3 * batch_size * step // 2))})
-        step *= 2
-    return tuple(sorted(sizes))
+    sizes = [batch_size]
+    while sizes[-1] < batch_size * max_units_per_row:
+        sizes.append(2 * sizes[-1])
+    return tuple(sizes)
 
 
 class BatchedLoRALinear(nnx.Module):
