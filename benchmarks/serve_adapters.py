@@ -12,7 +12,9 @@
   plain base model (the ceiling: what LoRA slots cost on top).
 
 The engine's ``run_batch`` is called directly (no HTTP, no arrival gaps), so the numbers are the
-generation loop's own throughput. Compilation is done before timing (``warm_up``).
+generation loop's own throughput. Compilation is done before timing (``warm_up``). The three ways
+are timed back to back ``--repeats`` times; each figure is the median over the repeats, and each
+ratio the median of the per-repeat ratios (each repeat is in ``per_repeat``).
 
     python benchmarks/serve_adapters.py --model metafit-small-lm --requests 88 --max-tokens 32
 """
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results/serve_adapters.json")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="one rank per adapter")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the three ways; medians reported")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "metafit-serve-adapters"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -98,14 +101,16 @@ def main() -> None:
     adapters = [read_lora_adapter(base_model, p, p.name) for p in paths]
 
     mixed = engine(args.model, default_classes(ranks, 0), args.batch, args, adapters)
-    waiting = requests(prompts, names, args.max_tokens)
-    mixed_s, mixed_tokens = timed((mixed, waiting[i:i + args.batch]) for i in range(0, len(waiting), args.batch))
-    del mixed
-
     plain = {b: engine(args.model, {}, b, args) for b in (1, 2, 4, 8) if b <= args.batch}
-    base_s, base_tokens = timed((plain[args.batch], requests(prompts[i:i + args.batch], [None] * args.batch,
-                                                             args.max_tokens)[:len(prompts[i:i + args.batch])])
-                                for i in range(0, len(prompts), args.batch))
+
+    def mixed_batches():
+        waiting = requests(prompts, names, args.max_tokens)
+        return ((mixed, waiting[i:i + args.batch]) for i in range(0, len(waiting), args.batch))
+
+    def base_batches():
+        return ((plain[args.batch], requests(prompts[i:i + args.batch], [None] * args.batch,
+                                             args.max_tokens)[:len(prompts[i:i + args.batch])])
+                for i in range(0, len(prompts), args.batch))
 
     def one_at_a_time():
         queue = list(zip(prompts, names))
@@ -118,16 +123,30 @@ def main() -> None:
             size = min(b for b in plain if b >= len(rows))
             yield plain[size], requests([p for p, _ in rows], [None] * len(rows), args.max_tokens)
 
-    single_s, single_tokens = timed(one_at_a_time())
+    # the three ways back to back, ``repeats`` times: on a shared machine the load drifts within
+    # seconds, and a ratio of two phases timed minutes apart measures the drift
+    repeats = []
+    for _ in range(args.repeats):
+        runs = {way: timed(batches()) for way, batches in
+                (("mixed", mixed_batches), ("one_at_a_time", one_at_a_time), ("base", base_batches))}
+        repeats.append({**{f"{way}_tokens_per_s": tokens / seconds for way, (seconds, tokens) in runs.items()},
+                        "tokens": {way: tokens for way, (_, tokens) in runs.items()},
+                        "load_average": os.getloadavg()[0]})
+    median = {key: float(np.median([r[key] for r in repeats]))
+              for key in ("mixed_tokens_per_s", "one_at_a_time_tokens_per_s", "base_tokens_per_s")}
     result = {
         "model": args.model, "requests": args.requests, "batch": args.batch, "max_tokens": args.max_tokens,
-        "adapters": len(ranks), "ranks": list(ranks), "load_average": os.getloadavg()[0],
-        "mixed_tokens_per_s": mixed_tokens / mixed_s, "one_adapter_at_a_time_tokens_per_s": single_tokens / single_s,
-        "base_alone_tokens_per_s": base_tokens / base_s,
-        "tokens": {"mixed": mixed_tokens, "one_at_a_time": single_tokens, "base": base_tokens},
+        "adapters": len(ranks), "ranks": list(ranks), "repeats": args.repeats,
+        "load_average": float(np.median([r["load_average"] for r in repeats])),
+        "mixed_tokens_per_s": median["mixed_tokens_per_s"],
+        "one_adapter_at_a_time_tokens_per_s": median["one_at_a_time_tokens_per_s"],
+        "base_alone_tokens_per_s": median["base_tokens_per_s"],
+        "tokens": repeats[0]["tokens"],
+        "mixed_vs_one_at_a_time": float(np.median([r["mixed_tokens_per_s"] / r["one_at_a_time_tokens_per_s"]
+                                                   for r in repeats])),
+        "mixed_vs_base": float(np.median([r["mixed_tokens_per_s"] / r["base_tokens_per_s"] for r in repeats])),
+        "per_repeat": repeats,
     }
-    result["mixed_vs_one_at_a_time"] = result["mixed_tokens_per_s"] / result["one_adapter_at_a_time_tokens_per_s"]
-    result["mixed_vs_base"] = result["mixed_tokens_per_s"] / result["base_alone_tokens_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -5,8 +5,9 @@ Parts:
 * :mod:`metafit.serve.multitask` -- staged multi-task LoRA fine-tuning (task filtering by negative
   transfer and gradient conflict, a high-resource stage, then every kept task with temperature
   sampling), each stage a :func:`metafit.train.fit` run;
-* :mod:`metafit.serve.adapters` -- per-row LoRA adapters gathered from rank-class slots in one
-  jitted forward (:class:`AdapterBank`, :func:`read_lora_adapter`);
+* :mod:`metafit.serve.adapters` -- per-row LoRA adapters in one jitted forward, each row computing
+  only its own adapter's rank (rank-8 units from rank-class slots, gathered once per batch;
+  :class:`AdapterBank`, :func:`read_lora_adapter`);
 * :mod:`metafit.serve.engine` -- dynamic batching, a bounded queue, padded length buckets,
   token streaming per request (:class:`Engine`);
 * :mod:`metafit.serve.config` -- the validated serve config (:class:`ServeConfig`);

@@ -1,26 +1,40 @@
-r"""Many LoRA adapters in one batched forward: per-row adapter slots grouped by rank class.
+r"""Many LoRA adapters in one batched forward: each row pays only for its own adapter's rank.
 
 Each adapted projection ``W`` (``[in, out]``) of the served model is replaced by a
-:class:`BatchedLoRALinear` holding, for every rank class :math:`c` (8, 16, 32, 64, 128, ...),
-stacked slots :math:`A_c \in \mathbb{R}^{(S_c + 1) \times in \times r_c}` and
-:math:`B_c \in \mathbb{R}^{(S_c + 1) \times r_c \times out}`. Row :math:`i` of a batch carries a
-slot index :math:`k_{c,i}` per class, and
+:class:`BatchedLoRALinear`. An adapter of rank :math:`r` is stored as :math:`u = \lceil r/8 \rceil`
+*units*: rank-8 column blocks :math:`A_k \in \mathbb{R}^{in \times 8}` of its :math:`A` and the
+matching row blocks :math:`B_k \in \mathbb{R}^{8 \times out}` of its (scaled) :math:`B`, so that
+:math:`x A B = \sum_k (x A_k) B_k`. The units of every loaded adapter live in one pool per
+projection (``lora_A [chunks, in, 8]``, ``lora_B [chunks, 8, out]``, the last chunk all zeros).
+A batch is routed as a list of units :math:`(\rho_j, k_j)` (row, pool chunk), sorted by row, and
 
 .. math::
 
-    y_i = x_i W + \sum_c (x_i A_c[k_{c,i}])\, B_c[k_{c,i}].
+    y_i = x_i W + \sum_{j:\, \rho_j = i} (x_i A_{k_j})\, B_{k_j},
 
-Slot :math:`S_c` of every class is all zeros, so a row uses exactly one slot of one class (the
-class of its adapter) and the zero slot of the others; the base model is a row with zero slots
-everywhere. An adapter of rank :math:`r` (LoRA scaling :math:`s = \alpha / r`, or
-:math:`\alpha/\sqrt r` for rsLoRA) goes into the smallest class :math:`r_c \ge r` with
-:math:`A` zero-padded on the right and :math:`s B` zero-padded below, which leaves
-:math:`x A B` unchanged and costs at most 2x the adapter's own LoRA compute (one class up from
-8). There is no largest rank: a rank-300 adapter opens class 512.
+computed as two batched matmuls over the units and a sorted segment sum back onto the rows
+(Punica's SGMV / S-LoRA's MBGMV with the rank split into fixed blocks instead of one
+kernel per rank; ``jax.lax.ragged_dot`` is not used because off TPU/GPU it lowers to a dense
+product of every row with every group). A row therefore costs its own :math:`\lceil r/8 \rceil` units -- a rank-8 row
+in a batch that also holds rank-32 rows computes rank 8, not 8 + 16 + 32 -- and a base-model row
+costs none. The unit count of a batch is padded (with zero-chunk units) to the next of a few
+fixed sizes, ``batch_size`` times 1, 2, 4, ... up to ``batch_size`` times the largest class's
+units (:attr:`AdapterBank.unit_buckets`), so the serving forward compiles once per size, all at
+start-up; the padding at most doubles the batch's own LoRA work, except that a batch computes at
+least one unit per row (rank 8 per row when most rows are base-model rows).
 
-Shapes depend only on the slot counts, so loading or unloading an adapter writes slot values
-and never recompiles the serving forward (one small jitted write per class shape). The
-modules adapted are fixed when the bank is built (``targets``, default every decoder
+The pool is laid out in rank-class slots (8, 16, 32, 64, 128, ...): an adapter of rank :math:`r`
+(LoRA scaling :math:`s = \alpha / r`, or :math:`\alpha/\sqrt r` for rsLoRA) takes one slot of the
+smallest class :math:`r_c \ge r`, i.e. :math:`r_c / 8` consecutive chunks, with :math:`A`
+zero-padded on the right and :math:`s B` zero-padded below (which leaves :math:`x A B`
+unchanged); only its first :math:`\lceil r/8 \rceil` chunks are routed, so the class sets the
+memory, not the compute. There is no largest rank: a rank-300 adapter opens class 512.
+
+The units' weights are gathered from the pool once per batch (:func:`select_units`; the engine
+does it in its prefill and hands the gathered rows to every decode step), not at every step.
+Shapes depend only on the slot counts and the unit bucket, so loading or unloading an adapter
+writes pool chunks and never recompiles the serving forward (one small jitted write per class).
+The modules adapted are fixed when the bank is built (``targets``, default every decoder
 projection): an adapter targeting another module is refused, naming it.
 
 Weights come from :mod:`metafit.peft` (:func:`metafit.peft.load_hf_peft` on a view of the base
@@ -36,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,18 +62,30 @@ from metafit.peft.core import PeftModule, iter_modules, kernel_of, path_str, sel
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                    "c_attn", "c_proj", "c_fc")
 MIN_RANK_CLASS = 8
+UNIT_RANK = MIN_RANK_CLASS  # the rank of one unit (pool chunk): every class is a whole number of them
 
 
 class AdapterSlots(nnx.Variable):
-    """Stacked adapter weights of one rank class (not a ``Param``: never trained here)."""
+    """The pool of adapter units of one projection (not a ``Param``: never trained here)."""
 
 
-class AdapterRoute(nnx.Variable):
-    """Per-row slot index of every rank class, ``[classes, batch]`` int32; shared by all wrappers."""
+class AdapterRows(nnx.Variable):
+    """One batch's routing: the units' gathered weights (per projection) and their rows (shared)."""
+
+
+class AdapterRoute(AdapterRows):
+    """The row of every unit of the batch, ``[units]`` int32 sorted ascending; shared by all wrappers."""
 
 
 class AdapterError(ValueError):
     """An adapter that cannot be served as asked; the message names the module, shape or slot."""
+
+
+class UnitRoute(NamedTuple):
+    """A batch's units: ``rows[j]`` is the batch row unit ``j`` adds to, ``chunks[j]`` its pool chunk."""
+
+    rows: np.ndarray
+    chunks: np.ndarray
 
 
 def rank_class(rank: int) -> int:
@@ -69,33 +95,67 @@ def rank_class(rank: int) -> int:
     return max(MIN_RANK_CLASS, 1 << (int(rank) - 1).bit_length())
 
 
+def unit_buckets(batch_size: int, max_units_per_row: int) -> tuple[int, ...]:
+    """The padded unit counts of a batch: ``batch_size`` times 1, 2, 4, ... up to ``max_units_per_row``.
+
+    One compiled forward each (``log2(max_units_per_row) + 1`` of them). Steps of 2x, not finer:
+    steps of 1.5x gave the same tokens/s on the serving benchmark (benchmarks/README.md) with
+    twice the programs to compile at start-up.
+    """
+    sizes = [batch_size]
+    while sizes[-1] < batch_size * max_units_per_row:
+        sizes.append(2 * sizes[-1])
+    return tuple(sizes)
+
+
 class BatchedLoRALinear(nnx.Module):
-    """A Linear-like layer plus per-row LoRA from stacked slots (see the module docstring).
+    """A Linear-like layer plus per-row LoRA from a pool of rank-8 units (see the module docstring).
 
     Args:
       base_layer: the wrapped projection (``kernel [in, out]``), unchanged.
-      classes: ``{rank class: slot count}``.
-      route: the shared :class:`AdapterRoute`.
+      chunks: pool size in units (the zero chunk is added after them).
+      route: the shared :class:`AdapterRoute` (its size is the batch's unit count).
     """
 
-    def __init__(self, base_layer: nnx.Module, classes: Mapping[int, int], route: AdapterRoute):
+    def __init__(self, base_layer: nnx.Module, chunks: int, route: AdapterRoute):
         kernel = kernel_of(base_layer).get_value()
         d_in, d_out = kernel.shape
+        units = route.get_value().shape[0]
         self.base_layer = base_layer
-        self.ranks = tuple(sorted(classes))
-        self.lora_A = nnx.List([AdapterSlots(jnp.zeros((classes[r] + 1, d_in, r), kernel.dtype)) for r in self.ranks])
-        self.lora_B = nnx.List([AdapterSlots(jnp.zeros((classes[r] + 1, r, d_out), kernel.dtype)) for r in self.ranks])
+        self.lora_A = AdapterSlots(jnp.zeros((chunks + 1, d_in, UNIT_RANK), kernel.dtype))
+        self.lora_B = AdapterSlots(jnp.zeros((chunks + 1, UNIT_RANK, d_out), kernel.dtype))
+        self.rows_A = AdapterRows(jnp.zeros((units, d_in, UNIT_RANK), kernel.dtype))
+        self.rows_B = AdapterRows(jnp.zeros((units, UNIT_RANK, d_out), kernel.dtype))
         self.route = route
+
+    def select(self, chunks) -> None:
+        """Gathers the batch's units from the pool (once per batch, not per forward)."""
+        self.rows_A.set_value(self.lora_A.get_value()[chunks])
+        self.rows_B.set_value(self.lora_B.get_value()[chunks])
 
     def __call__(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
-        route = self.route.get_value()
-        for c, (a_slots, b_slots) in enumerate(zip(self.lora_A, self.lora_B)):
-            a = a_slots.get_value()[route[c]].astype(x.dtype)   # [b, in, r]
-            b = b_slots.get_value()[route[c]].astype(x.dtype)   # [b, r, out]
-            low = jnp.einsum("b...i,bir->b...r", x, a)
-            y = y + jnp.einsum("b...r,bro->b...o", low, b).astype(y.dtype)
-        return y
+        rows = self.route.get_value()
+        low = jnp.einsum("u...i,uir->u...r", x[rows], self.rows_A.get_value().astype(x.dtype))
+        lora = jnp.einsum("u...r,uro->u...o", low, self.rows_B.get_value().astype(x.dtype))
+        return y + jax.ops.segment_sum(lora, rows, num_segments=x.shape[0], indices_are_sorted=True).astype(y.dtype)
+
+
+def lora_modules(model: nnx.Module) -> list[BatchedLoRALinear]:
+    """Every :class:`BatchedLoRALinear` of ``model``, in traversal order."""
+    return [m for _, m in iter_modules(model) if isinstance(m, BatchedLoRALinear)]
+
+
+def select_units(modules: Iterable[BatchedLoRALinear], route: UnitRoute) -> None:
+    """Routes the next forwards: every module gathers ``route``'s units and the shared route takes its rows.
+
+    Traceable: the engine calls it inside its jitted prefill; :meth:`AdapterBank.set_rows` eagerly.
+    """
+    modules = list(modules)
+    for module in modules:
+        module.select(route.chunks)
+    if modules:
+        modules[0].route.set_value(jnp.asarray(route.rows))  # one variable shared by every module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,19 +234,43 @@ def read_lora_adapter(base_model: nnx.Module, path: str | Path, name: str) -> Lo
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(slots, slot, values):
-    """``slots[i][slot] = values[i]`` for every slot array of one rank class, in one program.
+def _write_slot(pools, first_chunk, values):
+    """``pools[i][first_chunk:first_chunk + n] = values[i]`` for every pool, in one program.
 
-    One call per adapter load or unload (not one per module), compiled once per rank class.
+    One call per adapter load or unload (not one per module), compiled once per rank class
+    (``n`` = the class's chunks).
     """
-    return tuple(jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), slot, 0) for s, v in zip(slots, values))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(pool, value.astype(pool.dtype), first_chunk, 0)
+                 for pool, value in zip(pools, values))
+
+
+def _as_units(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """One adapter's ``A [in, r]`` and ``B [r, out]`` as the units of a rank-``rank`` slot.
+
+    Zero-padded to rank ``rank``, then cut into ``[rank/8, in, 8]`` and ``[rank/8, 8, out]``.
+    """
+    a_padded = np.zeros((a.shape[0], rank), np.float32)
+    a_padded[:, :a.shape[1]] = a
+    b_padded = np.zeros((rank, b.shape[1]), np.float32)
+    b_padded[:b.shape[0]] = b
+    units = rank // UNIT_RANK
+    return (a_padded.reshape(a.shape[0], units, UNIT_RANK).transpose(1, 0, 2),
+            b_padded.reshape(units, UNIT_RANK, b.shape[1]))
 
 
 @dataclasses.dataclass
 class SlotInfo:
+    """Where a loaded adapter lives: slot ``slot`` of ``rank_class``, pool chunks from ``first_chunk``."""
+
     adapter: LoraAdapter
     rank_class: int
     slot: int
+    first_chunk: int
+
+    @property
+    def units(self) -> int:
+        """The chunks a row of this adapter computes: ceil(rank / 8) (the rest of the slot is zero padding)."""
+        return -(-self.adapter.rank // UNIT_RANK)
 
 
 class AdapterBank:
@@ -196,7 +280,7 @@ class AdapterBank:
       model: the served base model (its ``targets`` projections are wrapped).
       classes: ``{rank class: slot count}`` (each a power of two >= 8); empty = no slots (the base model).
       targets: module path patterns to adapt (as :class:`metafit.peft.LoraConfig` ``targets``).
-      batch_size: rows per forward (the route's width).
+      batch_size: rows per forward.
 
     Example:
       >>> bank = AdapterBank(model, {8: 4, 16: 2}, batch_size=8)             # doctest: +SKIP
@@ -212,7 +296,11 @@ class AdapterBank:
                                f"got {dict(classes)}")
         self.classes = {int(r): int(n) for r, n in sorted(classes.items())}
         self.batch_size = int(batch_size)
-        self.route = AdapterRoute(self._zero_route())
+        class_chunks = [r // UNIT_RANK * n for r, n in self.classes.items()]  # each class's slots, back to back
+        self.first_chunks = dict(zip(self.classes, np.cumsum([0] + class_chunks).tolist()))
+        self.zero_chunk = sum(class_chunks)
+        self.unit_buckets = unit_buckets(self.batch_size, max(self.classes) // UNIT_RANK) if self.classes else (0,)
+        self.route = AdapterRoute(jnp.full(self.unit_buckets[0], self.batch_size - 1, jnp.int32))
         self.modules: dict[str, BatchedLoRALinear] = {}
         self.loaded: dict[str, SlotInfo] = {}
         self.targets: tuple[str, ...] = ()
@@ -221,12 +309,8 @@ class AdapterBank:
         selected = [(p, m) for p, m in select_modules(model, tuple(targets), ("Linear",))
                     if not path_str(p).endswith("lm_head")]
         self.targets = tuple(wrap_selected(model, selected,
-                                           lambda _, layer: BatchedLoRALinear(layer, self.classes, self.route)))
+                                           lambda _, layer: BatchedLoRALinear(layer, self.zero_chunk, self.route)))
         self.modules = {path_str(p): m for p, m in iter_modules(model) if isinstance(m, BatchedLoRALinear)}
-
-    def _zero_route(self) -> np.ndarray:
-        return np.asarray([[n] * self.batch_size for n in self.classes.values()], np.int32).reshape(
-            len(self.classes), self.batch_size)
 
     def load(self, adapter: LoraAdapter) -> SlotInfo:
         """Writes ``adapter`` into a free slot of its rank class (no recompilation)."""
@@ -250,7 +334,7 @@ class AdapterBank:
         if not free:
             raise AdapterError(f"all {self.classes[r]} slots of rank class {r} are taken; unload an adapter or "
                                "raise the slot count in the serve config")
-        info = SlotInfo(adapter, r, free[0])
+        info = SlotInfo(adapter, r, free[0], self.first_chunks[r] + free[0] * r // UNIT_RANK)
         self._write(info, adapter.weights)
         self.loaded[adapter.name] = info
         return info
@@ -258,39 +342,45 @@ class AdapterBank:
     def unload(self, name: str) -> None:
         """Zeros the adapter's slot and frees it."""
         info = self.loaded.pop(name)
-        zeros = {t: (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)) for t in self.modules}
-        self._write(info, zeros)
+        self._write(info, {})
 
     def _write(self, info: SlotInfo, weights: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        c = list(self.classes).index(info.rank_class)
-        variables, values = [], []
+        """Writes ``weights`` (zeros for modules it lacks) over the slot's chunks in every pool."""
+        pools, values = [], []
         for target, module in self.modules.items():
-            a, b = weights.get(target, (np.zeros((1, 1), np.float32),) * 2)
-            for slots, value in ((module.lora_A[c], a), (module.lora_B[c], b)):
-                padded = np.zeros(slots.get_value().shape[1:], np.float32)  # rank padding: zero columns of A, rows of B
-                padded[:value.shape[0], :value.shape[1]] = value
-                variables.append(slots)
-                values.append(padded)
-        written = _write_slot(tuple(v.get_value() for v in variables), jnp.int32(info.slot), tuple(values))
-        for slots, value in zip(variables, written):
-            slots.set_value(value)
+            d_in, d_out = module.lora_A.get_value().shape[1], module.lora_B.get_value().shape[2]
+            a, b = weights.get(target, (np.zeros((d_in, 0), np.float32), np.zeros((0, d_out), np.float32)))
+            for pool, value in zip((module.lora_A, module.lora_B), _as_units(a, b, info.rank_class)):
+                pools.append(pool)
+                values.append(value)
+        written = _write_slot(tuple(p.get_value() for p in pools), jnp.int32(info.first_chunk), tuple(values))
+        for pool, value in zip(pools, written):
+            pool.set_value(value)
 
-    def rows(self, names: Iterable[str | None]) -> np.ndarray:
-        """The route ``[classes, batch_size]`` for rows serving ``names`` (None = base model; missing rows too)."""
-        route = self._zero_route()
+    def rows(self, names: Iterable[str | None], *, min_units: int = 0) -> UnitRoute:
+        """The units of rows serving ``names`` (None = base model: no units), padded to a unit bucket.
+
+        Padding units add the zero chunk to the last row, keeping ``rows`` sorted. ``min_units``
+        forces a larger bucket (the engine's warm-up compiles every bucket with it).
+        """
+        rows, chunks = [], []
         for row, name in enumerate(names):
             if name is not None:
                 info = self.loaded[name]
-                route[list(self.classes).index(info.rank_class), row] = info.slot
-        return route
+                rows += [row] * info.units
+                chunks += range(info.first_chunk, info.first_chunk + info.units)
+        size = min(b for b in self.unit_buckets if b >= max(len(rows), min_units))
+        pad = size - len(rows)
+        return UnitRoute(np.asarray(rows + [self.batch_size - 1] * pad, np.int32),
+                         np.asarray(chunks + [self.zero_chunk] * pad, np.int32))
 
     def set_rows(self, names: Iterable[str | None]) -> None:
-        """Routes the next forward's rows (outside jit; the engine passes routes into its jitted step instead)."""
-        self.route.set_value(jnp.asarray(self.rows(names)))
+        """Routes the model's next forwards (eagerly; the engine routes inside its jitted prefill instead)."""
+        select_units(self.modules.values(), self.rows(names))
 
     def slot_bytes(self, rank: int) -> int:
         """Memory of one slot of class ``rank`` over all adapted modules."""
-        itemsize = next(iter(self.modules.values())).lora_A[0].get_value().dtype.itemsize
+        itemsize = next(iter(self.modules.values())).lora_A.get_value().dtype.itemsize
         return sum(rank * sum(kernel_of(m.base_layer).get_value().shape) for m in self.modules.values()) * itemsize
 
 
@@ -303,6 +393,7 @@ def default_classes(ranks: Iterable[int], spare: int) -> dict[int, int]:
     return {r: n + spare for r, n in counts.items() if n + spare > 0} or {MIN_RANK_CLASS: 1}
 
 
-__all__ = ["AdapterBank", "AdapterError", "AdapterRoute", "AdapterSlots", "BatchedLoRALinear", "LoraAdapter",
-           "DEFAULT_TARGETS", "adapter_folder", "default_classes", "rank_class", "read_lora_adapter"]
+__all__ = ["AdapterBank", "AdapterError", "AdapterRoute", "AdapterRows", "AdapterSlots", "BatchedLoRALinear",
+           "LoraAdapter", "UnitRoute", "DEFAULT_TARGETS", "adapter_folder", "default_classes", "rank_class",
+           "lora_modules", "read_lora_adapter", "select_units", "unit_buckets"]
 

@@ -3,13 +3,15 @@ r"""The serving engine: dynamic batching over a bounded queue, one generation lo
 A worker thread takes the first waiting request, gathers more for up to ``batch_window_ms``
 (or until ``batch_size`` rows), and runs one generation loop for the batch: the prompts are
 left-padded to the smallest prompt bucket that holds the longest one, the loop is sized to the
-smallest new-token bucket that holds the largest ``max_tokens``, and the batch is padded to
-``batch_size`` rows with idle rows. The jitted prefill and step therefore compile once per
-(prompt bucket, new-token bucket) pair -- all of them at start-up (:meth:`Engine.warm_up`) --
-and never again, whatever the traffic or the adapters loaded.
+smallest new-token bucket that holds the largest ``max_tokens``, the batch is padded to
+``batch_size`` rows with idle rows, and its adapter units (each row's rank in blocks of 8, see
+:mod:`metafit.serve.adapters`) are padded to the bank's next unit bucket. The jitted prefill and
+step therefore compile once per (prompt bucket, new-token bucket, unit bucket) -- all of them at
+start-up (:meth:`Engine.warm_up`) -- and never again, whatever the traffic or the adapters loaded.
 
-Each row carries its own adapter (a route into :class:`~metafit.serve.adapters.AdapterBank`
-slots), temperature, top-p and random key; greedy rows take the argmax. After every step the
+Each row carries its own adapter (its units in the :class:`~metafit.serve.adapters.AdapterBank`
+pool: the prefill gathers them once and every decode step reuses the gathered weights),
+temperature, top-p and random key; greedy rows take the argmax. After every step the
 new tokens go to each request's :class:`~metafit.models.generate.TextStream` (stop strings
 are checked on decoded text), the text pieces are handed to the request's consumer, and a row
 that finished (eos token, stop string or its own ``max_tokens``) is marked done on the device,
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metafit.models.generate import DecodeState, TextStream, decode_step, filter_logits, start_decoding
-from metafit.serve.adapters import AdapterBank, AdapterRoute
+from metafit.models.generate import TextStream, decode_step, filter_logits, start_decoding
+from metafit.serve.adapters import AdapterBank, AdapterRows, UnitRoute, lora_modules, select_units
 
 
 class QueueFull(RuntimeError):
@@ -95,21 +97,20 @@ def _row_chooser(keys, temperature, top_p):
     return choose
 
 
-def _routed(graphdef, routes, rest, route):
-    """The model with every :class:`AdapterRoute` set to ``route`` (the rows' slots)."""
-    return nnx.merge(graphdef, jax.tree.map(lambda _: route, routes), rest)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _prefill(graphdef, routes, rest, route, ids, mask, keys, temperature, top_p, stops, pad_id, *, max_new_tokens):
-    model = _routed(graphdef, routes, rest, route)
-    return start_decoding(model, ids, mask, _row_chooser(keys, temperature, top_p), stops, pad_id,
-                          max_new_tokens=max_new_tokens)
+def _prefill(graphdef, rows, rest, route: UnitRoute, ids, mask, keys, temperature, top_p, stops, pad_id, *,
+             max_new_tokens):
+    """The first token of every row, and the batch's gathered adapter units (``rows``) for the steps."""
+    model = nnx.merge(graphdef, rows, rest)
+    select_units(lora_modules(model), route)
+    carry = start_decoding(model, ids, mask, _row_chooser(keys, temperature, top_p), stops, pad_id,
+                           max_new_tokens=max_new_tokens)
+    return carry, nnx.state(model, AdapterRows)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("carry",))
-def _step(graphdef, routes, rest, route, carry, mask, keys, temperature, top_p, stops, pad_id, *, max_new_tokens):
-    model = _routed(graphdef, routes, rest, route)
+def _step(graphdef, rows, rest, carry, mask, keys, temperature, top_p, stops, pad_id, *, max_new_tokens):
+    model = nnx.merge(graphdef, rows, rest)
     return decode_step(model, carry, mask, _row_chooser(keys, temperature, top_p), stops, pad_id,
                        max_new_tokens=max_new_tokens)
 
@@ -165,8 +166,8 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     def _refresh(self) -> None:
-        """Splits the model again (after adapter slots changed)."""
-        self.graphdef, self.routes, self.rest = nnx.split(self.model, AdapterRoute, ...)
+        """Splits the model again (after adapter slots changed); ``rows`` is only a placeholder of the batch's units."""
+        self.graphdef, self.rows, self.rest = nnx.split(self.model, AdapterRows, ...)
 
     def load_adapter(self, adapter) -> Any:
         with self._lock:
@@ -203,10 +204,11 @@ class Engine:
             raise QueueFull(max(1, int(np.ceil(waiting_batches * self.seconds_per_batch)))) from None
 
     def warm_up(self) -> int:
-        """Compiles the prefill and step for every bucket pair now; returns the number of pairs."""
+        """Compiles the prefill and step for every bucket pair and unit bucket now; returns the number of pairs."""
         pairs = [(p, n) for p in self.prompt_buckets for n in self.new_token_buckets]
         for p, n in pairs:
-            self._run([Request([self.pad_id] * p, max_tokens=2)], p, n)
+            for units in self.bank.unit_buckets:
+                self._run([Request([self.pad_id] * p, max_tokens=2)], p, n, min_units=units)
         return len(pairs)
 
     # ------------------------------------------------------------------ batching
@@ -247,7 +249,7 @@ class Engine:
         finally:
             self.busy_rows = 0
 
-    def _inputs(self, batch: list[Request], p: int):
+    def _inputs(self, batch: list[Request], p: int, min_units: int):
         rows = self.batch_size
         ids = np.full((rows, p), self.pad_id, np.int32)
         mask = np.zeros((rows, p), np.int32)
@@ -261,16 +263,18 @@ class Engine:
             mask[row, p - len(prompt):] = 1
             temperature[row], top_p[row] = request.temperature, request.top_p
         keys = jax.random.split(jax.random.fold_in(jax.random.key(self._seed), next(self._counter)), rows)
-        route = self.bank.rows([r.adapter for r in batch])
+        route = self.bank.rows([r.adapter for r in batch], min_units=min_units)
         return route, ids, mask, keys, temperature, top_p
 
-    def _run(self, batch: list[Request], p: int, n: int) -> int:
+    def _run(self, batch: list[Request], p: int, n: int, min_units: int = 0) -> int:
         with self._lock:
-            route, ids, mask, keys, temperature, top_p = self._inputs(batch, p)
+            route, ids, mask, keys, temperature, top_p = self._inputs(batch, p, min_units)
             arrays = (jnp.asarray(mask), keys, jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(self.stops),
                       jnp.int32(self.pad_id))
-            state = (self.graphdef, self.routes, self.rest, jnp.asarray(route))
-            carry: DecodeState = _prefill(*state, jnp.asarray(ids), *arrays, max_new_tokens=n)
+            route = UnitRoute(*map(jnp.asarray, route))
+            carry, rows = _prefill(self.graphdef, self.rows, self.rest, route, jnp.asarray(ids), *arrays,
+                                   max_new_tokens=n)
+            state = (self.graphdef, rows, self.rest)
             texts = [TextStream(self.tokenizer, r.stop) for r in batch]
             finished = np.zeros(self.batch_size, bool)
             finished[len(batch):] = True

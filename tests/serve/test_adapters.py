@@ -11,13 +11,15 @@ from flax import nnx
 
 import metafit.models as mm
 import metafit.peft as peft
-from metafit.serve.adapters import AdapterBank, AdapterError, _write_slot, adapter_folder, rank_class, read_lora_adapter
+from metafit.serve.adapters import (AdapterBank, AdapterError, _write_slot, adapter_folder, rank_class, read_lora_adapter,
+                                    select_units, unit_buckets)
 from serve_tiny import tiny_folder
 
-SPECS = {  # rank 4 -> class 8, rank 9 (rsLoRA) -> class 16 padded, rank 16 -> class 16; different targets
+SPECS = {  # rank 4 -> class 8, rank 9 (rsLoRA) -> class 16 padded, rank 16 -> class 16, rank 32; different targets
     "a": dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj")),
     "b": dict(rank=16, alpha=16.0, targets=("o_proj", "down_proj", "q_proj")),
     "c": dict(rank=9, alpha=4.0, use_rslora=True, targets=("up_proj",)),
+    "d": dict(rank=32, alpha=16.0, targets=("q_proj", "v_proj", "up_proj", "down_proj")),
 }
 
 
@@ -33,7 +35,7 @@ def setup(tmp_path_factory):
         references[name] = peft.merge_lora(model)
     references[None] = mm.load(folder, tokenizer=False)[0]
     served = mm.load(folder, tokenizer=False)[0]
-    bank = AdapterBank(served, {8: 2, 16: 2}, batch_size=4)
+    bank = AdapterBank(served, {8: 2, 16: 2, 32: 1}, batch_size=4)
     adapters = {name: read_lora_adapter(served, root / name, name) for name in SPECS}
     return root, folder, references, served, bank, adapters
 
@@ -43,39 +45,70 @@ def _forward(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
 
 
-def test_rank_classes():
+def _warm_every_unit_bucket(served, bank, ids) -> int:
+    """Compiles the forward for every unit bucket (as the engine's warm-up does); returns the programs compiled."""
+    for units in bank.unit_buckets:
+        select_units(bank.modules.values(), bank.rows([None] * 4, min_units=units))
+        _forward(*nnx.split(served), ids)
+    return _forward._cache_size()
+
+
+def test_rank_classes_and_unit_buckets():
     assert [rank_class(r) for r in (1, 8, 9, 16, 17, 64, 65, 300)] == [8, 8, 16, 16, 32, 64, 128, 512]
+    assert unit_buckets(8, 4) == (8, 16, 32) and unit_buckets(4, 1) == (4,) and unit_buckets(1, 64)[-1] == 64
+    assert len(unit_buckets(8, 64)) == 7  # rank 512: 7 sizes, so 7 compiled forwards per bucket pair
 
 
 def test_mixed_batch_equals_each_alone_and_peft_without_recompiling(setup):
     _, _, references, served, bank, adapters = setup
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 100, (4, 6)), jnp.int32)
+    names = ["a", None, "b", "c"]
+    peft_logits = {name: np.asarray(_forward(*nnx.split(references[name]), ids)) for name in names}
     bank.set_rows([None] * 4)
     base_logits = _forward(*nnx.split(served), ids)
-    compiled, writes = _forward._cache_size(), _write_slot._cache_size()
+    compiled, writes = _warm_every_unit_bucket(served, bank, ids), _write_slot._cache_size()
     for adapter in adapters.values():
         bank.load(adapter)
-    assert _write_slot._cache_size() - writes <= 2  # one write program per rank class, not per module shape
-    assert {n: (i.rank_class, i.slot) for n, i in bank.loaded.items()} == {"a": (8, 0), "b": (16, 0), "c": (16, 1)}
-    names = ["a", None, "b", "c"]
+    assert _write_slot._cache_size() - writes <= 3  # one write program per rank class, not per module shape
+    assert {n: (i.rank_class, i.slot, i.units) for n, i in bank.loaded.items()} == {
+        "a": (8, 0, 1), "b": (16, 0, 2), "c": (16, 1, 2), "d": (32, 0, 4)}
     bank.set_rows(names)
     mixed = np.asarray(_forward(*nnx.split(served), ids))
-    assert _forward._cache_size() == compiled  # loading adapters wrote slots; the forward did not recompile
     np.testing.assert_allclose(mixed[1], np.asarray(base_logits)[1], atol=1e-5)
     for row, name in enumerate(names):
         bank.set_rows([name] * 4)  # the same request served alone (every row the same adapter)
         alone = np.asarray(_forward(*nnx.split(served), ids))[row]
-        through_peft = np.asarray(_forward(*nnx.split(references[name]), ids))[row]
+        through_peft = peft_logits[name][row]
         np.testing.assert_allclose(mixed[row], alone, atol=1e-5)
         np.testing.assert_allclose(mixed[row], through_peft, atol=1e-5)
         if name is not None:  # the adapter does change the output
             assert np.abs(through_peft - np.asarray(base_logits)[row]).max() > 0.1
+    assert _forward._cache_size() == compiled  # loading adapters wrote slots; the forward did not recompile
     bank.unload("b")
-    bank.set_rows(["b" if False else None, None, None, None])
+    bank.set_rows([None, None, None, None])
     b_again = read_lora_adapter(served, adapters["b"].source, "b2")
     assert bank.load(b_again).slot == 0  # the freed slot is reused
     bank.unload("b2")
     bank.load(adapters["b"])
+
+
+def test_rank8_row_among_rank32_rows_equals_alone_within_the_warm_programs(setup):
+    _, _, references, served, bank, adapters = setup
+    for name in set(("a", "d")) - set(bank.loaded):  # loaded by the test above when it ran first
+        bank.load(adapters[name])
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, 100, (4, 6)), jnp.int32)
+    peft_logits = {name: np.asarray(_forward(*nnx.split(references[name]), ids)) for name in ("a", "d")}
+    compiled = _warm_every_unit_bucket(served, bank, ids)
+    names = ["d", "a", "d", "d"]  # 4 + 1 + 4 + 4 = 13 units: the rank-8 row computes 1 of them, not 1 + 2 + 4
+    route = bank.rows(names)
+    assert route.rows.tolist() == [0] * 4 + [1] + [2] * 4 + [3] * 4 + [3] * 3 and len(route.rows) == 16
+    bank.set_rows(names)
+    mixed = np.asarray(_forward(*nnx.split(served), ids))
+    for name, row in (("a", 1), ("d", 0), ("d", 3)):
+        bank.set_rows([name] * 4)
+        np.testing.assert_allclose(mixed[row], np.asarray(_forward(*nnx.split(served), ids))[row], atol=1e-5)
+        np.testing.assert_allclose(mixed[row], peft_logits[name][row], atol=1e-5)
+    assert _forward._cache_size() == compiled  # every routing ran one of the len(unit_buckets) warm programs
 
 
 def test_bad_adapters_are_named(setup, tmp_path):
