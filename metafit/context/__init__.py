@@ -14,11 +14,11 @@ Diagnostics, steering and indicator-conditioned SFT for metafit's causal LMs::
 Modules: :mod:`.conversation` (user-token masks from chat templates), :mod:`.steering`
 (steering bias, user attention, retrieval head), :mod:`.dependency` (s_M and relabelling),
 :mod:`.indicator` (the ``[IND]`` token and its trainable row), :mod:`.evaluate` (batched
-answering, NIH grids and heatmaps). Data: :mod:`metafit.data.context_tasks`.
+answering, NIH grids and heatmaps, cached arms and diagnosis). Data: :mod:`metafit.data.context_tasks`.
 """
 from .conversation import EncodedConversation, encode_conversation, left_pad, render
 from .dependency import dependency_score, mark_dependent, sink_token_ids, turn_scores, with_indicator
-from .evaluate import answer, evaluate_items, nih_heatmap, nih_recall_grid, run_arm, score
+from .evaluate import answer, evaluate_items, nih_heatmap, nih_recall_grid, run_arm, run_diagnosis, score
 from .indicator import (INDICATOR, add_indicator, indicator_loss, indicator_params, indicator_trainable,
                         with_indicator_row)
 from .sft import conversation_of, flag_items, sft_arrays, train_sft, with_indicators
@@ -27,7 +27,7 @@ from .steering import middle_layers, prompt_attention, require_attention_hook, r
 __all__ = [
     "EncodedConversation", "encode_conversation", "left_pad", "render",
     "dependency_score", "mark_dependent", "sink_token_ids", "turn_scores", "with_indicator",
-    "answer", "evaluate_items", "nih_heatmap", "nih_recall_grid", "run_arm", "score",
+    "answer", "evaluate_items", "nih_heatmap", "nih_recall_grid", "run_arm", "run_diagnosis", "score",
     "INDICATOR", "add_indicator", "indicator_loss", "indicator_params", "indicator_trainable", "with_indicator_row",
     "middle_layers", "prompt_attention", "require_attention_hook", "retrieval_head", "steering_bias",
     "user_attention", "conversation_of", "flag_items", "sft_arrays", "train_sft", "with_indicators",

@@ -21,6 +21,7 @@ from metafit.models import generate
 
 from .conversation import encode_conversation, left_pad
 from .dependency import with_indicator
+from .steering import prompt_attention, retrieval_head
 
 
 def answer(model, tokenizer, prompts: Sequence[str], *, template: bool = True, alpha: float = 1.0,
@@ -125,7 +126,33 @@ def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence
         indicator = context_indicator if name == "qa" else None
         scores = evaluate_items(model, tokenizer, items, indicator=indicator, **kwargs) if items else {}
         out.update({f"{name}_{k}": v for k, v in scores.items() if k != "seconds"})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+    _write_json(path, out)
     return out
+
+
+def run_diagnosis(model, tokenizer, probes: Sequence[str], path, *, batch_size: int = 8) -> dict:
+    """User-token attention mass at the last position (with and without the template) and the retrieval head.
+
+    Cached in the JSON file ``path`` like an arm: a resumed run reads it back instead of recomputing
+    it (minutes on SmolLM2). Returns ``{"<template|no_template>_user_attention_mean",
+    "..._user_attention_by_layer", "retrieval_layer", "retrieval_head"}``.
+    """
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    diagnosis = {}
+    for name, template in (("template", True), ("no_template", False)):
+        mass = prompt_attention(model, tokenizer, probes, template=template, batch_size=batch_size)
+        diagnosis[f"{name}_user_attention_mean"] = float(mass.mean())
+        diagnosis[f"{name}_user_attention_by_layer"] = [float(x) for x in mass.mean(1)]
+    layer, head = retrieval_head(model, tokenizer, probes)
+    diagnosis.update(retrieval_layer=layer, retrieval_head=head)
+    _write_json(path, diagnosis)
+    return diagnosis
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes ``data`` atomically (a killed run leaves the old file or none, never half of one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)

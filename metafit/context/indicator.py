@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -116,8 +117,14 @@ def with_indicator_row(params: dict[str, Any], token_id: int):
         params["model"])
 
 
+@functools.lru_cache(maxsize=32)
 def indicator_loss(model_loss: Callable, token_id: int) -> Callable:
-    """Wraps a trainer loss over model states into one over :func:`indicator_params` trees."""
+    """Wraps a trainer loss over model states into one over :func:`indicator_params` trees.
+
+    One wrapper per ``(model_loss, token_id)``: :func:`metafit.train.fit` caches its compiled step by
+    the loss function's identity, so the vanilla and the indicator arm of one model (same graphdef,
+    hence the same :func:`~metafit.train.losses.next_token_loss`) share one compilation.
+    """
 
     def loss_fn(params, batch, key):
         return model_loss(with_indicator_row(params, token_id), batch, key)

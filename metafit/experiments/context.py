@@ -81,14 +81,9 @@ def context_nih(cfg: RunConfig, run: RunDir) -> dict:
         methods[name]["nih_recall_by_length"] = {str(n): float(r) for n, r in zip(sorted(args.lengths), grid.mean(1))}
         context.nih_heatmap(run.plot_path(f"nih_{name}"), grid, sorted(args.lengths), sorted(args.depths), name)
     probes = [t.prompt for t in tests if t.length == min(args.lengths)]
-    diagnosis = {}
-    for name, template in (("template", True), ("no_template", False)):
-        mass = context.prompt_attention(model, tokenizer, probes, template=template, batch_size=args.batch_size)
-        diagnosis[f"{name}_user_attention_mean"] = float(mass.mean())
-        diagnosis[f"{name}_user_attention_by_layer"] = [float(x) for x in mass.mean(1)]
-    layer, head = context.retrieval_head(model, tokenizer, probes)
-    diagnosis.update(retrieval_layer=layer, retrieval_head=head)
-    return {"methods": methods, "metrics": diagnosis}
+    return {"methods": methods, "metrics": context.run_diagnosis(model, tokenizer, probes,
+                                                                  run.subdir("arms") / "diagnosis.json",
+                                                                  batch_size=args.batch_size)}
 
 
 @dataclass(frozen=True)
