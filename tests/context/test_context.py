@@ -32,9 +32,12 @@ TEXTS = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "hello
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from models_tiny import build, llama_config, save
+    """models_tiny's tiny Llama (vocabulary 97, 64 positions, untied head), its folder written with numpy (no torch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from serve_tiny import tiny_folder
 
-    return mm.load(save(build("LlamaForCausalLM", llama_config()), tmp_path_factory.mktemp("llama")))[0]
+    return mm.load(tiny_folder(tmp_path_factory.mktemp("llama"), vocab_size=97, max_position_embeddings=64),
+                   tokenizer=False)[0]
 
 
 @pytest.fixture(scope="module")
