@@ -3,20 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from context_fixtures import chat_folder  # noqa: F401 (a fixture)
 from metafit.experiments import run_experiment
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "context"
-
-
-@pytest.fixture(scope="module")
-def chat_folder(tmp_path_factory):
-    """A tiny chat model folder: a character-level tokenizer with a chat template, numpy weights (well under 1 s)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
-    from serve_tiny import tiny_folder
-
-    return tiny_folder(tmp_path_factory.mktemp("chat"), max_position_embeddings=512)
 
 
 def test_sft_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, chat_folder):
