@@ -116,8 +116,8 @@ class RunDir:
         validate_results(results)
         for plot in sorted(self.path.glob("*.png")):  # the run's plots beside its scalars
             self.metrics.tensorboard.add_image(plot.stem, plot)
-        _atomic_write(self.path / "results.json", json.dumps(results, indent=2, default=_float) + "\n")
-        _atomic_write(self.path / "results.md", results_markdown(results, title))
+        atomic_write(self.path / "results.json", json.dumps(results, indent=2, default=_float) + "\n")
+        atomic_write(self.path / "results.md", results_markdown(results, title))
 
 
 def validate_results(results: Mapping[str, Any]) -> None:
@@ -205,7 +205,8 @@ def _float(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file: a killed process leaves the old file or none, never half."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -265,9 +266,9 @@ def _move_aside(path: Path) -> None:
 def _write_marker(path: Path, config_text: str) -> None:
     try:
         if not (path / MARKER).exists():
-            _atomic_write(path / MARKER, json.dumps({"config_sha256": _config_hash(config_text)}) + "\n")
+            atomic_write(path / MARKER, json.dumps({"config_sha256": _config_hash(config_text)}) + "\n")
         if not (path / "config.yaml").exists():
-            _atomic_write(path / "config.yaml", config_text)
+            atomic_write(path / "config.yaml", config_text)
     except OSError as err:
         raise RunDirError(f"cannot write to run folder {path}: {err.strerror}; choose a writable --workdir") from None
 

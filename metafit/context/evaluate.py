@@ -18,6 +18,7 @@ import numpy as np
 
 from metafit.data.context_tasks import ContextItem, NIHTest, contains, token_f1
 from metafit.models import generate
+from metafit.runs import atomic_write
 
 from .conversation import encode_conversation, left_pad
 from .dependency import with_indicator
@@ -126,7 +127,7 @@ def run_arm(model, tokenizer, tests: Sequence[NIHTest], sets: dict[str, Sequence
         indicator = context_indicator if name == "qa" else None
         scores = evaluate_items(model, tokenizer, items, indicator=indicator, **kwargs) if items else {}
         out.update({f"{name}_{k}": v for k, v in scores.items() if k != "seconds"})
-    _write_json(path, out)
+    atomic_write(path, json.dumps(out, indent=1))
     return out
 
 
@@ -147,12 +148,5 @@ def run_diagnosis(model, tokenizer, probes: Sequence[str], path, *, batch_size: 
         diagnosis[f"{name}_user_attention_by_layer"] = [float(x) for x in mass.mean(1)]
     layer, head = retrieval_head(model, tokenizer, probes)
     diagnosis.update(retrieval_layer=layer, retrieval_head=head)
-    _write_json(path, diagnosis)
+    atomic_write(path, json.dumps(diagnosis, indent=1))
     return diagnosis
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Writes ``data`` atomically (a killed run leaves the old file or none, never half of one)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
