@@ -102,7 +102,8 @@ def nih_grid(tokenizer, lengths: Sequence[int], depths: Sequence[float], *, seed
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"NIH depths must lie in [0, 1], got {list(depths)}")
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    sentence_tokens = [count(" " + s) for s in filler]
+    # one batched call: a fast tokenizer encodes the list in Rust (4,000 calls one by one took ~0.5 s)
+    sentence_tokens = [len(ids) for ids in tokenizer([" " + s for s in filler], add_special_tokens=False)["input_ids"]]
     tests = []
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):

@@ -15,8 +15,6 @@ from metafit.models.layers import positions_from_mask
 from metafit.train import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from tiny_lm import make_tiny_llama  # noqa: E402
 
 
 def forward(model, ids, mask=None, **kwargs):
@@ -26,8 +24,6 @@ def forward(model, ids, mask=None, **kwargs):
     return forward(model, ids, mask, **kwargs)
 
 NEW = 5
-TEXTS = ["Anna keeps a tiger in the kitchen. What does Anna keep? tiger", "hello world, the cat sat on the mat.",
-         "The secret code of the silver harbor is 4817."] * 20
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +38,14 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    """A tiny random Llama with a trained BPE tokenizer and a chat template."""
-    return mm.load(str(make_tiny_llama(tmp_path_factory.mktemp("chat"), TEXTS)))
+    """A tiny random Llama with tied embeddings, a character-level tokenizer with a chat template and a
+    vocabulary exactly the tokenizer's (so [IND] grows it), written with numpy (no torch model, no BPE training)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from serve_tiny import CHARS, SPECIALS, tiny_folder
+
+    folder = tiny_folder(tmp_path_factory.mktemp("chat"), vocab_size=len(SPECIALS) + len(CHARS),
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    return mm.load(folder)
 
 
 def _prompts():
@@ -152,8 +154,8 @@ def test_user_attention_equals_last_row_of_the_full_map(llama, alpha):
 
 def test_retrieval_head_is_the_middle_layer_argmax(chat):
     model, tokenizer = chat
-    # two questions of one length in tokens (42): one compiled forward serves both direct maps
-    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "The cat sat on the mat. Where does it sit?"]
+    # two questions of one length in tokens (55 characters): one compiled forward serves both direct maps
+    probes = ["Anna keeps a tiger in the kitchen. What does Anna keep?", "The cat sat on the mat by the door. Where does it sit ?"]
     mass = context.prompt_attention(model, tokenizer, probes)
     maps = []
     for p in probes:  # direct: full forward of each probe alone, last row
@@ -175,14 +177,15 @@ def test_user_mask_covers_exactly_the_user_contents(chat):
     assert user_text == CONVERSATION[1]["content"] + CONVERSATION[3]["content"]
     for (role, start, end), message in zip(enc.turns, CONVERSATION):
         assert role == message["role"] and tokenizer.decode(enc.ids[start:end]) == message["content"]
-    assert "<|im_start|>" in tokenizer.decode(enc.ids) and "user" not in user_text
+    assert "<|user|>" in tokenizer.decode(enc.ids) and "user" not in user_text
 
 
 def test_dependency_score_equals_the_formula(chat):
     model, tokenizer = chat
     enc = context.encode_conversation(tokenizer, CONVERSATION)
     att = forward(model, enc.ids[None], method="forward", return_attentions=True).attentions[1][0]  # [h, s, s]
-    sinks = {tokenizer.eos_token_id} | {i for i in set(enc.ids.tolist()) if tokenizer.decode([i]).strip() == ""
+    assert tokenizer.bos_token_id in enc.ids and tokenizer.convert_tokens_to_ids("\n") in enc.ids  # both sink kinds occur
+    sinks = {tokenizer.bos_token_id, tokenizer.eos_token_id} | {i for i in set(enc.ids.tolist()) if tokenizer.decode([i]).strip() == ""
                                         and "\n" in tokenizer.decode([i])}
     want = []
     for role, start, end in enc.turns:
@@ -292,8 +295,9 @@ def test_add_indicator_takes_the_first_spare_row_of_a_padded_vocabulary(llama):
 def test_nih_grid_places_the_needle_and_fits_the_length(chat):
     _, tokenizer = chat
     filler = [f"Sentence number {i} talks about the weather today." for i in range(200)]
-    tests = context_tasks.nih_grid(tokenizer, [200, 300], [0.0, 0.5, 1.0], seed=0, filler=filler)
-    assert [(t.length, t.depth) for t in tests] == [(200, 0.0), (200, 0.5), (200, 1.0), (300, 0.0), (300, 0.5), (300, 1.0)]
+    # one token per character: 400 tokens hold a needle, a question and 5 filler sentences
+    tests = context_tasks.nih_grid(tokenizer, [400, 600], [0.0, 0.5, 1.0], seed=0, filler=filler)
+    assert [(t.length, t.depth) for t in tests] == [(400, 0.0), (400, 0.5), (400, 1.0), (600, 0.0), (600, 0.5), (600, 1.0)]
     for t in tests:
         n = len(tokenizer(t.prompt, add_special_tokens=False)["input_ids"])
         assert 0.6 * t.length <= n <= t.length

@@ -17,8 +17,8 @@ import numpy as np
 
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHARS = [chr(c) for c in range(32, 127)]
-VOCAB = 128  # 6 specials + 95 characters, rounded up
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # newline last: the printable ids stay those of before
+VOCAB = 128  # 6 specials + 96 characters, rounded up
 CHAT_TEMPLATE = ("{{ '<|bos|>' }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
@@ -44,15 +44,18 @@ LLAMA = dict(  # tests/models/models_tiny.py's llama_config, with this tokenizer
 def tiny_folder(path, *, seed: int = 0, **config) -> str:
     """Saves a random tiny Llama (eos = ``<|end|>``) and the tokenizer to ``path``; returns it.
 
+    ``config`` overrides :data:`LLAMA`'s fields; ``tie_word_embeddings=True`` writes no ``lm_head``.
+
     Weights are N(0, 0.2^2) (models_tiny's ``initializer_range``: O(1) logits), norms 1 + N(0, 0.1^2).
     """
     from safetensors.numpy import save_file
 
     c = {**LLAMA, **config}
+    tied = c.pop("tie_word_embeddings", False)
     hidden, head_dim = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
     q, kv, inner = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (c["vocab_size"], hidden)}
+              **({} if tied else {"lm_head.weight": (c["vocab_size"], hidden)})}
     for i in range(c["num_hidden_layers"]):
         layer = f"model.layers.{i}."
         shapes.update({layer + "input_layernorm.weight": (hidden,),
@@ -70,7 +73,7 @@ def tiny_folder(path, *, seed: int = 0, **config) -> str:
     (path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", **c, "head_dim": head_dim, "hidden_act": "silu",
         "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "dtype": "float32"}, indent=2))
+        "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False, "dtype": "float32"}, indent=2))
     (path / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": c["bos_token_id"], "eos_token_id": c["eos_token_id"],
          "pad_token_id": c["pad_token_id"]}, indent=2))

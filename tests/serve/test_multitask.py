@@ -1,7 +1,5 @@
 """Staged multi-task fine-tuning: temperature sampling, gradient-conflict filtering, the stage plan, end to end."""
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +8,6 @@ import pytest
 
 from metafit.data.task_suite import DEFAULT_SIZES, task_examples, task_suite
 from metafit.serve import multitask as mt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from tiny_lm import make_tiny_llama  # noqa: E402
 
 
 def test_temperature_probs_match_the_closed_form():
@@ -131,9 +126,11 @@ SIZES = {"pick": 16, "pick_flipped": 8}
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
+    """A tiny chat Llama (character tokenizer, numpy weights) and a three-stage config on two tasks."""
+    from serve_tiny import tiny_folder
+
     root = tmp_path_factory.mktemp("mt")
-    texts = [f"{e.prompt} {e.response}" for t in SIZES for e in task_examples(t, 30, seed=0)]
-    model = make_tiny_llama(root / "llama", texts)
+    model = tiny_folder(root / "llama")
     config = root / "mt.yaml"
     config.write_text(json.dumps({
         "experiment": "multitask", "seed": 0,
@@ -147,22 +144,19 @@ def tiny_setup(tmp_path_factory):
 
 @pytest.mark.slow  # two real runs (single-task + three-stage) on a tiny Llama: compile-bound
 def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_setup):
-    from conftest import run_cli
+    from metafit.experiments import run_experiment
 
     root, config = tiny_setup
-    missing = run_cli("run", str(config), "--workdir", str(root / "early"))
-    assert missing.returncode != 0 and "configs/serve/multitask_single.yaml --set args.task=pick" in missing.stderr
+    with pytest.raises(FileNotFoundError, match="configs/serve/multitask_single.yaml --set args.task=pick"):
+        run_experiment(config, workdir=root / "early")
     assert not (root / "early").exists()  # refused before the run folder was created
     # arm single runs once; the other task's single-task result is a file with a known value, which
     # stage 1 must read as it is (a second single run would check nothing new)
-    out = run_cli("run", str(config), "--set", "args.arm=single", "--set", "args.task=pick",
-                  "--workdir", str(root / "single" / "pick"))
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_experiment(config, ["args.arm=single", "args.task=pick"], workdir=root / "single" / "pick")
     (root / "single" / "pick_flipped").mkdir(parents=True)
     (root / "single" / "pick_flipped" / "results.json").write_text(
         json.dumps({"methods": {"single": {"pick_flipped_em": 0.375}}}))
-    out = run_cli("run", str(config), "--workdir", str(root / "three"))
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_experiment(config, workdir=root / "three")
     run = root / "three"
     filtering = json.loads((run / "filtering.json").read_text())
     assert set(filtering["decisions"]) == set(SIZES) and filtering["decisions"]["pick"]["kept"]
@@ -179,5 +173,6 @@ def test_three_stage_end_to_end_writes_filtering_and_a_servable_adapter(tiny_set
     assert results["metrics"]["train_steps"] == 5  # stage 2 + stage 3
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(root / "llama")
-    bad = run_cli("run", str(config), "--set", "args.arm=mixed", "--workdir", str(root / "bad"))
-    assert bad.returncode != 0 and "args.arm must be one of" in bad.stderr
+    with pytest.raises(ValueError, match="args.arm must be one of"):
+        run_experiment(config, ["args.arm=mixed"], workdir=root / "bad")
+    assert not (root / "bad").exists()
