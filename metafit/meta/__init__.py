@@ -40,6 +40,7 @@ from metafit.meta.learners import (
 from metafit.meta.outer import (
     adapted_predictions,
     batch_meta_loss,
+    over_tasks,
     evaluate,
     meta_loss,
     meta_value_and_grad,
@@ -58,7 +59,7 @@ from metafit.meta.weighting import (
 __all__ = [
     "BACKBONES", "MLP", "Conv4", "Network", "build_backbone", "functional", "KERNELS", "Kernel", "IllConditionedWarning", "ntk_gram", "ntk_cross",
     "regularised_cholesky", "ridge_coefficients", "flow_coefficients", "warn_if_jittered", "LOSSES", "META_LEARNERS", "MetaLearner",
-    "inner_sgd", "learner_config", "make_learner", "meta_loss", "adapted_predictions", "batch_meta_loss", "task_value_and_grad",
+    "inner_sgd", "learner_config", "make_learner", "meta_loss", "adapted_predictions", "batch_meta_loss", "over_tasks", "task_value_and_grad",
     "meta_value_and_grad", "evaluate", "summarize", "TASK_WEIGHTINGS", "task_gram", "gradient_agreement",
     "gradient_agreement_clipped", "softmax_cosine", "combine_task_grads",
 ]

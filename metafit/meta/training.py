@@ -60,23 +60,26 @@ def meta_train(cfg, args, learner_name: str, learner_args: dict, run, stage: str
     learner = make_learner(learner_name, network, loss=loss, output_dim=tasks.output_dim,
                            config=learner_config(learner_name, learner_args))
     metric = "query_mse" if loss == "mse" else "query_accuracy"
+    batching = getattr(args, "task_batching", "vmap")
+    eval_chunk = 100 if batching == "vmap" else 1  # unrolled training: evaluate one task at a time (no vmap)
     eval_key = jax.random.key(args.eval_seed)
     val_batch = eval_tasks.validation.sample_batch(jax.random.fold_in(eval_key, 1), args.val_tasks)
 
     def eval_fn(p):
-        scores = summarize(evaluate(learner, p, val_batch, jax.random.fold_in(eval_key, 2)))
+        scores = summarize(evaluate(learner, p, val_batch, jax.random.fold_in(eval_key, 2), chunk=eval_chunk))
         return {f"val_{metric}": scores[metric], "val_query_loss": scores["query_loss"]}
 
     # One device gains nothing from a mesh, so it is used only when there is something to shard over.
     mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
     sampler = DeviceSampler(tasks.train.batch_fn(cfg.train.batch_size), data=tasks.train.data)
-    result = fit(lambda p, batch, key: batch_meta_loss(learner, p, batch, key), learner.init(params), sampler,
-                 cfg.train, key=jax.random.key(cfg.seed), workdir=run.checkpoint_dir(stage), eval_fn=eval_fn,
-                 grad_fn=lambda p, batch, key: meta_value_and_grad(learner, p, batch, key), mesh=mesh,
-                 name=stage, log=run.metrics)
+    result = fit(lambda p, batch, key: batch_meta_loss(learner, p, batch, key, batching=batching),
+                 learner.init(params), sampler, cfg.train, key=jax.random.key(cfg.seed),
+                 workdir=run.checkpoint_dir(stage), eval_fn=eval_fn,
+                 grad_fn=lambda p, batch, key: meta_value_and_grad(learner, p, batch, key, batching=batching),
+                 mesh=mesh, name=stage, log=run.metrics)
 
     test_batch = eval_tasks.test.sample_batch(jax.random.fold_in(eval_key, 3), args.eval_tasks)
-    scores = summarize(evaluate(learner, result.params, test_batch, jax.random.fold_in(eval_key, 4)))
+    scores = summarize(evaluate(learner, result.params, test_batch, jax.random.fold_in(eval_key, 4), chunk=eval_chunk))
     losses = np.array([h["loss"] for h in result.history])
     metrics = {
         metric: scores[metric],

@@ -36,3 +36,10 @@ def test_every_reproduction_job_validates_and_the_table_builds():
                for s, v in enumerate((1.0, 2.0, 3.0))}
     table = grid.load_builder().build(records, "cpu", grid.variables("cpu"))["table.md"]
     assert "| maml | not run | 2.000 ± 1.000 (n=3) |" in table  # mean ± sample sd (ddof = 1) of 1, 2, 3
+
+
+def test_task_batching_outside_its_choices_is_refused_before_any_compute():
+    with pytest.raises(ValueError, match="task_batching"):
+        load_run_config(REPO / "configs" / "meta" / "glyphs_maml.yaml", ["args.task_batching=loop"])
+    assert load_run_config(REPO / "configs" / "meta" / "glyphs_maml.yaml",
+                           ["args.task_batching=unroll"]).args.task_batching == "unroll"

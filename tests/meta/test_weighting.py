@@ -88,3 +88,32 @@ def test_gradient_agreement_downweights_an_opposing_task_in_the_meta_gradient():
     # per-task grads of mean((x w - y)^2) at w = 0: -y_0 on w_0 -> (-1, -1, +1); weights (1/3, 1/3, -1/3)
     np.testing.assert_allclose(grads["net"]["w"][:, 0], [-1.0, 0.0], rtol=1e-6)
     assert float(metrics["weight_negative"]) == pytest.approx(1 / 3)
+
+
+def test_unrolled_tasks_give_the_vmapped_meta_gradient():
+    """batching="unroll" (one trace per task) against the vmap of all 6 tasks, for the fused mean and for a
+    weighting (per-task gradients), with the same per-task keys; and evaluate one task at a time (chunk=1)."""
+    from metafit.meta import batch_meta_loss, evaluate, over_tasks
+
+    network, params = functional(MLP(1, (16,), 1, rngs=nnx.Rngs(0)))
+    tasks = get_tasksets("sinusoid", shots=5, queries=5).train.sample_batch(jax.random.key(0), 6)
+    learner = make_learner("maml", network, loss="mse", output_dim=1, inner_steps=2)
+    meta = learner.init(params)
+
+    @jax.jit
+    def both(p):
+        key = jax.random.key(1)
+        return {batching: (meta_value_and_grad(learner, p, tasks, key, weighting=None, batching=batching),
+                           meta_value_and_grad(learner, p, tasks, key, batching=batching,
+                                               weighting=TASK_WEIGHTINGS.get("softmax_cosine")),
+                           batch_meta_loss(learner, p, tasks, key, batching=batching)[0])
+                for batching in ("vmap", "unroll")}
+
+    out = both(meta)
+    for got, want in zip(jax.tree.leaves(out["unroll"]), jax.tree.leaves(out["vmap"])):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    assert float(out["vmap"][0][0][0]) == pytest.approx(float(out["vmap"][2]))  # the fused loss is the batch mean
+    one, all_ = (evaluate(learner, meta, tasks, jax.random.key(2), chunk=c) for c in (1, 6))
+    np.testing.assert_allclose(one["query_loss"], all_["query_loss"], rtol=2e-5)
+    with pytest.raises(ValueError, match="'vmap' or 'unroll'"):
+        over_tasks(lambda task, k: 0.0, tasks, jax.random.split(jax.random.key(0), 6), "loop")
