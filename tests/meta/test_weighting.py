@@ -54,11 +54,16 @@ def test_softmax_cosine_matches_hand_computation():
     np.testing.assert_allclose(softmax_cosine(GRADS, temperature=0.5), expected, rtol=1e-5)
 
 
-def test_uniform_weights_reproduce_the_unweighted_meta_gradient():
+def _maml_on_six_sinusoids():
+    """Two-step MAML on an MLP 1-16-1, its meta-parameters and a batch of 6 sinusoid tasks."""
     network, params = functional(MLP(1, (16,), 1, rngs=nnx.Rngs(0)))
     tasks = get_tasksets("sinusoid", shots=5, queries=5).train.sample_batch(jax.random.key(0), 6)
     learner = make_learner("maml", network, loss="mse", output_dim=1, inner_steps=2)
-    meta = learner.init(params)
+    return learner, learner.init(params), tasks
+
+
+def test_uniform_weights_reproduce_the_unweighted_meta_gradient():
+    learner, meta, tasks = _maml_on_six_sinusoids()
 
     @jax.jit
     def both(p):
@@ -95,10 +100,7 @@ def test_unrolled_tasks_give_the_vmapped_meta_gradient():
     weighting (per-task gradients), with the same per-task keys; and evaluate one task at a time (chunk=1)."""
     from metafit.meta import batch_meta_loss, evaluate, over_tasks
 
-    network, params = functional(MLP(1, (16,), 1, rngs=nnx.Rngs(0)))
-    tasks = get_tasksets("sinusoid", shots=5, queries=5).train.sample_batch(jax.random.key(0), 6)
-    learner = make_learner("maml", network, loss="mse", output_dim=1, inner_steps=2)
-    meta = learner.init(params)
+    learner, meta, tasks = _maml_on_six_sinusoids()
 
     @jax.jit
     def both(p):
