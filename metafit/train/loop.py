@@ -538,6 +538,13 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
         return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), scalars)
 
     def chunk(state, frozen, batches, key, n, hyper):
+        if n == 1:
+            # No loop for a single step: XLA's CPU backend runs convolutions inside a while loop through a
+            # slow path (jax-ml/jax#12868; a Conv4 step: 0.9 s alone, 8.6 s as a scan of length 1), and
+            # it keeps a loop of one trip. Same ops, same numbers, a leading step axis of 1 as the scan's.
+            batch = batches if sampler is not None else jax.tree.map(lambda x: x[0], batches)
+            new_state, scalars = one_step(state, frozen, batch, key, hyper)
+            return new_state, jax.tree.map(lambda x: x[None], scalars)
         if sampler is not None:  # ``batches`` is the sampler's data (or None), the same at every step
             return jax.lax.scan(lambda s, _: one_step(s, frozen, batches, key, hyper), state, None, length=n)
         return jax.lax.scan(lambda s, b: one_step(s, frozen, b, key, hyper), state, batches)

@@ -163,8 +163,8 @@ def conv4_line(by: dict) -> str:
     parts = [f"{learner} {plain(by[('conv4_timing', learner)], 'seconds_per_iter', '.2f')}"
              for learner in ("protonet", "maml")]
     return ("Conv4 timing runs of an earlier round (32 filters, 5-way 1-shot, meta-batch 8, MAML's tasks vmapped, "
-            f"first-chunk compilation included, 20 iterations at the lowest priority): {', '.join(parts)} s per "
-            "meta-iteration.")
+            "10 steps per dispatch: both slow paths of XLA's CPU backend; first-chunk compilation included, 20 "
+            f"iterations at the lowest priority): {', '.join(parts)} s per meta-iteration.")
 
 
 def build_table(rows: list[dict], scale_name: str, eval_tasks: int, failed: set = frozenset()) -> str:
@@ -199,7 +199,8 @@ def build_table(rows: list[dict], scale_name: str, eval_tasks: int, failed: set 
              *glyph_table(by, failed, seed=0), "",
              f"Glyph 5-way 1-shot on the Conv4 backbone (32 filters, transductive batch norm, meta-batch 8, 300 "
              f"meta-iterations, {eval_tasks} held-out tasks), beside the MLP rows above; MAML's tasks unrolled "
-             "(`args.task_batching=unroll`, the same numbers as vmap, 10x faster on this CPU).", "",
+             "(`args.task_batching=unroll`, the same numbers as vmap, 10x faster on this CPU), one step per dispatch "
+             "(a convolution inside XLA's loop takes a slow path on CPU).", "",
              *conv4_table(by, failed), "", spread, "",
              conv4_line(by), "",
              "MAML at its config's length (30,000 meta-iterations) beside the 2,000-iteration rows above restricted "
