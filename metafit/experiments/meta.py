@@ -53,8 +53,8 @@ class MetaArgs:
       eval_seed: seed of the held-out task keys (shared across learners and seeds).
       task_batching: ``vmap`` (default; what a mesh shards) or ``unroll``: the meta-batch traced task by
         task and evaluations mapped one task at a time. ``unroll`` is for MAML-family learners on Conv4
-        on a CPU, where per-task weights make a vmapped convolution a grouped one: 0.7 s instead of 13.7 s
-        per meta-gradient (``metafit.meta.over_tasks``); compilation grows with the meta-batch.
+        on a CPU, where per-task weights make a vmapped convolution a grouped one: 1.1 s instead of 14.8 s
+        per meta-gradient (``benchmarks/meta_task_batching.py``); compilation grows with the meta-batch.
     """
 
     taskset: str = "sinusoid"

@@ -67,8 +67,9 @@ def over_tasks(fn, tasks: Task, keys: jax.Array, batching: str = "vmap"):
     ``"unroll"`` traces ``fn`` once per task (a Python loop inside the compiled program; compilation
     grows with the batch). On XLA's CPU backend the adapted weights of MAML-family learners make a
     vmapped convolution a grouped one, and a ``lax.map`` over tasks is no better under
-    differentiation: second-order MAML on Conv4 (32 filters, 8 glyph tasks) took 13.7 s per
-    meta-gradient vmapped, 6.5 s under ``lax.map`` and 0.7 s unrolled (``benchmarks/meta_task_chunk.py``).
+    differentiation (a convolution inside a loop takes a slow path there, jax-ml/jax#12868): second-order
+    MAML on Conv4 (32 filters, 8 glyph tasks) took 14.8 s per meta-gradient vmapped and 1.1 s unrolled
+    (``benchmarks/meta_task_batching.py``; 6.5 s under ``lax.map`` in a scratch measurement).
     """
     if batching == "vmap":
         return jax.vmap(fn)(tasks, keys)
