@@ -36,7 +36,8 @@ class TrainConfig:
       keep_checkpoints: how many recent checkpoints to keep.
       steps_per_dispatch: optimiser steps fused into one jitted call with ``lax.scan`` (1: no loop).
         Keep 1 for convolutional models on a CPU: XLA runs a convolution inside a loop through a
-        slow path there (jax-ml/jax#12868; a Conv4 meta-step 0.9 s alone, 8.6 s in a loop).
+        slow path there (jax-ml/jax#12868; a Conv4 step 1.0 s alone, 9.6 s as a scan of one step,
+        ``benchmarks/meta_task_batching.py``).
       remat: rematerialisation of metafit decoder blocks in the backward pass: ``none`` (keep all
         activations), ``block`` (recompute each block, least memory), ``dots_saveable`` (keep matmul
         outputs, recompute the rest); see :mod:`metafit.models.remat`.

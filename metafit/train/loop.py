@@ -540,7 +540,7 @@ def _jitted_chunk(loss_fn, grad_fn, config: TrainConfig, sampler, mesh):
     def chunk(state, frozen, batches, key, n, hyper):
         if n == 1:
             # No loop for a single step: XLA's CPU backend runs convolutions inside a while loop through a
-            # slow path (jax-ml/jax#12868; a Conv4 step: 0.9 s alone, 8.6 s as a scan of length 1), and
+            # slow path (jax-ml/jax#12868; a Conv4 step: 1.0 s alone, 9.6 s as a scan of length 1), and
             # it keeps a loop of one trip. Same ops, same numbers, a leading step axis of 1 as the scan's.
             batch = batches if sampler is not None else jax.tree.map(lambda x: x[0], batches)
             new_state, scalars = one_step(state, frozen, batch, key, hyper)
