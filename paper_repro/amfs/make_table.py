@@ -119,6 +119,7 @@ def weighting_table(by: dict, rows: list[dict], failed: set) -> list[str]:
         if weighting == "gradient_agreement":
             gaps[learner] += [abs(rerun["query_mse"] - main["query_mse"]) for rerun in reruns
                               for main in by[(group, learner)] if main["seed"] == rerun["seed"]]
+    gaps = {learner: g for learner, g in gaps.items() if g}  # reruns whose main rows exist
     if not gaps:
         return lines + ["", "The gradient-agreement weight statistics need the reruns "
                             "`weighting_*_gradient_agreement_*` (not run)."]
