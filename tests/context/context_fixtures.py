@@ -13,3 +13,13 @@ def chat_folder(tmp_path_factory):
     from serve_tiny import tiny_folder
 
     return tiny_folder(tmp_path_factory.mktemp("chat"), max_position_embeddings=512)
+
+
+def forward(model, ids, mask=None, **kwargs):
+    """models_tiny's one-jit forward; models_tiny (torch, transformers) is imported on first use, not at collection."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from models_tiny import forward as jitted
+
+    return jitted(model, ids, mask, **kwargs)
