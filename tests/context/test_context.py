@@ -1,9 +1,6 @@
 """metafit.context on a tiny chat model: the retrieval head, user masks, s_M, the indicator token under LoRA, NIH
 data and bucketed answers, against direct computation. The tiny-Llama tests (steering, user attention) are in
 test_steering.py."""
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -21,7 +18,6 @@ from context_fixtures import forward
 def chat(tmp_path_factory):
     """A tiny random Llama with tied embeddings, a character-level tokenizer with a chat template and a
     vocabulary exactly the tokenizer's (so [IND] grows it), written with numpy (no torch model, no BPE training)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
     from serve_tiny import CHARS, SPECIALS, tiny_folder
 
     folder = tiny_folder(tmp_path_factory.mktemp("chat"), vocab_size=len(SPECIALS) + len(CHARS),

@@ -1,9 +1,6 @@
 """metafit.context on a tiny Llama: steering, user attention, the indicator row of an untied or padded head and
 bad input, against direct computation. The chat-model tests are in test_context.py (two files, so that xdist's
 per-file scheduling spreads them over its workers)."""
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +17,6 @@ NEW = 5
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """models_tiny's tiny Llama (vocabulary 97, 64 positions, untied head), its folder written with numpy (no torch)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
     from serve_tiny import tiny_folder
 
     return mm.load(tiny_folder(tmp_path_factory.mktemp("llama"), vocab_size=97, max_position_embeddings=64),
