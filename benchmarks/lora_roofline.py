@@ -149,7 +149,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    cfg = dict(layers=args.layers, seq=args.seq, hidden=576, mlp=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)
+    from lora_throughput import smollm2_135m  # the shapes lora_throughput.py trains
+
+    model = smollm2_135m(args.layers)
+    cfg = dict(layers=args.layers, seq=args.seq, hidden=model.hidden_size, mlp=model.intermediate_size,
+               heads=model.num_attention_heads, kv_heads=model.num_key_value_heads, head_dim=model.head_dim,
+               vocab=model.vocab_size)
     tokens = args.batch * args.seq
     products = step_products(cfg, tokens, args.targets.split(","), args.rank, forward_only=args.scoring)
     load_before = os.getloadavg()[0]
