@@ -37,6 +37,9 @@ class DeliftArgs:
       budget: fraction of the pool selected.
       arms: the arms to run (see ``metafit.select.study.ARMS``).
       block: utility tile size (the unit of resume).
+      utility_cache: a folder shared by runs, one subfolder per utility kernel (named by the digest of
+        model, pairs and block): the use cases of one seed score the same pool once (empty = the
+        run folder's ``utility/``).
       lora: the adapter every trained arm gets.
       buckets: padded SFT sequence lengths.
       max_new_tokens: generation budget of the answers scored.
@@ -57,6 +60,7 @@ class DeliftArgs:
     budget: float = 0.3
     arms: tuple[str, ...] = study.ARMS
     block: int = 64
+    utility_cache: str = ""
     lora: peft.LoraConfig = field(default_factory=lambda: peft.LoraConfig(rank=8, alpha=16.0,
                                                                           targets=("q_proj", "v_proj")))
     buckets: tuple[int, ...] = (64,)
@@ -91,5 +95,6 @@ def delift(cfg: RunConfig, run: RunDir) -> dict:
     results = study.run_arms(model, tokenizer, encoder, encoder_tokenizer, sets, args.use_case, arms=args.arms,
                              budget_fraction=args.budget, lora=args.lora, train_config=cfg.train, seed=cfg.seed,
                              folder=run.path, block=args.block, buckets=args.buckets,
-                             max_new_tokens=args.max_new_tokens, less_dim=args.less_dim, log=run.metrics)
+                             max_new_tokens=args.max_new_tokens, less_dim=args.less_dim, log=run.metrics,
+                             utility_cache=Path(args.utility_cache) if args.utility_cache else None)
     return {"methods": results}

@@ -139,16 +139,21 @@ class Kernels:
 
 
 def kernels(model, tokenizer, encoder, encoder_tokenizer, sets: Sets, use_case: str, *, workdir: Path,
-            block: int) -> Kernels:
-    """Utility kernels (resumable under ``workdir``) and sentence-embedding kernels of a use case."""
-    bare, joined = pair_distances(model, tokenizer, sets.pool, sets.pool, workdir=workdir / "pool", block=block)
+            block: int, cache_dir: Path | None = None) -> Kernels:
+    """Utility kernels (resumable under ``workdir``, or shared under ``cache_dir``) and sentence-embedding
+    kernels of a use case."""
+    def distances(queries, examples, name):
+        where = dict(cache_dir=cache_dir) if cache_dir is not None else dict(workdir=workdir / name)
+        return pair_distances(model, tokenizer, queries, examples, block=block, **where)
+
+    bare, joined = distances(sets.pool, sets.pool, "pool")
     utility = similarity_from_utility(bare[0][:, None] - joined[0])
     side = None
     if use_case == "task":  # how well pool pair j serves target pair q, transposed to [pool, target]
-        b, j = pair_distances(model, tokenizer, sets.side, sets.pool, workdir=workdir / "side", block=block)
+        b, j = distances(sets.side, sets.pool, "side")
         side = similarity_from_utility(b[0][:, None] - j[0]).T
     elif use_case == "continual":  # how well existing pair k serves pool pair i: [pool, existing]
-        b, j = pair_distances(model, tokenizer, sets.pool, sets.side, workdir=workdir / "side", block=block)
+        b, j = distances(sets.pool, sets.side, "side")
         side = similarity_from_utility(b[0][:, None] - j[0])
     texts = lambda pairs: [f"{p.prompt} {p.response}" for p in pairs]  # noqa: E731
     pool_emb = metrics.embed_texts(encoder, encoder_tokenizer, texts(sets.pool))
@@ -213,17 +218,19 @@ def sft_and_score(model, tokenizer, train: list[Instruction], evaluate: list[Ins
 def run_arms(model, tokenizer, encoder, encoder_tokenizer, sets: Sets, use_case: str, *, arms: Sequence[str],
              budget_fraction: float, lora: peft.LoraConfig, train_config: TrainConfig, seed: int, folder: Path,
              block: int = 64, buckets: Sequence[int] = (64,), max_new_tokens: int = 8, less_dim: int = 256,
-             log=None) -> dict[str, dict[str, Any]]:
+             log=None, utility_cache: Path | None = None) -> dict[str, dict[str, Any]]:
     """Selects with every arm, writes ``selected_<arm>.jsonl`` to ``folder``, fine-tunes and scores each.
 
-    The utility tiles live in ``folder/utility`` (a rerun resumes them); checkpoints in
+    The utility tiles live in ``folder/utility`` (a rerun resumes them), or in ``utility_cache``, one
+    folder per kernel shared with every run that needs the same one; checkpoints in
     ``folder/checkpoints/<arm>``.
     """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {ARMS}")
     budget = budget_of(budget_fraction, len(sets.pool))
-    k = kernels(model, tokenizer, encoder, encoder_tokenizer, sets, use_case, workdir=folder / "utility", block=block)
+    k = kernels(model, tokenizer, encoder, encoder_tokenizer, sets, use_case, workdir=folder / "utility", block=block,
+                cache_dir=utility_cache)
     less = None
     if "less" in arms:
         key = jax.random.key(seed)

@@ -37,7 +37,10 @@ prompt as its own padded row instead (the same numbers; for benchmarks and check
 Resume: with ``workdir``, each ``block x block`` tile of distances is saved as it finishes
 (``tile_<qi>_<ej>.npy``, written atomically) next to ``manifest.json``, which fingerprints
 the model's weights, the token ids of every prompt piece and the block size. A rerun skips
-finished tiles; a folder made for another model, example set or block size is refused.
+finished tiles; a folder made for another model, example set or block size is refused. With
+``cache_dir`` instead, the tiles go to ``cache_dir/<digest of that manifest>``: runs that ask for
+the same kernel (the same pool under the same model, e.g. the use cases of one seed) share it,
+and a different kernel gets its own folder.
 """
 from __future__ import annotations
 
@@ -308,9 +311,11 @@ class _TileStore:
 
 
 def pair_distances(model, tokenizer, queries: Sequence, examples: Sequence, *, workdir=None, block: int = 64,
-                   batch_pairs: int = 256, reuse_prefix: bool = True,
-                   prompts: Prompts = Prompts()) -> tuple[np.ndarray, np.ndarray]:
+                   batch_pairs: int = 256, reuse_prefix: bool = True, prompts: Prompts = Prompts(),
+                   cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
     """Distances of every query's response without and with each example in context.
+
+    ``workdir`` or ``cache_dir`` (not both) keep finished tiles (module docstring).
 
     Returns:
       ``(bare [2, n_q], joined [2, n_q, n_e])``; index 0 of the first axis is the L2 distance,
@@ -318,13 +323,18 @@ def pair_distances(model, tokenizer, queries: Sequence, examples: Sequence, *, w
     """
     if block < 1 or batch_pairs < 1:
         raise ValueError(f"block and batch_pairs must be >= 1, got {block} and {batch_pairs}")
+    if workdir is not None and cache_dir is not None:
+        raise ValueError("pass workdir (tiles of this kernel) or cache_dir (a folder per kernel), not both")
     encoded = encode(tokenizer, queries, examples, prompts)
     _check_lengths(encoded, context_length(model))
-    store = _TileStore(workdir, {
+    manifest = {
         "model": fingerprint_model(model), "queries": _fingerprint_ids(encoded.queries),
         "examples": _fingerprint_ids(encoded.heads), "prompts": _fingerprint_ids([encoded.bare_head]),
         "block": block,
-    })
+    }
+    if cache_dir is not None:
+        workdir = Path(cache_dir) / hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+    store = _TileStore(workdir, manifest)
     tiler = _Tiler(model, encoded, block, batch_pairs)
     n_q, n_e = len(encoded.queries), len(encoded.heads)
     query_blocks = [np.arange(s, min(s + block, n_q)) for s in range(0, n_q, block)]
@@ -353,7 +363,7 @@ def pair_distances(model, tokenizer, queries: Sequence, examples: Sequence, *, w
 
 def utility_matrix(model, tokenizer, queries: Sequence, examples: Sequence, *, distance: str = "l2",
                    workdir=None, block: int = 64, batch_pairs: int = 256, reuse_prefix: bool = True,
-                   prompts: Prompts = Prompts()) -> np.ndarray:
+                   prompts: Prompts = Prompts(), cache_dir=None) -> np.ndarray:
     r"""``U[i, j]`` = utility of ``examples[j]`` as an in-context demonstration for ``queries[i]``.
 
     :math:`U_{ij} = d(GT_i, p(y_i|x_i)) - d(GT_i, p(y_i|x_j, y_j, x_i))` (module docstring);
@@ -366,6 +376,9 @@ def utility_matrix(model, tokenizer, queries: Sequence, examples: Sequence, *, d
         :class:`~metafit.data.instructions.Instruction`).
       distance: ``"l2"`` (the paper's) or ``"kl"`` (conditional PMI per token).
       workdir: folder for resumable tiles (None = keep nothing).
+      cache_dir: instead of ``workdir``, a folder shared by many kernels: this one's tiles go to a
+        subfolder named by the digest of its model, queries, examples, prompts and block size, so
+        a later call for the same kernel (another run, another use case) computes nothing.
       block: queries and examples per tile (the unit of checkpointing).
       batch_pairs: pairs per forward (memory knob; examples per chunk = ``batch_pairs // block``).
       reuse_prefix: reuse each example's KV cache for all queries (False: one joined row per pair).
@@ -376,13 +389,15 @@ def utility_matrix(model, tokenizer, queries: Sequence, examples: Sequence, *, d
 
     Raises:
       ValueError: unknown distance, empty response or instruction, a prompt longer than the
-        model's context (named with its index), or a ``workdir`` made for another model,
-        example set, query set or block size. Raised before any compute.
+        model's context (named with its index), a ``workdir`` made for another model,
+        example set, query set or block size, or both ``workdir`` and ``cache_dir``. Raised before
+        any compute.
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     bare, joined = pair_distances(model, tokenizer, queries, examples, workdir=workdir, block=block,
-                                  batch_pairs=batch_pairs, reuse_prefix=reuse_prefix, prompts=prompts)
+                                  batch_pairs=batch_pairs, reuse_prefix=reuse_prefix, prompts=prompts,
+                                  cache_dir=cache_dir)
     k = DISTANCES.index(distance)
     return (bare[k][:, None] - joined[k]).astype(np.float32)
 

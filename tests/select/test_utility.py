@@ -1,4 +1,6 @@
 """The DELIFT utility kernel against a direct per-pair computation; resume; scaling; bad input."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +86,25 @@ def test_resume_recomputes_only_missing_tiles_and_refuses_other_runs(tiny, data,
     with pytest.raises(ValueError, match="different examples"):
         select.utility_matrix(model, tokenizer, data[:5], data[:6], workdir=workdir, block=4)
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_cache_dir_shares_one_folder_per_kernel(tiny, data, distances, tmp_path):
+    model, tokenizer = tiny
+    workdir, (bare, joined) = distances
+    first = utility.pair_distances(model, tokenizer, data[:5], data, cache_dir=tmp_path, block=4, batch_pairs=8)
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "manifest.json").read_text()) == json.loads((workdir / "manifest.json").read_text())
+    np.testing.assert_allclose(first[1], joined, atol=1e-6)
+    marked = np.load(folder / "tile_1_0.npy")
+    np.save(folder / "tile_1_0.npy", marked + 100.0)  # another run asking for the same kernel reads it
+    again = utility.pair_distances(model, tokenizer, data[:5], data, cache_dir=tmp_path, block=4, batch_pairs=8)
+    np.testing.assert_allclose(again[1][:, 4:, :4], joined[:, 4:, :4] + 100.0, atol=1e-5)
+    other = utility.pair_distances(model, tokenizer, data[:5], data[:6], cache_dir=tmp_path, block=4, batch_pairs=8)
+    assert len(list(tmp_path.iterdir())) == 2  # another example set: its own folder, the first untouched
+    np.testing.assert_allclose(other[1], joined[:, :, :6], atol=1e-5)
+    np.testing.assert_allclose(np.load(folder / "tile_1_0.npy"), marked + 100.0)
+    with pytest.raises(ValueError, match="not both"):
+        utility.pair_distances(model, tokenizer, data[:5], data, workdir=workdir, cache_dir=tmp_path, block=4)
 
 
 def test_bad_pairs_are_named_before_compute(tiny, data):
