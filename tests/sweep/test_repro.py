@@ -12,7 +12,7 @@ from metafit import cli, sweep
 REPO = Path(__file__).resolve().parents[2]
 PAPERS = [("amfs", "cpu"), ("clear", "gpu"), ("clear", "cpu"), ("prompt", "cpu"), ("atm", "cpu"), ("compatible", "cpu"),
           ("posttrain", "cpu"), ("context", "cpu"), ("delift", "small"), ("delift", "smollm2"),
-          ("mt_server", "cpu")]
+          ("mt_server", "cpu"), ("mt_server", "smollm2")]
 
 
 def test_every_grid_has_committed_results_checked_here():
