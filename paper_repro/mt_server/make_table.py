@@ -120,7 +120,7 @@ def build(records: dict, scale: str, variables: dict) -> dict[str, str | bytes]:
                                                         ("single", "naive", "three_stage", "served", "probe")) + " | |")
     lines += ["", "\\* served: the three-stage adapter for kept tasks, the task's own single-task adapter for a task "
               "stage 1 dropped (one server holds both, see metafit.serve).", "",
-              *(serving_cost_lines() if scale == "cpu" else ["Serving cost: measured at the cpu scale only."]), "",
+              *serving_cost_lines(RESULTS if scale == "cpu" else RESULTS / scale), "",
               f"Paper: {PAPER}", "", "Verdict: " + _verdict(means, dropped, len(tasks))]
     if failed:
         lines += ["", "Failed jobs (error in sweep.json):", ""] + [
@@ -134,25 +134,34 @@ def serving_cost_lines(folder: Path = RESULTS) -> list[str]:
     """The serving-cost table from ``results/serving_cost_s<seed>.json`` (paper_repro/mt_server/serving_cost.py)."""
     files = sorted(folder.glob("serving_cost_s*.json"))
     if not files:
-        return ["Serving cost: not measured (PYTHONPATH=. python paper_repro/mt_server/serving_cost.py --seed S)."]
+        return ["Serving cost: not measured (PYTHONPATH=. python paper_repro/mt_server/serving_cost.py --seed S; its "
+                "docstring has the command for each scale)."]
     lines = ["Serving cost (`paper_repro/mt_server/serving_cost.py`; every task's held-out prompts, all submitted at "
              "once, greedy; each deployment in its own processes on this machine):", "",
              "| seed | deployment | processes | adapters held | parameters held | resident memory | requests/s | "
              "tokens/s | p50 latency | p99 latency | mean exact match served | served = grid scores |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    in_turn = False
     for path in files:
         result = json.loads(path.read_text())
         deployments = result["deployments"]
         fleet = deployments["eleven_processes"]["resident_mb"]
+        in_turn = in_turn or any(d.get("in_turn") for d in deployments.values())
         for name, d in deployments.items():
             memory = f"{d['resident_mb']:,.0f} MB" + (f" ({d['resident_mb'] / fleet - 1:+.1%})"
                                                      if name != "eleven_processes" else "")
             same = "yes" if not d["tasks_served_differently"] else "no: " + ", ".join(d["tasks_served_differently"])
-            lines.append(f"| {result['seed']} | {DEPLOYMENT_NAMES[name]} | {d['processes']} | {d['adapters_held']} | "
+            label = DEPLOYMENT_NAMES[name] + (" (run one after another**)" if d.get("in_turn") else "")
+            lines.append(f"| {result['seed']} | {label} | {d['processes']} | {d['adapters_held']} | "
                          f"{d['parameters'] / 1e6:.2f}M | {memory} | {d['requests_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
                          f"{d['p50_latency_s']:.2f} s | {d['p99_latency_s']:.2f} s | {d['mean_exact_match']:.3f} | {same} |")
     loads = sorted(x for path in files for d in json.loads(path.read_text())["deployments"].values()
                    for x in d["load_average"])
+    if in_turn:
+        lines += ["", "\\** one after another: eleven processes of this model do not fit in memory at once here, so each "
+                  "served its task alone; memory and parameters are summed, requests/s and tokens/s are over the summed "
+                  "serving time, and p50/p99 are each process's own with the CPU to itself (lower bounds for eleven "
+                  "processes serving at once)."]
     lines += ["", f"Load average during these measurements {loads[0]:.1f}-{loads[-1]:.1f} (a shared 2-core CPU)."]
     return lines
 

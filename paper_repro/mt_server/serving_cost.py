@@ -3,6 +3,9 @@
     PYTHONPATH=. python paper_repro/mt_server/serving_cost.py --seed 1
         # reads runs/repro/mt_server/cpu/{single_<task>,naive,three_stage}_s1 (metafit repro mt_server)
         # writes paper_repro/mt_server/results/serving_cost_s1.json
+    PYTHONPATH=. python paper_repro/mt_server/serving_cost.py --seed 0 --in-turn --repeats 1 \
+        --runs runs/repro/mt_server/smollm2 --out paper_repro/mt_server/results/smollm2/serving_cost_s0.json
+        # SmolLM2-135M (metafit repro mt_server --scale smollm2): the eleven processes one after another
 
 The paper's claim is about deployments: eleven task models served by one ("up to 90.9 % less
 serving overhead", 11 -> 1). Four deployments of the same eleven tasks, each built the way
@@ -11,7 +14,12 @@ the same rank-class slots) and each in its own subprocess, so the memory measure
 
 * ``eleven_processes`` -- one server per task holding that task's single-task adapter and serving
   only that task's requests; the eleven processes run at once on this machine (each compiles and
-  warms up, then all start serving together), and their memory and parameters are summed;
+  warms up, then all start serving together), and their memory and parameters are summed. With
+  ``--in-turn`` (SmolLM2-135M: eleven of its processes do not fit in 24 GB beside anything else) they
+  run one after another instead, each measured alone: memory and parameters are still summed (what
+  eleven would hold at once), throughput is all requests over the *summed* serving seconds (the same
+  CPU time, shared in turn rather than at once), and latencies are each process's own with the CPU to
+  itself, so the fleet's p50/p99 are lower bounds of what it would show serving at once;
 * ``one_server_eleven_adapters`` -- one server holding the eleven single-task adapters, all traffic
   mixed in its batches (per-row adapter slots);
 * ``one_server_three_stage`` -- one server holding the three-stage deployment: the multi-task adapter
@@ -158,10 +166,11 @@ def serve_once(model: str, adapters: dict[str, str], requests: list[tuple[str, s
             "load_average": os.getloadavg()[0]}
 
 
-def summary(parts: list[dict]) -> dict:
-    """One deployment's figures from its processes (one, or eleven run in turn and summed)."""
+def summary(parts: list[dict], in_turn: bool = False) -> dict:
+    """One deployment's figures from its processes (one, or eleven: served at once, or ``in_turn``)."""
     latencies = np.concatenate([p["latencies_s"] for p in parts])
-    seconds = max(p["seconds"] for p in parts)  # the processes served at the same time
+    # at once: the traffic took as long as the slowest process; in turn: as long as all of them together
+    seconds = sum(p["seconds"] for p in parts) if in_turn else max(p["seconds"] for p in parts)
     exact = {t: v for p in parts for t, v in p["exact_match"].items()}
     return {"processes": len(parts), "requests": int(sum(p["requests"] for p in parts)),
             "requests_per_s": sum(p["requests"] for p in parts) / seconds,
@@ -171,7 +180,7 @@ def summary(parts: list[dict]) -> dict:
             "parameters": sum(p["base_parameters"] + p["adapter_parameters"] for p in parts),
             "adapters_held": sum(p["adapters_held"] for p in parts), "exact_match": exact,
             "mean_exact_match": float(np.mean(list(exact.values()))),
-            "build_and_compile_s": sum(p["build_and_compile_s"] for p in parts),
+            "build_and_compile_s": sum(p["build_and_compile_s"] for p in parts), "in_turn": in_turn,
             "load_average": [p["load_average"] for p in parts]}
 
 
@@ -218,6 +227,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4, help="times each held-out prompt is requested")
     parser.add_argument("--out", default=None, help="default: paper_repro/mt_server/results/serving_cost_s<seed>.json")
+    parser.add_argument("--in-turn", action="store_true",
+                        help="run the eleven single-task processes one after another (each measured alone), "
+                             "for models whose eleven processes do not fit in memory at once")
     parser.add_argument("--deployment", choices=DEPLOYMENTS, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--task", help=argparse.SUPPRESS)  # child of eleven_processes
     parser.add_argument("--ready", type=Path, help=argparse.SUPPRESS)  # child: created once compiled
@@ -235,10 +247,13 @@ def main() -> None:
     common = ["--seed", str(a.seed), "--runs", a.runs, "--batch-size", str(a.batch_size), "--repeats", str(a.repeats)]
     result = {"seed": a.seed, "model": args["model"], "tasks": tasks, "batch_size": a.batch_size, "repeats": a.repeats,
               "n_held_out": args["n_held_out"], "max_new_tokens": args["max_new_tokens"], "deployments": {}}
+    result["eleven_processes_in_turn"] = a.in_turn
     for deployment in DEPLOYMENTS:
         tasks_run = tasks if deployment == "eleven_processes" else [None]
-        parts = run_processes([common + ["--deployment", deployment] + (["--task", t] if t else []) for t in tasks_run])
-        figures = summary(parts)
+        argvs = [common + ["--deployment", deployment] + (["--task", t] if t else []) for t in tasks_run]
+        in_turn = a.in_turn and len(argvs) > 1
+        parts = ([part for argv in argvs for part in run_processes([argv])] if in_turn else run_processes(argvs))
+        figures = summary(parts, in_turn=in_turn)
         figures["grid_exact_match"] = grid_scores(a.runs, a.seed, deployment, tasks)
         figures["tasks_served_differently"] = [t for t in tasks  # answers of the server vs the grid's own scoring
                                                if abs(figures["exact_match"][t] - figures["grid_exact_match"][t]) > 1e-9]
