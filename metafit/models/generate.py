@@ -39,6 +39,26 @@ from .remat import remat_policy, scanning
 Array = jax.Array
 
 
+# The nucleus is looked for among the largest NUCLEUS_CANDIDATES logits first: a vocabulary-wide sort
+# costs ~130 ms for 8 rows of SmolLM2's 49,152 on CPU, ``lax.top_k`` of 256 ~2.5 ms.
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus_cutoff(ordered: Array, logits: Array, top_p: Array) -> tuple[Array, Array]:
+    """The smallest logit kept by the nucleus, and the mass of ``ordered``, from a descending prefix of each row.
+
+    ``ordered`` is ``[b, k]``: the ``k`` largest logits of each row in descending order (all of them,
+    or the top ``k``); probabilities are normalised over the whole row of ``logits``, so the cutoff
+    is the full sort's whenever the nucleus lies inside the prefix (its mass reaches ``top_p``).
+    """
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(ordered - peak) / jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)
+    mass = jnp.cumsum(probs, axis=-1)
+    keep = (mass - probs < top_p) | (jnp.arange(ordered.shape[-1]) == 0)
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return cutoff, mass[:, -1:]
+
+
 def filter_logits(logits: Array, *, top_k: int | None = None, top_p: Array | float | None = None) -> Array:
     """Sets logits outside the top-k / nucleus (top-p) set to ``-inf``.
 
@@ -46,17 +66,22 @@ def filter_logits(logits: Array, *, top_k: int | None = None, top_p: Array | flo
       logits: ``[b, vocab]``.
       top_k: keep the ``top_k`` largest (static; None = all).
       top_p: keep the smallest prefix of the sorted distribution whose mass reaches ``top_p``
-        (the most likely token is always kept; None = all).
+        (the most likely token is always kept; ``top_p >= 1`` keeps every token; None = all). A
+        scalar or one value per row (``[b]`` or ``[b, 1]``). The prefix is searched among the
+        ``NUCLEUS_CANDIDATES`` largest logits, and the whole row is sorted only when some row's
+        nucleus is larger than that.
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = (mass_before < top_p) | (jnp.arange(ordered.shape[-1]) == 0)
-        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        top_p = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_p, logits.dtype), (-1, 1)), (logits.shape[0], 1))
+        candidates = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+        cutoff, mass = _nucleus_cutoff(jax.lax.top_k(logits, candidates)[0], logits, top_p)
+        inside = (mass >= top_p) | (top_p >= 1.0) | (candidates == logits.shape[-1])
+        cutoff = jax.lax.cond(jnp.all(inside), lambda: cutoff,
+                              lambda: _nucleus_cutoff(jnp.sort(logits, axis=-1)[:, ::-1], logits, top_p)[0])
+        cutoff = jnp.where(top_p >= 1.0, -jnp.inf, cutoff)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 

@@ -119,6 +119,38 @@ def test_filter_logits_closed_forms():
     assert kept(mm.filter_logits(logits, top_p=0.0)) == [False, True, False, False]
 
 
+def _nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Kept tokens of one row by the definition: sort descending, keep while the mass before a token < top_p."""
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+    kept = np.zeros(len(logits), bool)
+    kept[order[(before < top_p) | (np.arange(len(logits)) == 0)]] = True
+    return kept if top_p < 1.0 else np.ones(len(logits), bool)
+
+
+def test_nucleus_inside_and_beyond_the_candidate_prefix_matches_the_definition():
+    """Rows whose nucleus fits the top NUCLEUS_CANDIDATES and rows that need the whole sort, per-row top_p."""
+    from metafit.models.generate import NUCLEUS_CANDIDATES, filter_logits
+
+    vocab = 4 * NUCLEUS_CANDIDATES
+    rng = np.random.default_rng(0)
+    peaked = rng.normal(size=vocab) * 4.0  # a few tokens hold most of the mass
+    flat = rng.normal(size=vocab) * 0.05   # the 0.9 nucleus spans most of the vocabulary
+    logits = np.stack([peaked, flat, peaked, flat]).astype(np.float32)
+    top_p = np.asarray([0.9, 0.9, 1.0, 0.37], np.float32)
+    assert 10 < _nucleus_reference(flat, 0.9).sum() and _nucleus_reference(flat, 0.9).sum() > NUCLEUS_CANDIDATES
+    assert _nucleus_reference(peaked, 0.9).sum() < NUCLEUS_CANDIDATES
+    for fn in (filter_logits, jax.jit(lambda x, p: filter_logits(x, top_p=p))):
+        out = fn(jnp.asarray(logits), top_p=jnp.asarray(top_p)) if fn is filter_logits else fn(logits, top_p)
+        kept = np.isfinite(np.asarray(out))
+        for row in range(4):
+            np.testing.assert_array_equal(kept[row], _nucleus_reference(logits[row].astype(np.float64), top_p[row]))
+    # all rows inside the prefix (the fast path alone) give the same as one row at a time
+    both = filter_logits(jnp.asarray(logits[[0, 2]]), top_p=jnp.asarray([0.5, 0.8]))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(both))[1], _nucleus_reference(peaked, 0.8))
+
+
 def test_sampling_needs_a_key(llama):
     _, model = llama
     with pytest.raises(ValueError, match="key"):

@@ -110,3 +110,23 @@ def test_text_stream_holds_back_a_possible_stop_start():
     assert pieces.stopped and pieces.text == "abENxy"
     with pytest.raises(ValueError, match="non-empty"):
         TextStream(_Chars(), stop=[""])
+
+
+def test_engine_row_chooser_skips_sampling_only_when_no_row_samples():
+    """Greedy rows take the argmax whether or not another row of the batch samples; sampled rows draw
+    from their own nucleus (top_p 0 keeps the top token only; two equal top tokens at top_p 0.5+)."""
+    import jax
+    import jax.numpy as jnp
+
+    from metafit.serve.engine import _row_chooser
+
+    logits = jnp.asarray(np.log(np.asarray([[0.1, 0.6, 0.3, 1e-3], [0.45, 0.1, 0.45, 1e-3], [0.2, 0.1, 0.3, 0.4]],
+                                           np.float32)))
+    keys = jax.random.split(jax.random.key(0), 3)
+    choose = jax.jit(lambda x, t, p: _row_chooser(keys, t, p)(x, 1))
+    greedy = np.asarray(choose(logits, jnp.zeros(3), jnp.ones(3)))
+    np.testing.assert_array_equal(greedy, [1, 0, 3])
+    drawn = {tuple(np.asarray(_row_chooser(jax.random.split(jax.random.key(s), 3), jnp.asarray([0.0, 1.0, 1.0]),
+                                           jnp.asarray([1.0, 0.6, 0.0]))(logits, s))) for s in range(20)}
+    assert {d[0] for d in drawn} == {1} and {d[2] for d in drawn} == {3}  # greedy row; top_p 0: the top token only
+    assert {d[1] for d in drawn} == {0, 2}  # both halves of the 0.6 nucleus are drawn, nothing else
