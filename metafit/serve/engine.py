@@ -90,8 +90,8 @@ def _row_chooser(keys, temperature, top_p):
     # ``lax.cond`` executes one branch, where ``jnp.where`` would compute both.
     def sample(logits, step):
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        filtered = jax.lax.cond(jnp.any(top_p < 1.0),
-                                lambda x: jnp.where(top_p[:, None] < 1.0, filter_logits(x, top_p=top_p[:, None]), x),
+        nucleus = jnp.where(temperature > 0, top_p, 1.0)  # a greedy row's top_p must not make the batch sort
+        filtered = jax.lax.cond(jnp.any(nucleus < 1.0), lambda x: filter_logits(x, top_p=nucleus[:, None]),
                                 lambda x: x, scaled)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         return jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
