@@ -88,6 +88,21 @@ def test_stochastic_greedy():
     assert select.facility_location(s, 4, key=key, epsilon=0.3).tolist() == picked.tolist()
 
 
+def test_facility_location_equals_apricot_select():
+    """The same picks in the same order as apricot-select (a test dependency: requirements-nodeps.txt),
+    with its plain greedy on a random kernel and its lazy-greedy heap on a DELIFT similarity kernel.
+
+    apricot's precomputed kernel is the transpose of ours: its X[j, i] is how well candidate j covers item i."""
+    apricot = pytest.importorskip("apricot", reason="pip install --no-deps -r requirements-nodeps.txt")
+    rng = np.random.default_rng(7)
+    random_kernel = rng.random((40, 40))
+    delift_kernel = select.similarity_from_utility(rng.normal(size=(40, 40)))  # diagonal 1, min-max scaled
+    for s, optimizer in ((random_kernel, "naive"), (delift_kernel, "lazy")):
+        s = np.asarray(s, np.float64)
+        theirs = apricot.FacilityLocationSelection(13, metric="precomputed", optimizer=optimizer).fit(s.T).ranking
+        assert select.facility_location(s.astype(np.float32), 13).tolist() == theirs.tolist()
+
+
 def test_budget_of():
     assert select.budget_of(0.3, 100) == 30 and select.budget_of(0.001, 10) == 1 and select.budget_of(1.0, 7) == 7
     with pytest.raises(ValueError, match="fraction"):
