@@ -88,11 +88,14 @@ def test_stochastic_greedy():
     assert select.facility_location(s, 4, key=key, epsilon=0.3).tolist() == picked.tolist()
 
 
-def test_facility_location_equals_apricot_select():
+def test_facility_location_equals_apricot_select(monkeypatch):
     """The same picks in the same order as apricot-select (a test dependency: requirements-nodeps.txt),
     with its plain greedy on a random kernel and its lazy-greedy heap on a DELIFT similarity kernel.
 
     apricot's precomputed kernel is the transpose of ours: its X[j, i] is how well candidate j covers item i."""
+    # apricot compiles its numba kernels anew in every fit (2 s each here); interpreted, the same code runs in
+    # milliseconds at this size. Read when numba is first imported, so this must precede the import.
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
     apricot = pytest.importorskip("apricot", reason="pip install --no-deps -r requirements-nodeps.txt")
     rng = np.random.default_rng(7)
     random_kernel = rng.random((40, 40))
