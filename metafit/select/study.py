@@ -119,11 +119,14 @@ def read_pairs(path: str | Path) -> list[Instruction]:
     return pairs
 
 
-def write_pairs(path: str | Path, pairs: Sequence[Instruction]) -> None:
-    """Writes pairs as JSONL (the format :func:`read_pairs` reads)."""
+def write_pairs(path: str | Path, pairs: Sequence[Instruction], answers: Sequence[str] | None = None) -> None:
+    """Writes pairs as JSONL (the format :func:`read_pairs` reads), each with the model's ``answer`` if given."""
     with open(path, "w", encoding="utf-8") as out:
-        for pair in pairs:
-            out.write(json.dumps({"instruction": pair.prompt, "response": pair.response, "task": pair.task}) + "\n")
+        for index, pair in enumerate(pairs):
+            record = {"instruction": pair.prompt, "response": pair.response, "task": pair.task}
+            if answers is not None:
+                record["answer"] = answers[index]
+            out.write(json.dumps(record) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +200,11 @@ def select_arm(arm: str, use_case: str, k: Kernels, budget: int, *, seed: int,
 
 def sft_and_score(model, tokenizer, train: list[Instruction], evaluate: list[Instruction], *, lora: peft.LoraConfig,
                   train_config: TrainConfig, seed: int, encoder, encoder_tokenizer, buckets: Sequence[int],
-                  max_new_tokens: int, workdir: Path | None = None, log=None) -> dict[str, float]:
-    """LoRA SFT on ``train`` (none: the model as is), then ROUGE-L, exact match and embedding similarity."""
+                  max_new_tokens: int, workdir: Path | None = None, log=None) -> tuple[dict[str, float], list[str]]:
+    """LoRA SFT on ``train`` (none: the model as is), then ROUGE-L, exact match and embedding similarity.
+
+    Returns the scores (with ``<family>_em``, exact match per family, when ``evaluate`` mixes families)
+    and the greedy answers, one per ``evaluate`` pair."""
     model = nnx.clone(model)
     if train:
         peft.apply(model, lora, rngs=nnx.Rngs(seed))
@@ -210,16 +216,30 @@ def sft_and_score(model, tokenizer, train: list[Instruction], evaluate: list[Ins
         nnx.update(model, result.params)
     answers = greedy_answers(model, tokenizer, [ex.prompt for ex in evaluate], max_new_tokens, buckets[0])
     references = [ex.response for ex in evaluate]
-    return {"rouge_l": metrics.rouge_l(answers, references), "exact_match": metrics.exact_match_rate(answers, references),
-            "embedding_similarity": metrics.embedding_similarity(answers, references, encoder, encoder_tokenizer),
-            "train_size": float(len(train))}
+    scores = {"rouge_l": metrics.rouge_l(answers, references), "exact_match": metrics.exact_match_rate(answers, references),
+              "embedding_similarity": metrics.embedding_similarity(answers, references, encoder, encoder_tokenizer),
+              "train_size": float(len(train))}
+    return {**scores, **exact_match_by_family(evaluate, answers)}, answers
+
+
+def exact_match_by_family(evaluate: Sequence[Instruction], answers: Sequence[str]) -> dict[str, float]:
+    """``{"<family>_em": rate}`` in order of first appearance; empty when every pair is of one family."""
+    by_family: dict[str, tuple[list[str], list[str]]] = {}
+    for pair, answer in zip(evaluate, answers):
+        predictions, references = by_family.setdefault(pair.task, ([], []))
+        predictions.append(answer)
+        references.append(pair.response)
+    if len(by_family) < 2:
+        return {}
+    return {f"{family}_em": metrics.exact_match_rate(*pairs) for family, pairs in by_family.items()}
 
 
 def run_arms(model, tokenizer, encoder, encoder_tokenizer, sets: Sets, use_case: str, *, arms: Sequence[str],
              budget_fraction: float, lora: peft.LoraConfig, train_config: TrainConfig, seed: int, folder: Path,
              block: int = 64, buckets: Sequence[int] = (64,), max_new_tokens: int = 8, less_dim: int = 256,
              log=None, utility_cache: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Selects with every arm, writes ``selected_<arm>.jsonl`` to ``folder``, fine-tunes and scores each.
+    """Selects with every arm, writes ``selected_<arm>.jsonl`` to ``folder``, fine-tunes and scores each
+    (its held-out answers in ``answers_<arm>.jsonl``).
 
     The utility tiles live in ``folder/utility`` (a rerun resumes them), or in ``utility_cache``, one
     folder per kernel shared with every run that needs the same one; checkpoints in
@@ -245,8 +265,10 @@ def run_arms(model, tokenizer, encoder, encoder_tokenizer, sets: Sets, use_case:
         chosen = select_arm(arm, use_case, k, budget, seed=seed, less_features=less)
         subset = [sets.pool[i] for i in chosen]
         write_pairs(folder / f"selected_{arm}.jsonl", subset)
-        scores = sft_and_score(model, tokenizer, existing + subset, sets.eval, lora=lora, train_config=train_config,
-                               seed=seed, encoder=encoder, encoder_tokenizer=encoder_tokenizer, buckets=buckets,
-                               max_new_tokens=max_new_tokens, workdir=folder / "checkpoints" / arm, log=log)
+        scores, answers = sft_and_score(model, tokenizer, existing + subset, sets.eval, lora=lora,
+                                        train_config=train_config, seed=seed, encoder=encoder,
+                                        encoder_tokenizer=encoder_tokenizer, buckets=buckets,
+                                        max_new_tokens=max_new_tokens, workdir=folder / "checkpoints" / arm, log=log)
+        write_pairs(folder / f"answers_{arm}.jsonl", sets.eval, answers)
         results[arm] = {**scores, "selected": float(len(chosen))}
     return results

@@ -1,4 +1,6 @@
 """Selection baselines, metrics and the JSONL pair files, against hand-computed values."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -47,6 +49,9 @@ def test_pair_files(tmp_path):
     pairs = [Instruction("add", "Add 1 and 2.", "3"), Instruction("user", "Say hi.", "hi")]
     study.write_pairs(tmp_path / "p.jsonl", pairs)
     assert study.read_pairs(tmp_path / "p.jsonl") == pairs
+    study.write_pairs(tmp_path / "a.jsonl", pairs, answers=["3", "hello"])  # held-out answers: still readable
+    assert study.read_pairs(tmp_path / "a.jsonl") == pairs
+    assert [json.loads(line)["answer"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["3", "hello"]
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "response": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
         study.read_pairs(tmp_path / "bad.jsonl")
@@ -54,6 +59,18 @@ def test_pair_files(tmp_path):
         study.use_case_sets("other", n_pool=4, n_side=2, n_eval=2, seed=0)
     sets = study.use_case_sets("task", n_pool=12, n_side=4, n_eval=4, seed=0)
     assert {p.task for p in sets.side} == {"reverse", "sort"} == {p.task for p in sets.eval}
+
+
+def test_exact_match_by_family():
+    pairs = [Instruction("add", "a", "3"), Instruction("say", "b", "hi"), Instruction("add", "c", "5"),
+             Instruction("add", "d", "7"), Instruction("say", "e", "yo")]
+    answers = ["3", "hi", " 5 ", "8", "no"]
+    by_family = study.exact_match_by_family(pairs, answers)
+    assert by_family == {"add_em": pytest.approx(2 / 3), "say_em": 0.5}
+    # the overall rate is the pair-weighted mean of the families' rates
+    assert (3 * by_family["add_em"] + 2 * by_family["say_em"]) / 5 == pytest.approx(
+        metrics.exact_match_rate(answers, [p.response for p in pairs]))
+    assert study.exact_match_by_family(pairs[:1], answers[:1]) == {}  # one family: the overall rate says it
 
 
 def test_gradient_features_are_per_example_and_compile_once_for_any_weights(tiny):

@@ -37,3 +37,31 @@ def tiny():
         return jnp.asarray(value, leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract)), CharTokenizer()
+
+
+def _decode(self, rows, skip_special_tokens=False):
+    return ["".join(chr(int(t)) for t in row if int(t) != self.pad_token_id) for row in rows]
+
+
+CharTokenizer.batch_decode = _decode  # greedy answers decode the generated ids
+
+
+class CharEncoderTokenizer:
+    """The encoder side (sentence embeddings): batched, padded to ``max_length``, with an attention mask."""
+
+    def __call__(self, texts, padding="max_length", truncation=True, max_length=64, return_tensors="np"):
+        ids = np.zeros((len(texts), max_length), np.int32)
+        mask = np.zeros_like(ids)
+        for i, text in enumerate(texts):
+            row = [1 + ord(c) % 63 for c in text][:max_length]  # 0 is padding
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_encoder():
+    """A 1-layer BERT (hidden 16) standing in for MiniLM."""
+    from metafit.models.bert import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, add_pooling_layer=False)
+    return BertModel(config, rngs=nnx.Rngs(0)), CharEncoderTokenizer()
