@@ -11,7 +11,7 @@ from metafit import cli, sweep
 
 REPO = Path(__file__).resolve().parents[2]
 PAPERS = [("amfs", "cpu"), ("clear", "gpu"), ("clear", "cpu"), ("prompt", "cpu"), ("atm", "cpu"), ("compatible", "cpu"),
-          ("posttrain", "cpu"), ("context", "cpu"), ("delift", "small"), ("delift", "smollm2"),
+          ("posttrain", "cpu"), ("context", "cpu"), ("delift", "small"), ("delift", "cpu"), ("delift", "smollm2"),
           ("mt_server", "cpu"), ("mt_server", "smollm2")]
 
 
