@@ -1,4 +1,4 @@
-"""The DELIFT study end to end on tiny models: every arm selects, trains, answers and is scored."""
+"""The DELIFT study end to end on tiny models: arms select, train, answer and are scored, files written."""
 import json
 
 from metafit import peft
