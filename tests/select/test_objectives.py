@@ -1,6 +1,11 @@
 """FL / FLMI / FLCG: objective values against the definitions, greedy against a naive greedy and brute force."""
+import importlib.util
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -88,22 +93,36 @@ def test_stochastic_greedy():
     assert select.facility_location(s, 4, key=key, epsilon=0.3).tolist() == picked.tolist()
 
 
-def test_facility_location_equals_apricot_select(monkeypatch):
+APRICOT_RANKINGS = """
+import json, sys
+import numpy as np
+from apricot import FacilityLocationSelection
+kernels = np.load(sys.argv[1])
+print(json.dumps([FacilityLocationSelection(int(sys.argv[2]), metric="precomputed", optimizer=optimizer)
+                  .fit(kernel).ranking.tolist() for kernel, optimizer in zip(kernels, sys.argv[3:])]))
+"""
+
+
+def test_facility_location_equals_apricot_select(tmp_path):
     """The same picks in the same order as apricot-select (a test dependency: requirements-nodeps.txt),
     with its plain greedy on a random kernel and its lazy-greedy heap on a DELIFT similarity kernel.
 
     apricot's precomputed kernel is the transpose of ours: its X[j, i] is how well candidate j covers item i."""
-    # apricot compiles its numba kernels anew in every fit (2 s each here); interpreted, the same code runs in
-    # milliseconds at this size. Read when numba is first imported, so this must precede the import.
-    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
-    apricot = pytest.importorskip("apricot", reason="pip install --no-deps -r requirements-nodeps.txt")
+    if importlib.util.find_spec("apricot") is None:  # found, not imported: it runs in the subprocess below
+        pytest.skip("No module named 'apricot': pip install --no-deps -r requirements-nodeps.txt")
     rng = np.random.default_rng(7)
     random_kernel = rng.random((40, 40))
     delift_kernel = select.similarity_from_utility(rng.normal(size=(40, 40)))  # diagonal 1, min-max scaled
-    for s, optimizer in ((random_kernel, "naive"), (delift_kernel, "lazy")):
-        s = np.asarray(s, np.float64)
-        theirs = apricot.FacilityLocationSelection(13, metric="precomputed", optimizer=optimizer).fit(s.T).ranking
-        assert select.facility_location(s.astype(np.float32), 13).tolist() == theirs.tolist()
+    np.save(tmp_path / "kernels.npy", np.stack([random_kernel.T, delift_kernel.T]).astype(np.float64))
+    # In a process of its own with numba's JIT off: apricot compiles its kernels anew in every fit (2 s each
+    # here) and interpreted runs them in milliseconds at this size; the switch is read once, when numba is
+    # first imported, and another test's import (arviz) may have done that in this process already.
+    done = subprocess.run([sys.executable, "-c", APRICOT_RANKINGS, str(tmp_path / "kernels.npy"), "13", "naive", "lazy"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads(done.stdout)
+    assert select.facility_location(random_kernel.astype(np.float32), 13).tolist() == theirs[0]
+    assert select.facility_location(delift_kernel.astype(np.float32), 13).tolist() == theirs[1]
 
 
 def test_budget_of():
