@@ -121,6 +121,8 @@ def read_pairs(path: str | Path) -> list[Instruction]:
 
 def write_pairs(path: str | Path, pairs: Sequence[Instruction], answers: Sequence[str] | None = None) -> None:
     """Writes pairs as JSONL (the format :func:`read_pairs` reads), each with the model's ``answer`` if given."""
+    if answers is not None and len(answers) != len(pairs):
+        raise ValueError(f"{len(answers)} answers for {len(pairs)} pairs: give one answer per pair")
     with open(path, "w", encoding="utf-8") as out:
         for index, pair in enumerate(pairs):
             record = {"instruction": pair.prompt, "response": pair.response, "task": pair.task}

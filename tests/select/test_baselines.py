@@ -52,6 +52,8 @@ def test_pair_files(tmp_path):
     study.write_pairs(tmp_path / "a.jsonl", pairs, answers=["3", "hello"])  # held-out answers: still readable
     assert study.read_pairs(tmp_path / "a.jsonl") == pairs
     assert [json.loads(line)["answer"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["3", "hello"]
+    with pytest.raises(ValueError, match="1 answers for 2 pairs"):
+        study.write_pairs(tmp_path / "b.jsonl", pairs, answers=["3"])
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "response": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
         study.read_pairs(tmp_path / "bad.jsonl")
