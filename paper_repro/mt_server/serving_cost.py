@@ -246,8 +246,8 @@ def main() -> None:
         return
     common = ["--seed", str(a.seed), "--runs", a.runs, "--batch-size", str(a.batch_size), "--repeats", str(a.repeats)]
     result = {"seed": a.seed, "model": args["model"], "tasks": tasks, "batch_size": a.batch_size, "repeats": a.repeats,
-              "n_held_out": args["n_held_out"], "max_new_tokens": args["max_new_tokens"], "deployments": {}}
-    result["eleven_processes_in_turn"] = a.in_turn
+              "n_held_out": args["n_held_out"], "max_new_tokens": args["max_new_tokens"],
+              "eleven_processes_in_turn": a.in_turn, "deployments": {}}
     for deployment in DEPLOYMENTS:
         tasks_run = tasks if deployment == "eleven_processes" else [None]
         argvs = [common + ["--deployment", deployment] + (["--task", t] if t else []) for t in tasks_run]

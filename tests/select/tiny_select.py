@@ -22,6 +22,9 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) % 128 for c in text]}
 
+    def batch_decode(self, rows, skip_special_tokens=False):  # greedy answers decode the generated ids
+        return ["".join(chr(int(t)) for t in row if int(t) != self.pad_token_id) for row in rows]
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -37,13 +40,6 @@ def tiny():
         return jnp.asarray(value, leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract)), CharTokenizer()
-
-
-def _decode(self, rows, skip_special_tokens=False):
-    return ["".join(chr(int(t)) for t in row if int(t) != self.pad_token_id) for row in rows]
-
-
-CharTokenizer.batch_decode = _decode  # greedy answers decode the generated ids
 
 
 class CharEncoderTokenizer:
